@@ -1,0 +1,1 @@
+"""PyTorch checkpoint -> Orbax conversion for the released DetailFlow tokenizers and GPTs."""

@@ -1,0 +1,217 @@
+"""Reading untrusted PyTorch checkpoints and writing converted ones atomically.
+
+Checkpoints are untrusted input: `.pt` files are opened with `torch.load(weights_only=True)`
+(no arbitrary unpickling), `.safetensors` with safetensors. Every source key must be consumed
+and every target parameter filled; anything else is a `ConversionError` naming the key.
+"""
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+# Wrappers that DDP/FSDP/torch.compile put in front of parameter names.
+_WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+_CONTAINER_KEYS = ("model", "ema", "module", "state_dict")
+
+
+class ConversionError(ValueError):
+  """A checkpoint or config that cannot be converted; the message names the culprit."""
+
+
+def _to_numpy(name: str, tensor) -> np.ndarray:
+  import torch  # Only needed to read .pt files.
+  if not isinstance(tensor, torch.Tensor):
+    raise ConversionError(f"entry {name!r} is a {type(tensor).__name__}, not a tensor")
+  if tensor.dtype in (torch.bfloat16, torch.float16):
+    tensor = tensor.float()
+  return tensor.detach().cpu().numpy()
+
+
+def _strip_wrappers(key: str) -> str:
+  changed = True
+  while changed:
+    changed = False
+    for prefix in _WRAPPER_PREFIXES:
+      if key.startswith(prefix):
+        key, changed = key[len(prefix):], True
+    key = key.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+  return key
+
+
+def _load_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
+  from safetensors import safe_open
+  out = {}
+  try:
+    # The numpy framework cannot represent bfloat16; go through torch when it is there.
+    try:
+      import torch  # noqa: F401
+      framework = "pt"
+    except ImportError:
+      framework = "numpy"
+    with safe_open(str(path), framework=framework) as f:
+      for key in f.keys():
+        value = f.get_tensor(key)
+        out[key] = _to_numpy(key, value) if framework == "pt" else np.asarray(value)
+  except ConversionError:
+    raise
+  except Exception as e:  # safetensors raises its own error types for truncated/corrupt files.
+    raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
+  return out
+
+
+def _load_pt(path: pathlib.Path, weights: str) -> Dict[str, np.ndarray]:
+  import pickle
+  import torch
+  try:
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(
+        f"refusing to load {path}: it is not a plain tensor checkpoint (weights_only load "
+        f"failed: {str(e).splitlines()[0]})") from e
+  except Exception as e:
+    raise ConversionError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  state = None
+  if weights in obj and isinstance(obj[weights], Mapping):
+    state = obj[weights]
+  elif weights == "ema" and "ema" not in obj:
+    raise ConversionError(f"{path} has no 'ema' weights (top-level keys: {sorted(obj)[:8]})")
+  else:
+    for key in _CONTAINER_KEYS:
+      if key in obj and isinstance(obj[key], Mapping):
+        state = obj[key]
+        break
+  if state is None:
+    state = obj  # A bare state dict.
+  return {k: _to_numpy(k, v) for k, v in state.items()}
+
+
+def load_state_dict(path, weights: str = "model") -> Dict[str, np.ndarray]:
+  """Loads a PyTorch state dict as float32/int numpy arrays with wrapper prefixes removed.
+
+  Args:
+    path: `.pt`/`.pth`/`.bin` (torch.save of {"model"|"ema"|"module"|"state_dict": sd} or a bare
+      sd) or `.safetensors`.
+    weights: "model" or "ema": which of the two the released `.pt` files carry.
+  """
+  path = pathlib.Path(path)
+  if weights not in ("model", "ema"):
+    raise ConversionError(f"--weights must be 'model' or 'ema', got {weights!r}")
+  if not path.is_file():
+    raise ConversionError(f"checkpoint file not found: {path}")
+  if path.suffix == ".safetensors":
+    if weights == "ema":
+      raise ConversionError(f"{path}: .safetensors files hold a single state dict; use --weights model")
+    raw = _load_safetensors(path)
+  else:
+    raw = _load_pt(path, weights)
+  out = {}
+  for key, value in raw.items():
+    clean = _strip_wrappers(key)
+    if clean in out:
+      raise ConversionError(f"{path}: two entries map to the key {clean!r}")
+    out[clean] = value
+  return out
+
+
+class StateDictReader:
+  """Hands out state-dict entries by key and remembers which were used."""
+
+  def __init__(self, state: Mapping[str, np.ndarray], source: str = "checkpoint"):
+    self._state = dict(state)
+    self._used = set()
+    self.source = source
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._state
+
+  def keys(self):
+    return self._state.keys()
+
+  def take(self, key: str, shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    if key not in self._state:
+      raise ConversionError(f"{self.source}: missing key {key!r}"
+                            + (f" (expected shape {tuple(shape)})" if shape is not None else ""))
+    value = self._state[key]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+      raise ConversionError(f"{self.source}: key {key!r} has shape {tuple(value.shape)}, "
+                            f"expected {tuple(shape)}")
+    self._used.add(key)
+    return value
+
+  def skip(self, key: str) -> None:
+    """Marks a key as deliberately unused (e.g. a usage-statistics buffer)."""
+    self.take(key)
+
+  def finish(self) -> None:
+    unused = sorted(set(self._state) - self._used)
+    if unused:
+      shown = ", ".join(f"{k!r} {tuple(self._state[k].shape)}" for k in unused[:10])
+      more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
+      raise ConversionError(f"{self.source}: unexpected key(s) {shown}{more}")
+
+
+def linear_kernel(weight: np.ndarray) -> np.ndarray:
+  """torch Linear weight [out, in] -> flax kernel [in, out]."""
+  return np.ascontiguousarray(weight.T)
+
+
+def fill_params(abstract_params: Mapping[Tuple, object], values: Mapping[Tuple, np.ndarray],
+                source: str) -> Dict[Tuple, np.ndarray]:
+  """Checks `values` against the model's abstract parameters: same paths, same shapes."""
+  missing = [p for p in abstract_params if p not in values]
+  if missing:
+    raise ConversionError(f"{source}: no value for model parameter(s) "
+                          + ", ".join("/".join(map(str, p)) for p in missing[:10]))
+  extra = [p for p in values if p not in abstract_params]
+  if extra:
+    raise ConversionError(f"{source}: values for unknown parameter(s) "
+                          + ", ".join("/".join(map(str, p)) for p in extra[:10]))
+  for path, abstract in abstract_params.items():
+    if tuple(abstract.shape) != tuple(values[path].shape):
+      raise ConversionError(f"{source}: parameter {'/'.join(map(str, path))} needs shape "
+                            f"{tuple(abstract.shape)}, got {tuple(values[path].shape)}")
+  return dict(values)
+
+
+def write_atomically(out_dir, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """Runs `write(tmp_dir)` and renames tmp_dir to out_dir only if it succeeds.
+
+  A failed conversion leaves nothing at out_dir; an existing out_dir is an error, not overwritten.
+  """
+  out_dir = pathlib.Path(out_dir).absolute()
+  if out_dir.exists():
+    raise ConversionError(f"output directory already exists: {out_dir}")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  try:
+    write(tmp)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def read_json(path) -> dict:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConversionError(f"config file not found: {path}")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"config file {path} is not valid JSON: {e}") from e
+
+
+def find_run_dir(checkpoint, config_dir=None) -> pathlib.Path:
+  """The released layout is RUN/checkpoints/X.pt with RUN/config.json beside `checkpoints/`."""
+  if config_dir is not None:
+    return pathlib.Path(config_dir)
+  checkpoint = pathlib.Path(checkpoint).absolute()
+  parent = checkpoint.parent
+  return parent.parent if parent.name == "checkpoints" else parent

@@ -1,0 +1,74 @@
+"""Image I/O helpers: [-1, 1] float arrays <-> uint8 PNGs, and grids of images."""
+import pathlib
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8 the way the reference's samplers write PNGs.
+
+  uint8(clamp(127.5 * x + 128, 0, 255)): truncation with offset 128 (= round-half-up of 127.5x+127.5).
+  """
+  x = np.asarray(images, dtype=np.float32)
+  return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)
+
+
+def load_image(path, size: int = None) -> np.ndarray:
+  """Reads an image file as float32 HWC in [-1, 1] (RGB), optionally center-cropped to `size`.
+
+  float32(u8 / 127.5 - 1) computed in float64, as the fixtures define it.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"image not found: {path}")
+  try:
+    with Image.open(path) as img:
+      img = img.convert("RGB")
+      if size is not None:
+        img = center_crop(img, size)
+      arr = np.asarray(img, dtype=np.uint8)
+  except OSError as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+  return (arr.astype(np.float64) / 127.5 - 1.0).astype(np.float32)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+  """ADM's center_crop_arr (the reference's eval transform): halve with BOX while large, BICUBIC
+  resize so the short side is `size`, then crop the centre."""
+  while min(*img.size) >= 2 * size:
+    img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+  scale = size / min(*img.size)
+  img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+  arr = np.asarray(img)
+  top = (arr.shape[0] - size) // 2
+  left = (arr.shape[1] - size) // 2
+  return Image.fromarray(arr[top:top + size, left:left + size])
+
+
+def save_grid(path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, background: int = 255) -> pathlib.Path:
+  """Saves a grid PNG: rows of HWC [-1, 1] images; smaller images are centred in their cell.
+
+  Images of different sizes may share a row (coarse-to-fine strips); each is shown at its own
+  size so that the resolution a partial decode stands for stays visible.
+  """
+  if not rows or not any(len(r) for r in rows):
+    raise ValueError("save_grid needs at least one image")
+  cell_h = max(img.shape[0] for row in rows for img in row)
+  cell_w = max(img.shape[1] for row in rows for img in row)
+  ncols = max(len(r) for r in rows)
+  height = len(rows) * cell_h + (len(rows) + 1) * pad
+  width = ncols * cell_w + (ncols + 1) * pad
+  canvas = np.full((height, width, 3), background, dtype=np.uint8)
+  for r, row in enumerate(rows):
+    for c, img in enumerate(row):
+      img8 = to_uint8(img)
+      h, w = img8.shape[:2]
+      top = pad + r * (cell_h + pad) + (cell_h - h) // 2
+      left = pad + c * (cell_w + pad) + (cell_w - w) // 2
+      canvas[top:top + h, left:left + w] = img8
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(canvas).save(path)
+  return path

@@ -1,0 +1,155 @@
+"""SigLIP2 ViT pieces as DetailFlow uses them: patchify, resizable position grid, pre-LN blocks.
+
+Parameter names follow the HF SigLIP2 module tree (embeddings / layers / post_layernorm;
+self_attn.{q,k,v,out}_proj, mlp.fc1/fc2, layer_norm1/2) so conversion is a plain rename.
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..ops.resize import resize_grid_bilinear_aa
+from .attention import dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  position_grid: int       # side of the learned position table (sqrt of SigLIP2 num_patches)
+  patch_size: int
+  layer_norm_eps: float = 1e-6
+  patch_embedding: bool = True   # the decoder has none (mask tokens instead)
+  num_channels: int = 3
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]; patch vector = (row, col, channel), channel fastest."""
+  b, h, w, c = images.shape
+  if h % patch or w % patch:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
+  """Inverse of patchify for a square grid: [B, g*g, p*p*C] -> [B, g*p, g*p, C]."""
+  b, n, _ = patches.shape
+  g = int(round(n ** 0.5))
+  if g * g != n:
+    raise ValueError(f"{n} patches do not form a square grid")
+  x = patches.reshape(b, g, g, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * patch, g * patch, channels)
+
+
+def _dense(rngs, din, dout, axes, name_init=nnx.initializers.lecun_normal()):
+  return nnx.Linear(din, dout, rngs=rngs,
+                    kernel_init=nnx.with_partitioning(name_init, axes),
+                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+def _layer_norm(rngs, dim, eps):
+  return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head attention with biased q/k/v/out projections."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+    self.num_heads = num_heads
+    self.q_proj = _dense(rngs, dim, dim, ("embed", "heads"))
+    self.k_proj = _dense(rngs, dim, dim, ("embed", "heads"))
+    self.v_proj = _dense(rngs, dim, dim, ("embed", "heads"))
+    self.out_proj = _dense(rngs, dim, dim, ("heads", "embed"))
+
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+    b, n, d = x.shape
+    split = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)
+    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
+                                split(self.v_proj(x)), mask)
+    return self.out_proj(out.reshape(b, n, d))
+
+
+class MLP(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+    self.fc1 = _dense(rngs, dim, hidden, ("embed", "mlp"))
+    self.fc2 = _dense(rngs, hidden, dim, ("mlp", "embed"))
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-LayerNorm transformer block (SigLIP2)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.layer_norm1 = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
+    self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, rngs=rngs)
+    self.layer_norm2 = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
+    self.mlp = MLP(cfg.hidden_size, cfg.mlp_dim, rngs=rngs)
+
+  def __call__(self, x, mask=None):
+    x = x + self.self_attn(self.layer_norm1(x), mask)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(nnx.Module):
+  """Linear patch embedding (optional) + a learned position table resized to the patch grid."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    if cfg.patch_embedding:
+      self.patch_embedding = _dense(rngs, cfg.num_channels * cfg.patch_size ** 2,
+                                    cfg.hidden_size, (None, "embed"))
+    init = nnx.initializers.normal(0.02)
+    self.position_embedding = nnx.Param(
+        init(rngs.params(), (cfg.position_grid ** 2, cfg.hidden_size)),
+        out_sharding=(None, "embed"))
+
+  def positions(self, grid_h: int, grid_w: int) -> jax.Array:
+    """[grid_h * grid_w, hidden]: the table resized with antialiased bilinear (torch semantics),
+    also when the grid is unchanged in size (then it is the identity)."""
+    g = self.cfg.position_grid
+    table = self.position_embedding[...].reshape(g, g, -1)
+    return resize_grid_bilinear_aa(table, (grid_h, grid_w)).reshape(grid_h * grid_w, -1)
+
+  def embed_patches(self, images: jax.Array) -> jax.Array:
+    p = self.cfg.patch_size
+    patches = patchify(images, p)
+    h, w = images.shape[1] // p, images.shape[2] // p
+    return self.patch_embedding(patches) + self.positions(h, w)[None]
+
+
+class VisionTower(nnx.Module):
+  """embeddings + N pre-LN layers + post_layernorm: the SigLIP2 vision transformer body."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.post_layernorm = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
+
+  def run_layers(self, x: jax.Array, mask=None, capture_layer: Optional[int] = None):
+    """Applies all layers then post_layernorm; optionally also returns the hidden states after
+    layer `capture_layer` (REPA alignment reads an intermediate decoder layer)."""
+    captured = None
+    for i, layer in enumerate(self.layers):
+      x = layer(x, mask)
+      if capture_layer is not None and i == capture_layer:
+        captured = x
+    x = self.post_layernorm(x)
+    return (x, captured) if capture_layer is not None else x
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Plain feature extraction (the frozen REPA/global-token teacher): patch features."""
+    return self.run_layers(self.embeddings.embed_patches(images))

@@ -1,0 +1,1 @@
+"""Small pure array functions shared by models and data workers."""

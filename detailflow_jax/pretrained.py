@@ -1,0 +1,25 @@
+"""Loading converted models: `load_tokenizer(DIR)` and `load_gpt(DIR)` return ready NNX modules."""
+from .model_dir import restore_model_dir
+
+
+def load_tokenizer(directory, dtype=None):
+  """A converted DetailFlow tokenizer (see `python -m detailflow_jax.convert tokenizer`)."""
+  from .models.tokenizer import Tokenizer, TokenizerConfig
+
+  def build(config):
+    return Tokenizer(TokenizerConfig.from_dict(config))
+
+  model, _ = restore_model_dir(directory, "tokenizer", build, dtype=dtype)
+  return model
+
+
+def load_gpt(directory, dtype=None):
+  """A converted DetailFlow GPT (see `python -m detailflow_jax.convert gpt`)."""
+  from flax import nnx
+  from .models.gpt import GPT, GPTConfig
+
+  def build(config):
+    return GPT(GPTConfig.from_dict(config), rngs=nnx.Rngs(0))
+
+  model, _ = restore_model_dir(directory, "gpt", build, dtype=dtype)
+  return model

@@ -1,0 +1,94 @@
+"""`python -m detailflow_jax.reconstruct`: coarse-to-fine reconstructions as a PNG strip.
+
+Each image is center-cropped to the tokenizer's resolution, encoded once, and decoded from its
+first t tokens at the resolution those t tokens stand for; one row per image, one column per t
+(after the input), coarse decodes shown enlarged with nearest-neighbour so their pixels stay
+visible.
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import images as image_io
+
+
+def parse_num_tokens(text: str, max_tokens: int):
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(f"--num-tokens must be comma-separated integers, got {text!r}")
+  if not values:
+    raise ValueError("--num-tokens is empty")
+  bad = [v for v in values if not 1 <= v <= max_tokens]
+  if bad:
+    raise ValueError(f"--num-tokens values {bad} are outside [1, {max_tokens}]")
+  return values
+
+
+def enlarge_nearest(image: np.ndarray, size: int) -> np.ndarray:
+  """Integer-factor-free nearest-neighbour enlargement of an HWC image to size x size."""
+  h, w = image.shape[:2]
+  rows = (np.arange(size) * h) // size
+  cols = (np.arange(size) * w) // size
+  return image[rows][:, cols]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m detailflow_jax.reconstruct", description=__doc__)
+  parser.add_argument("--tokenizer", required=True, help="converted tokenizer directory")
+  parser.add_argument("--images", nargs="+", required=True, help="image files (PNG/JPEG)")
+  parser.add_argument("--num-tokens", default=None,
+                      help="comma-separated token counts (default: every group boundary)")
+  parser.add_argument("--out", default="reconstruction.png", help="strip PNG to write")
+  parser.add_argument("--save-indices", default=None, help=".npy of int32 indices [B, T]")
+  parser.add_argument("--save-pixels", default=None,
+                      help=".npz of float32 NHWC decodes before clipping, keys t{t}")
+  parser.add_argument("--no-enlarge", action="store_true",
+                      help="show partial decodes at their own size instead of enlarged")
+  args = parser.parse_args(argv)
+
+  from .inference import TokenizerFns
+  from .pretrained import load_tokenizer
+
+  try:
+    model = load_tokenizer(args.tokenizer)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  fns = TokenizerFns(model)
+  size, max_tokens = model.config.image_size, model.config.num_latent_tokens
+  try:
+    ts = (parse_num_tokens(args.num_tokens, max_tokens) if args.num_tokens
+          else list(fns.schedule.token_list))
+    batch = np.stack([image_io.load_image(p, size) for p in args.images])
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  start = time.time()
+  indices, _ = fns.encode(batch)
+  indices = np.asarray(indices)
+  print(f"encoded {len(batch)} image(s) into {indices.shape[1]} tokens "
+        f"({time.time() - start:.1f}s incl. compile)", flush=True)
+  decodes = {}
+  for i, t in enumerate(ts):
+    decodes[t] = np.asarray(fns.decode(indices, t), dtype=np.float32)
+    print(f"[{i + 1}/{len(ts)}] t={t}: {decodes[t].shape[1]}px", flush=True)
+
+  show = (lambda x: x) if args.no_enlarge else (lambda x: enlarge_nearest(x, size))
+  rows = [[batch[b]] + [show(decodes[t][b]) for t in ts] for b in range(len(batch))]
+  out = image_io.save_grid(args.out, rows)
+  print(f"wrote {out} (columns: input, t = {', '.join(map(str, ts))})")
+  if args.save_indices:
+    np.save(args.save_indices, indices.astype(np.int32))
+    print(f"wrote {args.save_indices}")
+  if args.save_pixels:
+    np.savez(args.save_pixels, **{f"t{t}": v for t, v in decodes.items()})
+    print(f"wrote {args.save_pixels}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,51 @@
+"""Shared test set-up: CPU with 8 virtual devices (mesh tests), fixtures, converted models."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "detailflow_tiny_a"
+MANIFESTS = FIXTURES / "manifests"
+
+
+def pytest_configure(config):
+  # Grain's multiprocess workers read absl flags; mark them parsed as absl.app.run would.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def golden():
+  with np.load(TINY / "golden.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def golden_images_nhwc(golden):
+  return golden["images"].transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """The fixture tokenizer converted once per session with the real CLI code path."""
+  from detailflow_jax.convert.tokenizer import convert_tokenizer
+  out = tmp_path_factory.mktemp("converted") / "tokenizer"
+  convert_tokenizer(TINY / "tokenizer" / "checkpoints" / "tokenizer.pt", out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+  from detailflow_jax.pretrained import load_tokenizer
+  return load_tokenizer(tokenizer_dir)
+
+
+def nchw_to_nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
