@@ -16,7 +16,7 @@ from ..schedule import ResolutionSchedule
 from .keys import InitKeys
 from .masks import patch_latent_mask
 from .quantizer import VectorQuantizer
-from .vit import ViTConfig, VisionTower, unpatchify
+from .vit import ViTConfig, VisionTower, dense, unpatchify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +85,6 @@ def _tokens_param(rngs, shape, axes):
   return nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape), out_sharding=axes)
 
 
-def _linear(rngs, din, dout, axes):
-  return nnx.Linear(din, dout, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
-
-
 class Encoder(nnx.Module):
 
   def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
@@ -142,7 +136,7 @@ class Decoder(nnx.Module):
     self.latent_pos_embed = _tokens_param(rngs, (cfg.num_latent_tokens, vit.hidden_size),
                                           (None, "embed"))
     self.mask_token = _tokens_param(rngs, (vit.hidden_size,), ("embed",))
-    self.to_pixel = _linear(rngs, vit.hidden_size, vit.num_channels * vit.patch_size ** 2,
+    self.to_pixel = dense(rngs, vit.hidden_size, vit.num_channels * vit.patch_size ** 2,
                             ("embed", None))
 
   def __call__(self, z: jax.Array, image_size: int, capture_layer: Optional[int] = None):
@@ -176,9 +170,9 @@ class ProjectionMLP(nnx.Module):
   """Linear-SiLU-Linear-SiLU-Linear (the reference's build_mlp)."""
 
   def __init__(self, din: int, hidden: int, dout: int, *, rngs: nnx.Rngs):
-    self.layers = nnx.List([_linear(rngs, din, hidden, (None, "mlp")),
-                            _linear(rngs, hidden, hidden, ("mlp", "mlp")),
-                            _linear(rngs, hidden, dout, ("mlp", "embed"))])
+    self.layers = nnx.List([dense(rngs, din, hidden, (None, "mlp")),
+                            dense(rngs, hidden, hidden, ("mlp", "mlp")),
+                            dense(rngs, hidden, dout, ("mlp", "embed"))])
 
   def __call__(self, x):
     x = jax.nn.silu(self.layers[0](x))
@@ -208,10 +202,10 @@ class Tokenizer(nnx.Module):
     enc_dim, dec_dim, code_dim = cfg.encoder.hidden_size, cfg.decoder.hidden_size, cfg.codebook_embed_dim
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder = Decoder(cfg, rngs=rngs)
-    self.quant_conv = _linear(rngs, enc_dim, code_dim, ("embed", None))
-    self.post_quant_conv = _linear(rngs, code_dim, dec_dim, (None, "embed"))
+    self.quant_conv = dense(rngs, enc_dim, code_dim, ("embed", None))
+    self.post_quant_conv = dense(rngs, code_dim, dec_dim, (None, "embed"))
     if cfg.correction_training:
-      self.refine_conv = _linear(rngs, code_dim, enc_dim, (None, "embed"))
+      self.refine_conv = dense(rngs, code_dim, enc_dim, (None, "embed"))
     self.quantize = VectorQuantizer(
         cfg.codebook_size, code_dim, beta=cfg.commit_loss_beta,
         entropy_loss_ratio=cfg.entropy_loss_ratio, l2_norm=cfg.codebook_l2_norm,

@@ -48,9 +48,10 @@ def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
   return x.reshape(b, g * patch, g * patch, channels)
 
 
-def _dense(rngs, din, dout, axes, name_init=nnx.initializers.lecun_normal()):
+def dense(rngs, din: int, dout: int, axes) -> nnx.Linear:
+  """A biased Linear whose kernel/bias carry logical axis names `axes` = (in_axis, out_axis)."""
   return nnx.Linear(din, dout, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(name_init, axes),
+                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
 
 
@@ -67,10 +68,10 @@ class SelfAttention(nnx.Module):
     if dim % num_heads:
       raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
     self.num_heads = num_heads
-    self.q_proj = _dense(rngs, dim, dim, ("embed", "heads"))
-    self.k_proj = _dense(rngs, dim, dim, ("embed", "heads"))
-    self.v_proj = _dense(rngs, dim, dim, ("embed", "heads"))
-    self.out_proj = _dense(rngs, dim, dim, ("heads", "embed"))
+    self.q_proj = dense(rngs, dim, dim, ("embed", "heads"))
+    self.k_proj = dense(rngs, dim, dim, ("embed", "heads"))
+    self.v_proj = dense(rngs, dim, dim, ("embed", "heads"))
+    self.out_proj = dense(rngs, dim, dim, ("heads", "embed"))
 
   def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
     b, n, d = x.shape
@@ -82,8 +83,8 @@ class SelfAttention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.fc1 = _dense(rngs, dim, hidden, ("embed", "mlp"))
-    self.fc2 = _dense(rngs, hidden, dim, ("mlp", "embed"))
+    self.fc1 = dense(rngs, dim, hidden, ("embed", "mlp"))
+    self.fc2 = dense(rngs, hidden, dim, ("mlp", "embed"))
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -109,7 +110,7 @@ class Embeddings(nnx.Module):
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     if cfg.patch_embedding:
-      self.patch_embedding = _dense(rngs, cfg.num_channels * cfg.patch_size ** 2,
+      self.patch_embedding = dense(rngs, cfg.num_channels * cfg.patch_size ** 2,
                                     cfg.hidden_size, (None, "embed"))
     init = nnx.initializers.normal(0.02)
     self.position_embedding = nnx.Param(
