@@ -1,0 +1,111 @@
+"""The train state as a pytree, created sharded from abstract shapes, and the jitted step.
+
+Nothing is ever materialised whole on one device: the state's shapes come from
+`jax.eval_shape`, its shardings from the parameters' logical axis names and the rules table,
+and `jax.jit(init, out_shardings=...)` creates every shard where it lives.
+"""
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from . import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # nnx.State of the trainable nnx.Param variables
+  extras: Any          # nnx.State of everything else (buffers such as codebook usage)
+  opt_state: Any
+  ema_params: Any      # EMA of params (same structure) or None
+  rng: jax.Array
+
+
+def split_model(model: nnx.Module):
+  graphdef, params, extras = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, extras
+
+
+def shardings_for(tree: Any, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> Any:
+  """NamedShardings for every array of `tree`: nnx Variables by their logical axis names,
+  everything else (step, rng, optimizer counters) replicated."""
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      shape = leaf.shape
+      logical = leaf.get_metadata().get("out_sharding") or (None,) * len(shape)
+      spec = mesh_lib.logical_to_spec(logical, shape, mesh, rules)
+      return leaf.replace(NamedSharding(mesh, spec))
+    return mesh_lib.replicated(mesh)
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                       mesh: Mesh, *, seed: int = 0, use_ema: bool = True,
+                       rules=mesh_lib.DEFAULT_RULES) -> Tuple[Any, TrainState, Any]:
+  """Returns (graphdef, sharded TrainState, its shardings). `build_model` creates the model
+  with freshly initialised parameters; it runs only inside jit/eval_shape."""
+  def init():
+    graphdef, params, extras = split_model(build_model())
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, extras=extras,
+                      opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+  graphdef = split_model(nnx.eval_shape(build_model))[0]
+  abstract = jax.eval_shape(init)
+  shardings = shardings_for(abstract, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
+                    state_shardings, mesh: Mesh, *, ema_decay: float = 0.9999,
+                    rules=mesh_lib.DEFAULT_RULES):
+  """A jitted `step(state, batch) -> (state, metrics)` with a donated state.
+
+  loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics). Buffers the model
+  updates during the loss (e.g. codebook usage) are carried into the new state.
+  """
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_of(params):
+      # Fresh Variable objects for the buffers, owned by this trace, so the loss may update
+      # them (nnx refuses to mutate Variables created at the outer jit level).
+      extras = jax.tree.map(lambda x: x, state.extras)
+      model = nnx.merge(graphdef, params, extras)
+      loss, metrics = loss_fn(model, batch, rng)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (metrics, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), ema, params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, extras=extras,
+                              opt_state=opt_state, ema_params=ema)
+    return new_state, metrics
+
+  def batch_shardings(batch):
+    return jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim, rules), batch)
+
+  jitted = {}
+
+  def run(state, batch):
+    key = jax.tree.structure(batch)
+    if key not in jitted:
+      jitted[key] = jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch)),
+                            out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                            donate_argnums=(0,))
+    with jax.set_mesh(mesh):
+      return jitted[key](state, batch)
+
+  return run

@@ -1,0 +1,90 @@
+"""Sharded train state: mesh resolution, rules, and 8-device steps equal to 1-device steps."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
+from detailflow_jax.models.vit import ViTConfig
+from detailflow_jax.train import mesh as mesh_lib
+from detailflow_jax.train.optim import make_optimizer
+from detailflow_jax.train.state import create_train_state, make_train_step
+
+
+def test_mesh_shape_resolution():
+  assert mesh_lib.resolve_mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
+  assert mesh_lib.resolve_mesh_shape(1, -1, 1, 8) == (1, 8, 1)
+  with pytest.raises(ValueError, match="at most one"):
+    mesh_lib.resolve_mesh_shape(-1, -1, 1, 8)
+  with pytest.raises(ValueError, match="needs 12 devices"):
+    mesh_lib.resolve_mesh_shape(3, 2, 2, 8)
+  with pytest.raises(ValueError, match="cannot be split"):
+    mesh_lib.resolve_mesh_shape(3, -1, 1, 8)
+
+
+def test_logical_rules():
+  mesh = mesh_lib.make_mesh(2, 2, 2)
+  assert mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert mesh_lib.logical_to_spec(("embed", "mlp"), (64, 128), mesh) == P("fsdp", "tensor")
+  # Not divisible -> replicated; a mesh axis is used once per array.
+  assert mesh_lib.logical_to_spec(("embed", None), (63, 8), mesh) == P(None, None)
+  assert mesh_lib.logical_to_spec(("mlp", "mlp"), (64, 64), mesh) == P("tensor", None)
+  assert mesh_lib.batch_sharding(mesh, 4).spec == P(("data", "fsdp"), None, None, None)
+
+
+def _config():
+  enc = ViTConfig(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, position_grid=2, patch_size=8)
+  return TokenizerConfig(encoder=enc, decoder=dataclasses.replace(enc, patch_embedding=False),
+                         image_size=16, max_image_size=16, min_image_size=16, num_latent_tokens=4,
+                         group_size=2, codebook_size=16, codebook_embed_dim=4)
+
+
+def _loss(model, batch, rng):
+  enc = model.encode(batch)
+  recon = model.decode(enc.quant, image_size=16)
+  vq = model.quantize.losses(model.quantize(enc.latents))
+  usage = model.quantize.update_usage(enc.indices)
+  loss = jnp.mean(jnp.square(recon - batch)) + vq["vq_loss"] + vq["commit_loss"]
+  return loss, {"usage": usage}
+
+
+def _run(mesh, steps=2):
+  tx = make_optimizer(1e-3, 10, weight_decay=0.05, warmup_steps=2)
+  graphdef, state, shardings = create_train_state(lambda: Tokenizer(_config(), rngs=0), tx, mesh)
+  step = make_train_step(graphdef, _loss, tx, shardings, mesh, ema_decay=0.9)
+  images = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3), minval=-1, maxval=1)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, images)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_eight_devices_match_one():
+  assert jax.device_count() == 8
+  one = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  eight = mesh_lib.make_mesh(2, 2, 2)
+  state1, losses1 = _run(one)
+  state8, losses8 = _run(eight)
+  np.testing.assert_allclose(losses8, losses1, atol=1e-5)
+  kernel = state8.params["encoder"]["visual_model"]["layers"][0]["mlp"]["fc1"]["kernel"]
+  assert kernel[...].sharding.spec == P("fsdp", "tensor")
+  flat1 = jax.tree_util.tree_leaves_with_path(state1.params)
+  flat8 = jax.tree.leaves(state8.params)
+  for (path, a), b in zip(flat1, flat8):
+    if "k_proj" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      # A key bias shifts every score of a query equally, so softmax cancels it: its gradient is
+      # analytically zero and Adam normalises pure rounding noise into steps of up to ~lr.
+      # Those values agree only to the learning rate; everything else to 1e-5.
+      assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-3
+      continue
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for a, b in zip(jax.tree.leaves(state1.ema_params), jax.tree.leaves(state8.ema_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert int(state8.step) == 2
+  # The usage buffer is carried through the step.
+  assert int((state8.extras["quantize"]["codebook_used"][...] >= 0).sum()) == 2 * 8 * 4
