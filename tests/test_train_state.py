@@ -88,3 +88,29 @@ def test_eight_devices_match_one():
   assert int(state8.step) == 2
   # The usage buffer is carried through the step.
   assert int((state8.extras["quantize"]["codebook_used"][...] >= 0).sum()) == 2 * 8 * 4
+
+
+def test_checkpoint_roundtrip_keeps_values_and_shardings(tmp_path):
+  from detailflow_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_with_shardings
+  mesh = mesh_lib.make_mesh(2, 2, 2)
+  tx = make_optimizer(1e-3, 10)
+  graphdef, state, shardings = create_train_state(lambda: Tokenizer(_config(), rngs=0), tx, mesh)
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, state)
+  ckpt.wait()
+  assert ckpt.latest_step == 3
+  assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+  step, restored = ckpt.restore(abstract_with_shardings(state, shardings))
+  assert step == 3
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == b.sharding
+  ckpt.close()
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    Checkpointer(tmp_path / "empty").restore(abstract_with_shardings(state, shardings))
+  with PreemptionGuard() as guard:
+    assert not guard.requested(0)
+    import os, signal
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.requested(1)
