@@ -89,7 +89,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     ema = state.ema_params
     if ema is not None:
       ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), ema, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, extras=extras,
                               opt_state=opt_state, ema_params=ema)
     return new_state, metrics

@@ -1,0 +1,78 @@
+"""The training loop both trainers share: steps, logging with ETA, checkpoints, stop rules."""
+import logging
+import math
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from .checkpoint import Checkpointer, PreemptionGuard
+
+log = logging.getLogger("detailflow_jax")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/inf; the last checkpoint on disk predates it."""
+
+
+def _fmt_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps: int,
+                 checkpointer: Optional[Checkpointer] = None, data_iterator=None, writer=None,
+                 log_every: int = 50, every_n_steps: Optional[Callable[[int, Any], None]] = None,
+                 callback_every: int = 0, guard: Optional[PreemptionGuard] = None,
+                 loss_history: Optional[list] = None) -> Any:
+  """Runs `step_fn` from `state.step` to `num_steps`.
+
+  - Every step's loss is checked: NaN/inf stops the run (NonFiniteLossError naming the step)
+    before anything is saved, so the last good checkpoint stays the newest.
+  - Checkpoints go through `checkpointer` (its own interval) with the data iterator state, and
+    always at the end or when a preemption (SIGTERM) is requested.
+  - Progress lines every `log_every` steps: loss, steps/s, ETA.
+  """
+  guard = guard or PreemptionGuard()
+  start_step = int(jax.device_get(state.step))
+  if start_step >= num_steps:
+    log.info("nothing to do: state is at step %d of %d", start_step, num_steps)
+    return state
+  t0 = time.time()
+  window_start, window_steps = time.time(), 0
+  with guard:
+    for step in range(start_step, num_steps):
+      batch = next(batches)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      loss = float(jax.device_get(metrics["loss"]))
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss} at step {done}; stopping without saving "
+                                 f"(last checkpoint: {checkpointer.latest_step if checkpointer else None})")
+      if loss_history is not None:
+        loss_history.append(loss)
+      window_steps += 1
+      if done % log_every == 0 or done == num_steps:
+        elapsed = time.time() - window_start
+        rate = window_steps / max(elapsed, 1e-9)
+        scalars = {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
+        scalars["steps_per_s"] = rate
+        if writer is not None:
+          writer.write_scalars(done, scalars)
+        log.info("step %d/%d loss %.4f | %.2f steps/s | elapsed %s | ETA %s", done, num_steps,
+                 loss, rate, _fmt_seconds(time.time() - t0), _fmt_seconds((num_steps - done) / rate))
+        window_start, window_steps = time.time(), 0
+      if every_n_steps is not None and callback_every and done % callback_every == 0:
+        every_n_steps(done, state)
+      stop = guard.requested(done)
+      if checkpointer is not None:
+        checkpointer.save(done, state, data_iterator, force=stop or done == num_steps)
+      if stop:
+        log.warning("preemption requested: saved step %d and stopping", done)
+        break
+  if checkpointer is not None:
+    checkpointer.wait()
+  if writer is not None:
+    writer.flush()
+  return state
