@@ -114,3 +114,15 @@ def test_checkpoint_roundtrip_keeps_values_and_shardings(tmp_path):
     import os, signal
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.requested(1)
+
+
+def test_reference_learning_rate_schedule_and_decay_mask():
+  from detailflow_jax.train.optim import decay_mask, learning_rate_schedule
+  sched = learning_rate_schedule(1e-4, 1000, warmup_steps=50, schedule="cosine",
+                                 end_lr_fraction=0.01, warmup_start_fraction=0.005)
+  np.testing.assert_allclose(float(sched(0)), 5e-7, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(25)), 1e-4 * (0.005 + 0.5 * 0.995), rtol=1e-5)
+  np.testing.assert_allclose(float(sched(50)), 1e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(1000)), 1e-6, rtol=1e-4)
+  mask = decay_mask({"w": jnp.zeros((3, 4)), "b": jnp.zeros((4,))})
+  assert mask == {"w": True, "b": False}

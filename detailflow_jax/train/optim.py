@@ -7,10 +7,15 @@ import optax
 
 
 def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
-                           schedule: str = "cosine", end_lr_fraction: float = 0.0) -> optax.Schedule:
+                           schedule: str = "cosine", end_lr_fraction: float = 0.0,
+                           warmup_start_fraction: float = 0.0) -> optax.Schedule:
+  """Linear warm-up from warmup_start_fraction*lr, then cosine to end_lr_fraction*lr or constant.
+
+  The reference AR trainer: warm-up over 5% of the steps from 0.005*lr, cosine to 0.01*lr.
+  """
   if schedule not in ("cosine", "constant"):
     raise ValueError(f"unknown lr schedule {schedule!r} (cosine | constant)")
-  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  warmup = optax.linear_schedule(lr * warmup_start_fraction, lr, max(warmup_steps, 1))
   if schedule == "constant":
     main = optax.constant_schedule(lr)
   else:
@@ -28,8 +33,10 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(lr: float, total_steps: int, *, weight_decay: float = 0.05, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float = 1.0,
                    warmup_steps: int = 0, schedule: str = "cosine",
-                   end_lr_fraction: float = 0.0) -> optax.GradientTransformation:
-  sched = learning_rate_schedule(lr, total_steps, warmup_steps, schedule, end_lr_fraction)
+                   end_lr_fraction: float = 0.0,
+                   warmup_start_fraction: float = 0.0) -> optax.GradientTransformation:
+  sched = learning_rate_schedule(lr, total_steps, warmup_steps, schedule, end_lr_fraction,
+                                 warmup_start_fraction)
   parts = []
   if max_grad_norm and max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(max_grad_norm))
@@ -43,4 +50,5 @@ def optimizer_from_config(cfg) -> optax.GradientTransformation:
   return make_optimizer(o.lr, cfg.total_steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
                         eps=o.get("eps", 1e-8), max_grad_norm=o.max_grad_norm,
                         warmup_steps=o.get("warmup_steps", 0), schedule=o.get("schedule", "cosine"),
-                        end_lr_fraction=o.get("end_lr_fraction", 0.0))
+                        end_lr_fraction=o.get("end_lr_fraction", 0.0),
+                        warmup_start_fraction=o.get("warmup_start_fraction", 0.0))
