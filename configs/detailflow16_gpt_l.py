@@ -1,0 +1,9 @@
+"""DetailFlow-16 GPT-L: 128 tokens, group size 8 (variants: tiny, gpt_b, gpt_xl)."""
+from configs.gpt_common import gpt_config
+
+
+def get_config(variant: str = ""):
+  presets = {"gpt_b": "GPT-B", "gpt_xl": "GPT-XL"}
+  if variant in presets:
+    return gpt_config(tokens=128, preset=presets[variant])
+  return gpt_config(tokens=128, variant=variant)

@@ -1,0 +1,9 @@
+"""DetailFlow-32 GPT-L: 256 tokens, group size 8 (variants: tiny, gpt_b, gpt_xl)."""
+from configs.gpt_common import gpt_config
+
+
+def get_config(variant: str = ""):
+  presets = {"gpt_b": "GPT-B", "gpt_xl": "GPT-XL"}
+  if variant in presets:
+    return gpt_config(tokens=256, preset=presets[variant])
+  return gpt_config(tokens=256, variant=variant)

@@ -1,0 +1,54 @@
+"""The AR (GPT) training recipe of DetailFlow, shared by the detailflow{16,32,64}_gpt_* configs.
+
+Values follow the reference's configs/ar_l.yaml and train_c2i.py: AdamW lr 1e-4, betas
+(0.9, 0.95), weight decay 5e-2 on >= 2-D weights, grad clip 1.0, warm-up over 5% of the steps
+from 0.005*lr then cosine to 0.01*lr, global batch 256, 300 epochs, EMA, dropout 0.1, label
+dropout 0.1 (CFG), self-correction with probability 0.3, bf16 compute.
+"""
+import ml_collections
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+TEN_CROP_FLIP = 20  # extraction stores 10 crops x (image, flip) per image
+
+
+def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "ar"
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      preset=preset, vocab_size=8192, block_size=tokens, group_size=8, causal_num=None,
+      num_classes=1000, class_dropout_prob=0.1, cls_token_num=1, token_dropout_p=0.1,
+      resid_dropout_p=0.1, ffn_dropout_p=0.1, drop_path_rate=0.0, dims=None))
+  c.data = ml_collections.ConfigDict(dict(
+      source="token_records", path="", batch_size=256, num_workers=8,
+      examples_per_epoch=IMAGENET_TRAIN_IMAGES))
+  c.num_epochs = 300
+  c.total_steps = -1  # -1: derived from num_epochs * examples_per_epoch / batch_size
+  c.correction_prob = 0.3
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, weight_decay=5e-2, b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0,
+      warmup_ratio=0.05, warmup_steps=-1, warmup_start_fraction=0.005, schedule="cosine",
+      end_lr_fraction=0.01))
+  c.ema_decay = 0.9999
+  c.compute_dtype = "bfloat16"
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
+  c.log_every = 50
+  c.sample_every = 0          # steps between sample PNGs (0: off); needs tokenizer_dir
+  c.tokenizer_dir = ""
+  c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+
+  if variant == "tiny":
+    c.model.update(preset="", dims=dict(dim=64, n_layer=2, n_head=4), vocab_size=64,
+                   block_size=32, group_size=4, num_classes=10)
+    c.data.update(batch_size=16, num_workers=0, examples_per_epoch=256)
+    c.num_epochs = 1
+    c.total_steps = 200
+    c.optimizer.update(lr=3e-3, warmup_steps=10, weight_decay=0.0)
+    c.compute_dtype = "float32"
+    c.ema_decay = 0.99
+    c.checkpoint.update(save_every=50, keep=2)
+    c.log_every = 20
+  elif variant:
+    raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
+  return c
