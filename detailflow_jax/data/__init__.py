@@ -1,0 +1,1 @@
+"""Input pipelines (Grain): image sources, token records, procedural shapes, degradation."""

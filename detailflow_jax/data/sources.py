@@ -1,0 +1,239 @@
+"""Random-access sources for Grain: ImageNet folders, TFDS ArrayRecord, token records, shapes.
+
+Image sources return undecoded records ({"image": encoded bytes, "label": int, "name": str}) so
+that decoding, and the handling of files that turn out to be bad, happens in the transforms
+where it can be counted and replaced deterministically.
+"""
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("detailflow_jax")
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("DETAILFLOW_CACHE", pathlib.Path.home() / ".cache" / "detailflow_jax"))
+
+
+class ImageFolderSource:
+  """`<root>/<split>/<wnid>/*.JPEG` with labels = index of the wnid in sorted order (as
+  torchvision's ImageFolder). The file index is built once and cached as JSON."""
+
+  def __init__(self, root, split: str = "train", cache_dir=None):
+    self.root = pathlib.Path(root)
+    self.split_dir = self.root / split if (self.root / split).is_dir() else self.root
+    if not self.root.is_dir():
+      raise FileNotFoundError(f"dataset root does not exist: {self.root}")
+    if not self.split_dir.is_dir():
+      raise FileNotFoundError(f"no split directory {self.root / split}")
+    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    key = hashlib.sha1(str(self.split_dir.resolve()).encode()).hexdigest()[:16]
+    self.index_path = cache_dir / f"imagefolder-{key}.json"
+    index = self._load_cached_index()
+    if index is None:
+      index = self._build_index()
+      try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index))
+        tmp.replace(self.index_path)
+      except OSError as e:  # A read-only cache is no reason to fail.
+        log.warning("could not cache the file index at %s: %s", self.index_path, e)
+    self.classes: List[str] = index["classes"]
+    self.files: List[str] = index["files"]
+    self.labels = np.asarray(index["labels"], np.int32)
+    if not self.files:
+      raise FileNotFoundError(f"no images under {self.split_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
+
+  def _signature(self) -> Dict[str, float]:
+    return {d.name: d.stat().st_mtime for d in sorted(self.split_dir.iterdir()) if d.is_dir()}
+
+  def _load_cached_index(self) -> Optional[dict]:
+    if not self.index_path.is_file():
+      return None
+    try:
+      index = json.loads(self.index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+      return None
+    return index if index.get("signature") == self._signature() else None
+
+  def _build_index(self) -> dict:
+    classes = sorted(d.name for d in self.split_dir.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, wnid in enumerate(classes):
+      names = sorted(p.name for p in (self.split_dir / wnid).iterdir()
+                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+      if not names:
+        log.warning("class folder %s has no images", self.split_dir / wnid)
+      files += [f"{wnid}/{n}" for n in names]
+      labels += [label] * len(names)
+    log.info("indexed %d images in %d classes under %s", len(files), len(classes), self.split_dir)
+    return {"classes": classes, "files": files, "labels": labels, "signature": self._signature()}
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict:
+    name = self.files[index]
+    try:
+      data = (self.split_dir / name).read_bytes()
+    except OSError as e:
+      log.warning("cannot read %s: %s", self.split_dir / name, e)
+      data = b""
+    return {"image": data, "label": int(self.labels[index]), "name": name}
+
+  def __repr__(self):
+    return f"ImageFolderSource({self.split_dir}, {len(self)} images)"
+
+
+class TFDSSource:
+  """TFDS ArrayRecord data through `tfds.data_source` (no TensorFlow, no tf.data). TFDS decodes
+  the stored JPEGs with numpy/PIL, so records carry uint8 HWC arrays."""
+
+  def __init__(self, name: str = "imagenet2012", split: str = "train", data_dir=None):
+    import tensorflow_datasets as tfds
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+    self.name = f"{name}/{split}"
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._source[index]
+    return {"image": np.asarray(record["image"]), "label": int(record["label"]),
+            "name": f"{self.name}[{index}]"}
+
+
+# --- token records ---------------------------------------------------------------------------
+
+def encode_token_record(tokens: np.ndarray, label: int) -> bytes:
+  """tokens: [T] clean codes or [T, 3] self-correction triples (clean, noisy input, label)."""
+  tokens = np.asarray(tokens)
+  header = np.asarray([tokens.shape[0], tokens.shape[1] if tokens.ndim == 2 else 1, label], np.int32)
+  return header.tobytes() + tokens.astype(np.int32).tobytes()
+
+
+def decode_token_record(data: bytes) -> dict:
+  length, width, label = np.frombuffer(data[:12], np.int32)
+  tokens = np.frombuffer(data[12:], np.int32).reshape(length, width)
+  return {"tokens": tokens if width > 1 else tokens[:, 0], "label": np.int32(label)}
+
+
+class TokenRecordWriter:
+  """Writes token records into `<directory>/<prefix>-<shard>.array_record` (one file per shard)."""
+
+  def __init__(self, directory, shard: int = 0, prefix: str = "tokens"):
+    from array_record.python.array_record_module import ArrayRecordWriter
+    self.path = pathlib.Path(directory) / f"{prefix}-{shard:05d}.array_record"
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._tmp = self.path.with_suffix(".array_record.tmp")
+    self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
+    self.count = 0
+
+  def write(self, tokens: np.ndarray, label: int) -> None:
+    self._writer.write(encode_token_record(tokens, label))
+    self.count += 1
+
+  def close(self) -> pathlib.Path:
+    """Finishes the shard; it only appears under its final name once complete."""
+    self._writer.close()
+    self._tmp.replace(self.path)
+    return self.path
+
+
+class TokenRecordSource:
+  """All `*.array_record` token shards under a directory (or an explicit list of files)."""
+
+  def __init__(self, paths):
+    import grain
+    if isinstance(paths, (str, os.PathLike)):
+      root = pathlib.Path(paths)
+      if not root.exists():
+        raise FileNotFoundError(f"token record path does not exist: {root}")
+      paths = sorted(root.glob("*.array_record")) if root.is_dir() else [root]
+    paths = [str(p) for p in paths]
+    if not paths:
+      raise FileNotFoundError("no .array_record token shards found")
+    self.paths = paths
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return decode_token_record(self._source[index])
+
+
+# --- procedural shapes -----------------------------------------------------------------------
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
+PALETTE = np.asarray([[230, 40, 40], [40, 200, 60], [40, 90, 230], [240, 200, 30],
+                      [200, 50, 220], [30, 210, 220], [250, 130, 20], [245, 245, 245]], np.float32)
+
+
+def class_shape_colour(label: int):
+  """Class c = (shape c % 8, colour (c // 8 + c) % 8): distinct pairs for up to 64 classes."""
+  return SHAPES[label % len(SHAPES)], PALETTE[(label // len(SHAPES) + label) % len(PALETTE)]
+
+
+def _shape_mask(shape: str, yy, xx, cy, cx, r):
+  dy, dx = (yy - cy) / r, (xx - cx) / r
+  if shape == "disc":
+    return dy ** 2 + dx ** 2 <= 1
+  if shape == "square":
+    return (np.abs(dy) <= 0.8) & (np.abs(dx) <= 0.8)
+  if shape == "triangle":
+    return (dy <= 0.8) & (dy >= -0.9) & (np.abs(dx) <= (dy + 0.9) * 0.6)
+  if shape == "ring":
+    d = dy ** 2 + dx ** 2
+    return (d <= 1) & (d >= 0.45)
+  if shape == "cross":
+    return ((np.abs(dy) <= 0.3) & (np.abs(dx) <= 1)) | ((np.abs(dx) <= 0.3) & (np.abs(dy) <= 1))
+  if shape == "diamond":
+    return np.abs(dy) + np.abs(dx) <= 1
+  if shape == "hbar":
+    return (np.abs(dy) <= 0.35) & (np.abs(dx) <= 1)
+  return (np.abs(dx) <= 0.35) & (np.abs(dy) <= 1)
+
+
+class ProceduralShapes:
+  """Coloured shapes of `num_classes` classes on textured backgrounds; item i is a fixed
+  function of (seed, i), at any resolution. Records hold decoded uint8 images."""
+
+  def __init__(self, num_classes: int = 10, image_size: int = 64, size: int = 10000, seed: int = 0):
+    if not 1 <= num_classes <= len(SHAPES) * len(PALETTE):
+      raise ValueError(f"num_classes must be in [1, {len(SHAPES) * len(PALETTE)}]")
+    self.num_classes, self.image_size, self.size, self.seed = num_classes, image_size, size, seed
+
+  def __len__(self) -> int:
+    return self.size
+
+  def render(self, index: int) -> dict:
+    rng = np.random.default_rng([self.seed, index])
+    label = int(rng.integers(self.num_classes))
+    n = self.image_size
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+    # Background: a dim two-colour stripe texture at a random angle and frequency.
+    base = rng.uniform(20, 90, size=3).astype(np.float32)
+    other = base + rng.uniform(-25, 25, size=3).astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    freq = rng.uniform(2, 6) * 2 * np.pi / n
+    stripes = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))
+    img = base[None, None] * (1 - stripes[..., None]) + other[None, None] * stripes[..., None]
+    img += rng.normal(0, 4, size=img.shape).astype(np.float32)
+    shape, colour = class_shape_colour(label)
+    r = n * rng.uniform(0.22, 0.32)
+    cy, cx = rng.uniform(r + 1, n - r - 1, size=2)
+    mask = _shape_mask(shape, yy, xx, cy, cx, r)
+    img[mask] = colour * rng.uniform(0.85, 1.0)
+    return {"image": np.clip(img, 0, 255).astype(np.uint8), "label": label, "name": f"shapes[{index}]"}
+
+  def __getitem__(self, index: int) -> dict:
+    return self.render(index)
