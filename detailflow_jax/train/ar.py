@@ -91,3 +91,98 @@ def cast_params(model, dtype):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   return nnx.merge(graphdef, params, rest)
+
+
+def maybe_initialize_distributed(c: ml_collections.ConfigDict) -> None:
+  """jax.distributed: explicit coordinator flags (GPU clusters, localhost tests) or, on TPU
+  pods and SLURM, JAX's own auto-detection. Single-process runs skip it."""
+  import os
+  d = c.distributed
+  if d.coordinator:
+    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                               process_id=d.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+
+
+def train(c: ml_collections.ConfigDict, workdir) -> Any:
+  """Trains the GPT on token records; resumes from the newest checkpoint in workdir."""
+  import json
+  import logging
+  import os
+  import pathlib
+  import signal
+
+  from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
+  from ..data.sources import TokenRecordSource
+  from ..model_dir import save_model_dir
+  from . import mesh as mesh_lib
+  from .checkpoint import Checkpointer, abstract_with_shardings
+  from .loop import run_training
+  from .metrics import create_writer
+  from .optim import make_optimizer
+  from .state import create_train_state, make_train_step
+
+  log = logging.getLogger("detailflow_jax")
+  workdir = pathlib.Path(workdir)
+  maybe_initialize_distributed(c)
+  validate(c, jax.device_count())
+  cfg = gpt_config_from(c)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+  mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  steps = total_steps(c)
+  o = c.optimizer
+  tx = make_optimizer(o.lr, steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                      max_grad_norm=o.max_grad_norm, warmup_steps=warmup_steps(c),
+                      schedule=o.schedule, end_lr_fraction=o.end_lr_fraction,
+                      warmup_start_fraction=o.warmup_start_fraction)
+  graphdef, state, shardings = create_train_state(lambda: GPT(cfg, rngs=c.seed), tx, mesh, seed=c.seed)
+  log.info("GPT %s: %.1fM parameters, mesh %s, %d steps", c.model.preset or "custom",
+           sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(mesh.shape), steps)
+
+  source = TokenRecordSource(c.data.path)
+  per_process = c.data.batch_size // jax.process_count()
+  ds = token_dataset(source, batch_size=per_process, seed=c.seed, shard_index=jax.process_index(),
+                     shard_count=jax.process_count())
+  data_iter = to_iterator(ds, c.data.num_workers)
+  ckpt = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.save_every,
+                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  if ckpt.latest_step is not None:
+    at, state = ckpt.restore(abstract_with_shardings(state, shardings), data_iter)
+    log.info("resumed from step %d", at)
+  dtype = jnp.dtype(c.compute_dtype)
+  step_fn = make_train_step(graphdef, make_loss(cfg, c.correction_prob, dtype), tx, shardings,
+                            mesh, ema_decay=c.ema_decay)
+  progress = Progress(data_iter, log_every=0, name="tokens")
+  batches = (global_batch(b, mesh) for b in progress)
+  writer = create_writer(workdir, process_index=jax.process_index())
+
+  kill_after = int(os.environ.get("DETAILFLOW_TEST_KILL_AFTER_STEP", "0"))
+
+  def after_step(step, state):
+    # Test hook: a hard crash (SIGKILL, no cleanup) right after a durable checkpoint.
+    if kill_after and step == kill_after:
+      ckpt.wait()
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  state = run_training(state, step_fn, batches, num_steps=steps, checkpointer=ckpt,
+                       data_iterator=data_iter, writer=writer, log_every=c.log_every,
+                       every_n_steps=after_step if kill_after else None,
+                       callback_every=1 if kill_after else 0)
+  ckpt.close()
+  export_dir = workdir / "export"
+  if int(state.step) >= steps:
+    # The EMA weights as a converted-model directory: `load_gpt(workdir/export)` and the
+    # sample CLI read it like a converted release.
+    model = nnx.merge(graphdef, state.ema_params if state.ema_params is not None else state.params,
+                      state.extras)
+    import shutil
+    if export_dir.exists() and jax.process_index() == 0:
+      shutil.rmtree(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    save_model_dir(export_dir, "gpt", cfg.to_dict(), model)
+    log.info("exported EMA weights to %s", export_dir)
+  writer.close()
+  return state

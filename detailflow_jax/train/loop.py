@@ -63,11 +63,11 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
         log.info("step %d/%d loss %.4f | %.2f steps/s | elapsed %s | ETA %s", done, num_steps,
                  loss, rate, _fmt_seconds(time.time() - t0), _fmt_seconds((num_steps - done) / rate))
         window_start, window_steps = time.time(), 0
-      if every_n_steps is not None and callback_every and done % callback_every == 0:
-        every_n_steps(done, state)
       stop = guard.requested(done)
       if checkpointer is not None:
         checkpointer.save(done, state, data_iterator, force=stop or done == num_steps)
+      if every_n_steps is not None and callback_every and done % callback_every == 0:
+        every_n_steps(done, state)  # after the save, so callbacks see a checkpointed step
       if stop:
         log.warning("preemption requested: saved step %d and stopping", done)
         break

@@ -90,6 +90,39 @@ class TensorBoardWriter:
     self._writer.close()
 
 
+class JsonlWriter:
+  """One JSON line per write_scalars call in workdir/metrics.jsonl (easy to diff and plot)."""
+
+  def __init__(self, path):
+    import json
+    self._json = json
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._file = open(self.path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._file.write(self._json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n")
+    self._file.flush()
+
+  def write_images(self, step, images):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MultiWriter:
   def __init__(self, writers: Sequence[Any]):
     self.writers = list(writers)
@@ -102,8 +135,10 @@ class MultiWriter:
 
 
 def create_writer(workdir, *, process_index: int = 0, tensorboard: bool = True):
-  """Log lines everywhere; TensorBoard files under workdir/tensorboard on process 0 only."""
+  """Log lines everywhere; metrics.jsonl and TensorBoard files under workdir on process 0 only."""
   writers = [LoggingWriter()]
-  if process_index == 0 and tensorboard:
-    writers.append(TensorBoardWriter(pathlib.Path(workdir) / "tensorboard"))
+  if process_index == 0:
+    writers.append(JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl"))
+    if tensorboard:
+      writers.append(TensorBoardWriter(pathlib.Path(workdir) / "tensorboard"))
   return MultiWriter(writers)

@@ -1,0 +1,39 @@
+"""Train DetailFlow models from one config, on one CPU or a multi-host TPU/GPU mesh.
+
+  python launch/train.py --config=configs/detailflow16_gpt_l.py[:variant] --workdir=DIR \
+      [--config.data.path=TOKENS_DIR] [--config.key=value ...]
+
+The run resumes from the newest checkpoint in DIR. Multi-host: the same command on every host;
+TPU pods are detected automatically, elsewhere set --config.distributed.coordinator=HOST:PORT,
+--config.distributed.num_processes=N and --config.distributed.process_id=I.
+"""
+import logging
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :variant", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics, exports")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.getLogger("detailflow_jax").setLevel(logging.INFO)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+  c = FLAGS.config
+  if c.task == "ar":
+    from detailflow_jax.train import ar
+    ar.train(c, FLAGS.workdir)
+  else:
+    raise app.UsageError(f"config task {c.task!r} has no trainer (known: ar)")
+
+
+if __name__ == "__main__":
+  app.run(main)
