@@ -37,6 +37,12 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.sample_every = 0          # steps between sample PNGs (0: off); needs tokenizer_dir
   c.tokenizer_dir = ""
   c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+  # launch/extract_codes.py: which images to encode, and how (the reference: ten crops of a
+  # 1.1x centre crop, self-correction triples).
+  c.extract = ml_collections.ConfigDict(dict(
+      source="imagefolder", path="", split="train", image_size=0, ten_crop=True, crop_range=1.1,
+      self_correction=True, batch_size=8, chunk_size=10000, seed=0,
+      num_classes=10, shapes_size=64, num_images=0))
 
   if variant == "tiny":
     c.model.update(preset="", dims=dict(dim=64, n_layer=2, n_head=4), vocab_size=64,
@@ -49,6 +55,8 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
     c.ema_decay = 0.99
     c.checkpoint.update(save_every=50, keep=2)
     c.log_every = 20
+    c.extract.update(source="shapes", num_images=512, shapes_size=64, batch_size=16,
+                     chunk_size=256, ten_crop=False)
   elif variant:
     raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
   return c

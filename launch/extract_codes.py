@@ -1,0 +1,36 @@
+"""Encode a dataset with a trained/converted tokenizer into token records for AR training.
+
+  python launch/extract_codes.py --config=configs/detailflow16_gpt_l.py[:variant] \
+      --tokenizer=DIR --workdir=CODES_DIR [--config.extract.path=IMAGENET ...]
+
+Resumable (finished chunks are kept), sharded over jax processes, progress in the log.
+"""
+import logging
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :variant", lock_config=True)
+flags.DEFINE_string("tokenizer", None, "converted or exported tokenizer directory")
+flags.DEFINE_string("workdir", None, "where the token records go")
+flags.mark_flags_as_required(["config", "tokenizer", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from detailflow_jax.train import ar
+  from detailflow_jax.train.extract import extract
+  ar.maybe_initialize_distributed(FLAGS.config)
+  out = extract(FLAGS.config, FLAGS.tokenizer, FLAGS.workdir)
+  logging.getLogger("detailflow_jax").info("token records in %s", out)
+
+
+if __name__ == "__main__":
+  app.run(main)
