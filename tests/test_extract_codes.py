@@ -69,7 +69,7 @@ def test_extraction_resumes_without_redoing_chunks(extracted, tokenizer_dir, cap
   assert after == before  # the rebuilt chunk is identical
 
 
-def test_tiny_ar_run_learns_below_unigram_entropy(extracted, tmp_path):
+def test_tiny_ar_run_learns_below_unigram_entropy(extracted, tokenizer_dir, tmp_path):
   c, out = extracted
   src = TokenRecordSource(out)
   targets = np.concatenate([np.asarray(src[i]["tokens"])[..., 2].ravel() for i in range(len(src))])
@@ -78,8 +78,13 @@ def test_tiny_ar_run_learns_below_unigram_entropy(extracted, tmp_path):
   c.data.path = str(out)
   c.total_steps = 200
   c.log_every = 25
+  c.sample_every = 200
+  c.tokenizer_dir = str(tokenizer_dir)
   ar.train(c, tmp_path / "run")
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   final = np.mean([r["loss"] for r in rows[-2:]])
   assert final < 0.6 * unigram, (final, unigram)
   assert (tmp_path / "run" / "export" / "config.json").is_file()
+  from PIL import Image
+  grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000200.png"))
+  assert grid.shape[0] > 8 * 64  # one row per class, decoded after every group

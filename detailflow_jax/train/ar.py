@@ -1,10 +1,12 @@
 """DetailFlow's AR recipe: next-detail teacher forcing with self-correction."""
+import logging
 import math
 from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ..models.gpt import GPT, GPTConfig
@@ -160,17 +162,20 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   writer = create_writer(workdir, process_index=jax.process_index())
 
   kill_after = int(os.environ.get("DETAILFLOW_TEST_KILL_AFTER_STEP", "0"))
+  write_samples = make_sample_writer(c, graphdef, workdir, writer) if c.sample_every else None
 
   def after_step(step, state):
+    if write_samples is not None and step % c.sample_every == 0:
+      write_samples(step, state)
     # Test hook: a hard crash (SIGKILL, no cleanup) right after a durable checkpoint.
     if kill_after and step == kill_after:
       ckpt.wait()
       os.kill(os.getpid(), signal.SIGKILL)
 
+  hooks = bool(kill_after or write_samples)
   state = run_training(state, step_fn, batches, num_steps=steps, checkpointer=ckpt,
                        data_iterator=data_iter, writer=writer, log_every=c.log_every,
-                       every_n_steps=after_step if kill_after else None,
-                       callback_every=1 if kill_after else 0)
+                       every_n_steps=after_step if hooks else None, callback_every=1 if hooks else 0)
   ckpt.close()
   export_dir = workdir / "export"
   if int(state.step) >= steps:
@@ -186,3 +191,33 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
     log.info("exported EMA weights to %s", export_dir)
   writer.close()
   return state
+
+
+def make_sample_writer(c: ml_collections.ConfigDict, graphdef, workdir, writer):
+  """Periodic class-conditional samples from the EMA weights, decoded with the tokenizer in
+  c.tokenizer_dir: a PNG grid (one row per class, decoded after every group) per call."""
+  import pathlib
+  from ..images import save_grid
+  from ..inference import TokenizerFns
+  from ..pretrained import load_tokenizer
+  from ..sampling import Sampler, SamplingOptions
+  if not c.tokenizer_dir:
+    raise ValueError("sample_every > 0 needs tokenizer_dir (a converted or exported tokenizer)")
+  fns = TokenizerFns(load_tokenizer(c.tokenizer_dir))
+  labels = np.arange(min(c.model.num_classes, 8), dtype=np.int32)
+  out_dir = pathlib.Path(workdir) / "samples"
+
+  def write(step, state):
+    if jax.process_index() != 0:
+      return
+    params = state.ema_params if state.ema_params is not None else state.params
+    model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.extras))
+    tokens = np.asarray(Sampler(model).sample(labels, jax.random.key(step), SamplingOptions(cfg_scale=1.5)))
+    counts = [t for t in fns.schedule.token_list if t <= tokens.shape[1]]
+    rows = [[np.asarray(fns.decode(tokens[i:i + 1], t, fns.config.image_size))[0] for t in counts]
+            for i in range(len(labels))]
+    path = save_grid(out_dir / f"step_{step:07d}.png", rows)
+    writer.write_images(step, {"samples": np.clip((np.asarray(rows[0][-1])[None] + 1) / 2, 0, 1)})
+    logging.getLogger("detailflow_jax").info("wrote %s", path)
+
+  return write
