@@ -200,6 +200,7 @@ def make_sample_writer(c: ml_collections.ConfigDict, graphdef, workdir, writer):
   from ..images import save_grid
   from ..inference import TokenizerFns
   from ..pretrained import load_tokenizer
+  from ..reconstruct import enlarge_nearest
   from ..sampling import Sampler, SamplingOptions
   if not c.tokenizer_dir:
     raise ValueError("sample_every > 0 needs tokenizer_dir (a converted or exported tokenizer)")
@@ -214,7 +215,9 @@ def make_sample_writer(c: ml_collections.ConfigDict, graphdef, workdir, writer):
     model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.extras))
     tokens = np.asarray(Sampler(model).sample(labels, jax.random.key(step), SamplingOptions(cfg_scale=1.5)))
     counts = [t for t in fns.schedule.token_list if t <= tokens.shape[1]]
-    rows = [[np.asarray(fns.decode(tokens[i:i + 1], t, fns.config.image_size))[0] for t in counts]
+    size = fns.config.image_size
+    # Each prefix decoded at the resolution it stands for, enlarged (nearest) to one cell size.
+    rows = [[enlarge_nearest(np.asarray(fns.decode(tokens[i:i + 1], t))[0], size) for t in counts]
             for i in range(len(labels))]
     path = save_grid(out_dir / f"step_{step:07d}.png", rows)
     writer.write_images(step, {"samples": np.clip((np.asarray(rows[0][-1])[None] + 1) / 2, 0, 1)})
