@@ -15,11 +15,10 @@ def load_tokenizer(directory, dtype=None):
 
 def load_gpt(directory, dtype=None):
   """A converted DetailFlow GPT (see `python -m detailflow_jax.convert gpt`)."""
-  from flax import nnx
   from .models.gpt import GPT, GPTConfig
 
   def build(config):
-    return GPT(GPTConfig.from_dict(config), rngs=nnx.Rngs(0))
+    return GPT(GPTConfig.from_dict(config), rngs=0)
 
   model, _ = restore_model_dir(directory, "gpt", build, dtype=dtype)
   return model

@@ -9,13 +9,14 @@ import json
 import logging
 import os
 import pathlib
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 
 log = logging.getLogger("detailflow_jax")
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# torchvision's IMG_EXTENSIONS, compared case-insensitively as ImageFolder does.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def _default_cache_dir() -> pathlib.Path:
@@ -26,13 +27,17 @@ class ImageFolderSource:
   """`<root>/<split>/<wnid>/*.JPEG` with labels = index of the wnid in sorted order (as
   torchvision's ImageFolder). The file index is built once and cached as JSON."""
 
-  def __init__(self, root, split: str = "train", cache_dir=None):
+  def __init__(self, root, split: Optional[str] = "train", cache_dir=None):
     self.root = pathlib.Path(root)
-    self.split_dir = self.root / split if (self.root / split).is_dir() else self.root
     if not self.root.is_dir():
       raise FileNotFoundError(f"dataset root does not exist: {self.root}")
-    if not self.split_dir.is_dir():
-      raise FileNotFoundError(f"no split directory {self.root / split}")
+    if split and (self.root / split).is_dir():
+      self.split_dir = self.root / split
+    else:
+      # The reference passes the split directory itself (…/train) as the ImageFolder root.
+      self.split_dir = self.root
+      if split:
+        log.info("%s has no %r folder: reading class folders directly under it", self.root, split)
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     key = hashlib.sha1(str(self.split_dir.resolve()).encode()).hexdigest()[:16]
     self.index_path = cache_dir / f"imagefolder-{key}.json"
@@ -68,14 +73,25 @@ class ImageFolderSource:
     classes = sorted(d.name for d in self.split_dir.iterdir() if d.is_dir())
     files, labels = [], []
     for label, wnid in enumerate(classes):
-      names = sorted(p.name for p in (self.split_dir / wnid).iterdir()
-                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+      names = self._list_class(wnid)
       if not names:
-        log.warning("class folder %s has no images", self.split_dir / wnid)
-      files += [f"{wnid}/{n}" for n in names]
+        log.warning("class folder %s has no images (its label %d stays reserved)",
+                    self.split_dir / wnid, label)
+      files += names
       labels += [label] * len(names)
     log.info("indexed %d images in %d classes under %s", len(files), len(classes), self.split_dir)
     return {"classes": classes, "files": files, "labels": labels, "signature": self._signature()}
+
+  def _list_class(self, wnid: str) -> List[str]:
+    """Image paths relative to the split folder, in torchvision ImageFolder's order (sorted
+    os.walk following links, names sorted), so index i is ImageFolder's sample i."""
+    def on_error(e):  # An unreadable folder keeps its label but adds no images.
+      log.warning("cannot list %s: %s", e.filename, e)
+    names = []
+    for folder, _, fnames in sorted(os.walk(self.split_dir / wnid, followlinks=True, onerror=on_error)):
+      rel = pathlib.Path(folder).relative_to(self.split_dir)
+      names += [str(rel / f) for f in sorted(fnames) if f.lower().endswith(IMAGE_SUFFIXES)]
+    return names
 
   def __len__(self) -> int:
     return len(self.files)
@@ -101,29 +117,50 @@ class TFDSSource:
     import tensorflow_datasets as tfds
     self._source = tfds.data_source(name, split=split, data_dir=data_dir)
     self.name = f"{name}/{split}"
+    if len(self._source) == 0:
+      raise FileNotFoundError(f"TFDS {self.name} has no examples (data_dir={data_dir})")
 
   def __len__(self) -> int:
     return len(self._source)
 
+  def __repr__(self):
+    return f"TFDSSource({self.name}, {len(self)} images)"
+
   def __getitem__(self, index: int) -> dict:
     record = self._source[index]
+    name = record.get("file_name", b"")
+    name = name.decode() if isinstance(name, bytes) else str(name)
     return {"image": np.asarray(record["image"]), "label": int(record["label"]),
-            "name": f"{self.name}[{index}]"}
+            "name": f"{self.name}[{index}] {name}".rstrip()}
 
 
 # --- token records ---------------------------------------------------------------------------
+# One record per image: int32 header (views, length, width, label) + int32 codes [views, length,
+# width]. `views` are the augmentations the extraction job encoded (the reference stores the image
+# and its flip, or ten crops) and training picks one per sample; `width` is 1 for plain codes or 3
+# for self-correction triples (clean codes, codes of the perturbed input, corrected labels).
+
+_HEADER = 4
+
 
 def encode_token_record(tokens: np.ndarray, label: int) -> bytes:
-  """tokens: [T] clean codes or [T, 3] self-correction triples (clean, noisy input, label)."""
+  """tokens: [T] codes, [T, 3] triples, or [A, T, W] with A augmented views (W = 1 or 3)."""
   tokens = np.asarray(tokens)
-  header = np.asarray([tokens.shape[0], tokens.shape[1] if tokens.ndim == 2 else 1, label], np.int32)
-  return header.tobytes() + tokens.astype(np.int32).tobytes()
+  if tokens.ndim == 1:
+    tokens = tokens[None, :, None]
+  elif tokens.ndim == 2:
+    tokens = tokens[None]
+  if tokens.ndim != 3 or tokens.shape[-1] not in (1, 3):
+    raise ValueError(f"tokens must be [T], [T, 3] or [views, T, 1|3], got shape {tokens.shape}")
+  header = np.asarray([*tokens.shape, label], np.int32)
+  return header.tobytes() + np.ascontiguousarray(tokens, dtype=np.int32).tobytes()
 
 
 def decode_token_record(data: bytes) -> dict:
-  length, width, label = np.frombuffer(data[:12], np.int32)
-  tokens = np.frombuffer(data[12:], np.int32).reshape(length, width)
-  return {"tokens": tokens if width > 1 else tokens[:, 0], "label": np.int32(label)}
+  """-> {"tokens": [views, T, W] int32, "label": int32}."""
+  views, length, width, label = np.frombuffer(data[:4 * _HEADER], np.int32)
+  tokens = np.frombuffer(data[4 * _HEADER:], np.int32).reshape(views, length, width)
+  return {"tokens": tokens, "label": np.int32(label)}
 
 
 class TokenRecordWriter:
@@ -138,8 +175,19 @@ class TokenRecordWriter:
     self.count = 0
 
   def write(self, tokens: np.ndarray, label: int) -> None:
+    """tokens: see encode_token_record."""
     self._writer.write(encode_token_record(tokens, label))
     self.count += 1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if exc_type is None:
+      self.close()
+    else:  # A failed job leaves no half-written shard under the final name.
+      self._writer.close()
+      self._tmp.unlink(missing_ok=True)
 
   def close(self) -> pathlib.Path:
     """Finishes the shard; it only appears under its final name once complete."""
@@ -167,7 +215,11 @@ class TokenRecordSource:
   def __len__(self) -> int:
     return len(self._source)
 
+  def __repr__(self):
+    return f"TokenRecordSource({len(self.paths)} shards, {len(self)} records)"
+
   def __getitem__(self, index: int) -> dict:
+    """-> {"tokens": [views, T, W] int32, "label"}."""
     return decode_token_record(self._source[index])
 
 
@@ -237,3 +289,6 @@ class ProceduralShapes:
 
   def __getitem__(self, index: int) -> dict:
     return self.render(index)
+
+  def __repr__(self):
+    return f"ProceduralShapes({self.num_classes} classes, {self.image_size} px, {self.size} images)"

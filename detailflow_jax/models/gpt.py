@@ -1,0 +1,461 @@
+"""DetailFlow's class-conditional GPT: LlamaGen's Llama-style decoder with next-detail grouping.
+
+Three changes to LlamaGen make it predict coarse-to-fine token groups:
+- a group-causal mask over sequence positions: token-causal for the first `causal_num`
+  positions, afterwards every position sees its whole group of `group_size` and earlier groups;
+- `group_size - 1` learned special embeddings inserted after the first `causal_num` tokens, so
+  the last `group_size` positions of any prefix predict the next group in parallel;
+- 2D RoPE over a (block_size / group_size) x group_size grid of sequence positions.
+
+Sequence layout for T >= causal_num tokens (length 1 + T + group_size - 1):
+  [class, tok_0 .. tok_{c-1}, spe_0 .. spe_{g-2}, tok_c .. tok_{T-1}]
+and [class, tok_0 .. tok_{T-1}] below causal_num. Logit position p predicts token p.
+
+Module and parameter names mirror the reference state dict (conversion is a rename).
+"""
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .attention import dot_product_attention
+from .keys import InitKeys
+from .masks import group_causal_mask
+from .rope import apply_rope, rope_table_2d
+
+# (n_layer, n_head, dim) of the reference's GPT_models presets.
+PRESETS: Dict[str, Tuple[int, int, int]] = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XLPlus": (42, 22, 1408),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-XXLPlus": (48, 30, 1920),
+    "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048),
+    "GPT-3B": (24, 32, 3200),
+    "GPT-7B": (32, 32, 4096),
+}
+
+# One KV cache entry per layer: (keys, values), each [batch, kv_heads, length, head_dim].
+KVCache = Tuple[Tuple[jax.Array, jax.Array], ...]
+
+
+def find_multiple(n: int, k: int) -> int:
+  return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Every field of the reference ModelArgs that changes the math (c2i models only)."""
+  dim: int = 1024
+  n_layer: int = 24
+  n_head: int = 16
+  n_kv_head: Optional[int] = None
+  multiple_of: int = 256
+  ffn_dim_multiplier: Optional[float] = None
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  initializer_range: float = 0.02
+  token_dropout_p: float = 0.1
+  attn_dropout_p: float = 0.0
+  resid_dropout_p: float = 0.1
+  ffn_dropout_p: float = 0.1
+  drop_path_rate: float = 0.0
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  vocab_size: int = 16384
+  cls_token_num: int = 1
+  block_size: int = 256
+  group_size: int = 1
+  causal_num: Optional[int] = None
+  learnable_tok_embeddings: bool = True  # False freezes tok_embeddings in training
+
+  def __post_init__(self):
+    if self.dim % self.n_head:
+      raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+    if self.n_head % self.num_kv_heads:
+      raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+    if self.head_dim % 4:
+      raise ValueError(f"head_dim={self.head_dim} must be divisible by 4 for 2D RoPE")
+    if self.block_size % self.group_size:
+      raise ValueError(f"block_size={self.block_size} is not a multiple of group_size={self.group_size}")
+    if self.causal_len % self.group_size or not 0 < self.causal_len < self.block_size:
+      raise ValueError(f"causal_num={self.causal_num} must be a positive multiple of "
+                       f"group_size={self.group_size} below block_size={self.block_size}")
+    if self.attn_dropout_p:
+      raise ValueError("attn_dropout_p > 0 is not supported: the shared attention kernel has no "
+                       "dropout (every released DetailFlow config uses 0)")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_head
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+  @property
+  def causal_len(self) -> int:
+    """Tokens predicted one at a time before group-parallel prediction starts."""
+    return self.group_size if self.causal_num is None else self.causal_num
+
+  @property
+  def ffn_hidden(self) -> int:
+    hidden = int(2 * (4 * self.dim) / 3)
+    if self.ffn_dim_multiplier is not None:
+      hidden = int(self.ffn_dim_multiplier * hidden)
+    return find_multiple(hidden, self.multiple_of)
+
+  @property
+  def has_null_class(self) -> bool:
+    """The label table has a null row (index num_classes) only when labels are dropped."""
+    return self.class_dropout_prob > 0
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Dict[str, Any]) -> "GPTConfig":
+    return cls(**d)
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "GPTConfig":
+    if name not in PRESETS:
+      raise ValueError(f"unknown GPT preset {name!r} (known: {', '.join(PRESETS)})")
+    n_layer, n_head, dim = PRESETS[name]
+    return cls(n_layer=n_layer, n_head=n_head, dim=dim, **overrides)
+
+  @classmethod
+  def from_reference(cls, config_json: Dict[str, Any], config_yaml: Dict[str, Any]) -> "GPTConfig":
+    """The reference's config.json (ModelArgs) + config.yaml (training args).
+
+    Like the reference loader, dim/n_layer/n_head come from the preset that the yaml's
+    `gpt_model` names, not from config.json; a name that is not a preset needs them under
+    `gpt_model_dims`.
+    """
+    if config_json.get("model_type", "c2i") != "c2i":
+      raise ValueError(f"only class-conditional (c2i) GPTs are supported, got model_type="
+                       f"{config_json.get('model_type')!r}")
+    name = config_yaml.get("gpt_model")
+    if name in PRESETS:
+      n_layer, n_head, dim = PRESETS[name]
+    elif isinstance(config_yaml.get("gpt_model_dims"), dict):
+      dims = config_yaml["gpt_model_dims"]
+      n_layer, n_head, dim = dims["n_layer"], dims["n_head"], dims["dim"]
+    else:
+      raise ValueError(f"config.yaml gpt_model {name!r} is not a known preset "
+                       f"({', '.join(PRESETS)}) and gives no gpt_model_dims")
+    fields = {f.name for f in dataclasses.fields(cls)} - {"dim", "n_layer", "n_head"}
+    kwargs = {k: config_json[k] for k in fields if k in config_json}
+    return cls(dim=dim, n_layer=n_layer, n_head=n_head, **kwargs)
+
+
+class _DropKeys:
+  """Dropout keys fold_in(key, 1), fold_in(key, 2), ...; None means deterministic."""
+
+  def __init__(self, key: Optional[jax.Array]):
+    self._key = key
+    self._count = 0
+
+  @property
+  def active(self) -> bool:
+    return self._key is not None
+
+  def __call__(self) -> jax.Array:
+    self._count += 1
+    return jax.random.fold_in(self._key, self._count)
+
+
+def _dropout(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
+  if not keys.active or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(keys(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _drop_path(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example."""
+  if not keys.active or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(keys(), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _linear(rngs, din: int, dout: int, axes, init) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=False, rngs=rngs,
+                    kernel_init=nnx.with_partitioning(init, axes))
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) computed in float32, cast back, then scaled (the reference's order)."""
+
+  def __init__(self, dim: int, eps: float):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x.dtype) * self.weight[...]
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs):
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.w1 = _linear(rngs, cfg.dim, cfg.ffn_hidden, ("embed", "mlp"), init)
+    self.w3 = _linear(rngs, cfg.dim, cfg.ffn_hidden, ("embed", "mlp"), init)
+    self.w2 = _linear(rngs, cfg.ffn_hidden, cfg.dim, ("mlp", "embed"), init)
+
+  def __call__(self, x):
+    return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nnx.Module):
+  """Fused q/k/v projection (no bias), grouped kv heads, 2D RoPE, optional KV cache."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs):
+    self.cfg = cfg
+    init = nnx.initializers.normal(cfg.initializer_range)
+    qkv_dim = (cfg.n_head + 2 * cfg.num_kv_heads) * cfg.head_dim
+    self.wqkv = _linear(rngs, cfg.dim, qkv_dim, ("embed", "heads"), init)
+    self.wo = _linear(rngs, cfg.dim, cfg.dim, ("heads", "embed"), init)
+
+  def __call__(self, x: jax.Array, rope: jax.Array, mask: jax.Array,
+               cache: Optional[Tuple[jax.Array, jax.Array]] = None,
+               start: Optional[jax.Array] = None):
+    """x [B, n, dim] at sequence positions start .. start+n-1.
+
+    Without a cache the keys are x's own positions. With one, x's keys/values are written
+    into the cache at `start` and the queries attend over the first window of the cache that
+    holds every key they may see (`mask` [n, S] hides the slots not yet written). Returns
+    (output, updated cache or None).
+    """
+    cfg = self.cfg
+    b, n, _ = x.shape
+    kv_dim = cfg.num_kv_heads * cfg.head_dim
+    qkv = self.wqkv(x)
+    q = qkv[..., :cfg.dim].reshape(b, n, cfg.n_head, cfg.head_dim)
+    k = qkv[..., cfg.dim:cfg.dim + kv_dim].reshape(b, n, cfg.num_kv_heads, cfg.head_dim)
+    v = qkv[..., cfg.dim + kv_dim:].reshape(b, n, cfg.num_kv_heads, cfg.head_dim)
+    q = apply_rope(q, rope)
+    k = apply_rope(k, rope)
+    if cache is not None:
+      # Caches are [B, kv_heads, S, head_dim]: the attention einsums then read them without
+      # the per-step transposed copy of the whole cache a [B, S, heads, D] layout costs on CPU.
+      k_cache, v_cache = cache
+      at = (0, 0, start, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), at)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), at)
+      cache = (k_cache, v_cache)
+      out = _windowed_attention(q, k_cache, v_cache, mask, start + n, cache_windows(k_cache.shape[2]))
+    else:
+      out = dot_product_attention(q, k, v, mask)
+    return self.wo(out.reshape(b, n, cfg.dim)), cache
+
+
+def cache_windows(length: int, num_windows: int = 4):
+  """Static key-window lengths the cached attention picks from (a multiple of 8, the last
+  = the whole cache)."""
+  step = -(-length // num_windows)
+  step = -(-step // 8) * 8
+  return sorted({min(length, step * (i + 1)) for i in range(num_windows)})
+
+
+def _windowed_attention(q, k_cache, v_cache, mask, needed, windows):
+  """Attention over the shortest static prefix window of the cache covering `needed` keys.
+
+  The cache fills front to back, so reading all of it every step would make sampling
+  quadratic in the sequence length; picking among a few static windows with lax.switch keeps
+  fixed shapes (one compile) while the work per step follows the filled length.
+  """
+  def attend(length):
+    def run(q, k_cache, v_cache, mask):
+      k = jnp.swapaxes(k_cache[:, :, :length], 1, 2)
+      v = jnp.swapaxes(v_cache[:, :, :length], 1, 2)
+      return dot_product_attention(q, k, v, mask[..., :length])
+    return run
+
+  index = jnp.minimum(jnp.searchsorted(jnp.asarray(windows), needed), len(windows) - 1)
+  return jax.lax.switch(index, [attend(w) for w in windows], q, k_cache, v_cache, mask)
+
+
+class TransformerBlock(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, drop_path: float, *, rngs):
+    self.cfg = cfg
+    self.drop_path = drop_path
+    self.attention = Attention(cfg, rngs=rngs)
+    self.feed_forward = FeedForward(cfg, rngs=rngs)
+    self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+  def __call__(self, x, rope, mask, cache=None, start=None, keys: Optional[_DropKeys] = None):
+    keys = keys or _DropKeys(None)
+    attn, cache = self.attention(self.attention_norm(x), rope, mask, cache, start)
+    attn = _dropout(attn, self.cfg.resid_dropout_p, keys)
+    h = x + _drop_path(attn, self.drop_path, keys)
+    ffn = _dropout(self.feed_forward(self.ffn_norm(h)), self.cfg.ffn_dropout_p, keys)
+    return h + _drop_path(ffn, self.drop_path, keys), cache
+
+
+class GPT(nnx.Module):
+  """Class-conditional next-detail GPT (the reference's Transformer, model_type 'c2i')."""
+
+  def __init__(self, config: GPTConfig, *, rngs=None):
+    # rngs: nnx.Rngs / InitKeys / int seed; used only to initialise (dropout keys are passed
+    # to __call__), so the module state holds parameters only.
+    rngs = InitKeys(rngs or 0) if rngs is None or isinstance(rngs, int) else rngs
+    cfg = config
+    self.config = cfg
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.cls_embedding = _LabelEmbedder(cfg, rngs=rngs)
+    self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs,
+                                    embedding_init=nnx.with_partitioning(init, ("vocab", "embed")))
+    rates = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer) if cfg.n_layer else []
+    self.layers = nnx.List([TransformerBlock(cfg, float(r), rngs=rngs) for r in rates])
+    self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    # The reference zero-initialises the output layer.
+    self.output = _linear(rngs, cfg.dim, cfg.vocab_size, ("embed", "vocab"),
+                          nnx.initializers.zeros_init())
+    self.spe_tok_embeddings = nnx.Param(
+        init(rngs.params(), (cfg.group_size - 1, cfg.dim)), out_sharding=(None, "embed"))
+
+  # --- constants derived from the config -----------------------------------------------
+
+  def rope_table(self) -> np.ndarray:
+    cfg = self.config
+    return rope_table_2d(cfg.block_size // cfg.group_size, cfg.group_size, cfg.head_dim,
+                         cfg.rope_base, cfg.cls_token_num)
+
+  def attention_mask(self) -> np.ndarray:
+    cfg = self.config
+    return group_causal_mask(cfg.block_size, cfg.group_size, cfg.causal_len)
+
+  @property
+  def dtype(self):
+    return self.tok_embeddings.embedding.dtype
+
+  # --- embeddings ----------------------------------------------------------------------
+
+  def embed_sequence(self, tokens: jax.Array, labels: jax.Array,
+                     keys: Optional[_DropKeys] = None,
+                     drop_labels: Optional[jax.Array] = None) -> jax.Array:
+    """[B, T] tokens + [B] labels -> [B, L, dim] input sequence (special tokens inserted)."""
+    keys = keys or _DropKeys(None)
+    c = self.config.causal_len
+    cls = self.cls_embedding(labels, keys, drop_labels)[:, None]
+    tok = self.tok_embeddings(tokens)
+    if tokens.shape[1] >= c:
+      spe = jnp.broadcast_to(self.special_embeddings()[None], (tok.shape[0],) + self.spe_tok_embeddings.shape)
+      return jnp.concatenate([cls, tok[:, :c], spe, tok[:, c:]], axis=1)
+    return jnp.concatenate([cls, tok], axis=1)
+
+  def sequence_length(self, num_tokens: int) -> int:
+    """Positions the network sees for `num_tokens` input tokens (class + special tokens)."""
+    cfg = self.config
+    return 1 + num_tokens + (cfg.group_size - 1 if num_tokens >= cfg.causal_len else 0)
+
+  def special_embeddings(self) -> jax.Array:
+    return self.spe_tok_embeddings[...]
+
+  # --- the network over a window of positions -----------------------------------------
+
+  def run(self, h: jax.Array, start=0, caches: Optional[KVCache] = None,
+          keys: Optional[_DropKeys] = None) -> Tuple[jax.Array, Optional[KVCache]]:
+    """Embeddings h [B, n, dim] at positions start .. start+n-1 -> float32 logits [B, n, V].
+
+    Without caches, h is the whole sequence from position 0. With caches (from `init_cache`),
+    only the new positions run; they attend over every cached position the group-causal mask
+    allows, and their keys/values are written into the caches.
+    """
+    cfg = self.config
+    n = h.shape[1]
+    table = jnp.asarray(self.rope_table())
+    full_mask = jnp.asarray(self.attention_mask())
+    if caches is None:
+      if n > cfg.block_size:
+        raise ValueError(f"sequence of {n} positions exceeds block_size={cfg.block_size}")
+      rope, mask = table[:n], full_mask[:n, :n]
+    else:
+      rope = jax.lax.dynamic_slice_in_dim(table, start, n, axis=0)
+      mask = jax.lax.dynamic_slice_in_dim(full_mask, start, n, axis=0)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      h, cache = layer(h, rope, mask, None if caches is None else caches[i], start, keys)
+      new_caches.append(cache)
+    logits = self.output(self.norm(h)).astype(jnp.float32)
+    return logits, (tuple(new_caches) if caches is not None else None)
+
+  def init_cache(self, batch: int, dtype=None) -> KVCache:
+    """Zeroed per-layer (keys, values) [batch, kv_heads, block_size, head_dim]."""
+    cfg = self.config
+    shape = (batch, cfg.num_kv_heads, cfg.block_size, cfg.head_dim)
+    dtype = dtype or self.dtype
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers)
+
+  # --- teacher forcing -----------------------------------------------------------------
+
+  def __call__(self, tokens: jax.Array, labels: jax.Array, *, key: Optional[jax.Array] = None,
+               drop_labels: Optional[jax.Array] = None) -> jax.Array:
+    """Teacher-forced logits [B, L, V] float32 (L = 1 + T (+ group_size - 1 if T >= causal_num)).
+
+    `key` switches training mode on: label dropout for CFG, token/residual/FFN dropout and
+    drop path. `drop_labels` ([B] bool) forces the null class for chosen examples.
+    """
+    keys = _DropKeys(key)
+    h = self.embed_sequence(tokens, labels, keys, drop_labels)
+    h = _dropout(h, self.config.token_dropout_p, keys)
+    return self.run(h, keys=keys)[0]
+
+  def loss(self, tokens: jax.Array, labels: jax.Array, targets: jax.Array,
+           valid: Optional[jax.Array] = None, *, key: Optional[jax.Array] = None,
+           drop_labels: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+    """Mean next-detail cross-entropy and the logits it came from.
+
+    Training feeds tokens[:, :-group_size] and targets all block_size tokens: logit position p
+    predicts target p. `valid` ([B] bool/float) excludes whole examples, as the reference.
+    """
+    cfg = self.config
+    num_logits = self.sequence_length(tokens.shape[1]) - (cfg.cls_token_num - 1)
+    if num_logits != targets.shape[1]:
+      raise ValueError(f"{num_logits} logit positions for {targets.shape[1]} targets")
+    logits = self(tokens, labels, key=key, drop_labels=drop_labels)[:, cfg.cls_token_num - 1:]
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if valid is None:
+      return per_token.mean(), logits
+    weights = jnp.broadcast_to(valid.astype(jnp.float32)[:, None], per_token.shape)
+    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0), logits
+
+
+class _LabelEmbedder(nnx.Module):
+  """Class embedding table with a null row (index num_classes) for classifier-free guidance."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs):
+    self.num_classes = cfg.num_classes
+    self.dropout_prob = cfg.class_dropout_prob
+    rows = cfg.num_classes + int(cfg.has_null_class)
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.embedding_table = nnx.Embed(rows, cfg.dim, rngs=rngs,
+                                     embedding_init=nnx.with_partitioning(init, ("classes", "embed")))
+
+  def __call__(self, labels: jax.Array, keys: _DropKeys,
+               drop_labels: Optional[jax.Array] = None) -> jax.Array:
+    drop = None
+    if drop_labels is not None:
+      drop = drop_labels.astype(bool)
+    elif keys.active and self.dropout_prob > 0:
+      drop = jax.random.uniform(keys(), labels.shape) < self.dropout_prob
+    if drop is not None:
+      labels = jnp.where(drop, self.num_classes, labels)
+    return self.embedding_table(labels)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
