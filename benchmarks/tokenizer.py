@@ -6,9 +6,7 @@ python benchmarks/tokenizer.py [--quick] [--batch 8]  ->  one JSON object:
 --quick: same keys, a 4-layer model and batch 2 (finishes in well under 2 minutes on 2 cores).
 """
 import argparse
-import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -17,7 +15,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb, time_call

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 def measure(quick: bool, devices: int, batch: int, steps: int):
   import jax
   import jax.numpy as jnp
-  from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
+  from benchmarks.common import matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_gpt_l import get_config
   from detailflow_jax.models.gpt import GPT
   from detailflow_jax.train import ar, mesh as mesh_lib
@@ -63,7 +63,6 @@ def measure(quick: bool, devices: int, batch: int, steps: int):
 def _step_flops(graphdef, cfg, c, tx, state, batch):
   """XLA's FLOP count of one unsharded train step (forward, backward, optimizer)."""
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import nnx
   from detailflow_jax.train import ar

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     gpt_dir = workdir / "gpt"
     if gpt_dir.exists():
       shutil.rmtree(gpt_dir)
-    print(f"[3/3] converting the GPT and sampling classes 0-3", flush=True)
+    print("[3/3] converting the GPT and sampling classes 0-3", flush=True)
     convert_gpt(gpt_ckpts[0], gpt_dir)
     code = sample.main(["--tokenizer", str(tok_dir), "--gpt", str(gpt_dir), "--labels", "0,1,2,3",
                         "--cfg-scale", "1.5", "--seed", "0",

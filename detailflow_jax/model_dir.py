@@ -8,7 +8,6 @@ from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 FORMAT_VERSION = 1
@@ -59,7 +58,6 @@ def restore_model_dir(directory, kind: str, build: Callable[[Dict[str, Any]], nn
   The model is built abstractly first (no random init of full-size weights), then the restored
   arrays are put in place. `dtype` casts floating parameters (e.g. jnp.bfloat16).
   """
-  import orbax.checkpoint as ocp
   directory = pathlib.Path(directory).absolute()
   meta = _read_meta(directory, kind)
   config = meta["config"]

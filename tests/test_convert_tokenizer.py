@@ -1,7 +1,6 @@
 """Conversion: containers, safetensors, full-size key coverage, and every kind of bad input."""
 import json
 import os
-import pathlib
 import pickle
 import shutil
 

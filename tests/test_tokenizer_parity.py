@@ -7,7 +7,6 @@ import pytest
 from detailflow_jax.convert.common import load_state_dict
 from detailflow_jax.convert.tokenizer import convert_state_dict, load_reference_config
 from detailflow_jax.inference import TokenizerFns
-from detailflow_jax.models.vit import patchify
 
 from conftest import TINY
 

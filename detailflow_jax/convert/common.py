@@ -9,7 +9,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,11 +47,8 @@ def _load_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
   out = {}
   try:
     # The numpy framework cannot represent bfloat16; go through torch when it is there.
-    try:
-      import torch  # noqa: F401
-      framework = "pt"
-    except ImportError:
-      framework = "numpy"
+    import importlib.util
+    framework = "pt" if importlib.util.find_spec("torch") is not None else "numpy"
     with safe_open(str(path), framework=framework) as f:
       for key in f.keys():
         value = f.get_tensor(key)
@@ -206,6 +203,21 @@ def read_json(path) -> dict:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ConversionError(f"config file {path} is not valid JSON: {e}") from e
+
+
+def read_run_configs(run_dir) -> Tuple[dict, dict]:
+  """A released run's RUN/config.json (model arguments) and RUN/config.yaml (training args)."""
+  import yaml
+  run_dir = pathlib.Path(run_dir)
+  config_json = read_json(run_dir / "config.json")
+  yaml_path = run_dir / "config.yaml"
+  if not yaml_path.is_file():
+    raise ConversionError(f"config file not found: {yaml_path}")
+  try:
+    config_yaml = yaml.safe_load(yaml_path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConversionError(f"config file {yaml_path} is not valid YAML: {e}") from e
+  return config_json, config_yaml
 
 
 def find_run_dir(checkpoint, config_dir=None) -> pathlib.Path:

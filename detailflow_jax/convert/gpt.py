@@ -9,26 +9,18 @@ import pathlib
 from typing import Dict, Tuple
 
 import numpy as np
-import yaml
 from flax import nnx
 
 from ..model_dir import save_model_dir
 from ..models.gpt import GPT, GPTConfig
 from ..models.keys import InitKeys
 from .common import (ConversionError, StateDictReader, find_run_dir, load_state_dict,
-                     read_json, write_atomically)
+                     read_run_configs, write_atomically)
 
 
 def load_reference_config(run_dir) -> GPTConfig:
   run_dir = pathlib.Path(run_dir)
-  config_json = read_json(run_dir / "config.json")
-  yaml_path = run_dir / "config.yaml"
-  if not yaml_path.is_file():
-    raise ConversionError(f"config file not found: {yaml_path}")
-  try:
-    config_yaml = yaml.safe_load(yaml_path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise ConversionError(f"config file {yaml_path} is not valid YAML: {e}") from e
+  config_json, config_yaml = read_run_configs(run_dir)
   try:
     return GPTConfig.from_reference(config_json, config_yaml)
   except (KeyError, TypeError, ValueError) as e:

@@ -8,14 +8,13 @@ import re
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
-import yaml
 from flax import nnx
 
 from ..model_dir import save_model_dir
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
 from .common import (ConversionError, StateDictReader, find_run_dir, load_state_dict,
-                     read_json, write_atomically)
+                     read_json, read_run_configs, write_atomically)
 
 # The public SigLIP2-so400m-patch16-naflex vision tower the released models were built from.
 SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
@@ -105,14 +104,7 @@ def config_from_reference(config_json: Dict[str, Any], config_yaml: Dict[str, An
 
 def load_reference_config(run_dir) -> TokenizerConfig:
   run_dir = pathlib.Path(run_dir)
-  config_json = read_json(run_dir / "config.json")
-  yaml_path = run_dir / "config.yaml"
-  if not yaml_path.is_file():
-    raise ConversionError(f"config file not found: {yaml_path}")
-  try:
-    config_yaml = yaml.safe_load(yaml_path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise ConversionError(f"config file {yaml_path} is not valid YAML: {e}") from e
+  config_json, config_yaml = read_run_configs(run_dir)
   return config_from_reference(config_json, config_yaml, run_dir)
 
 

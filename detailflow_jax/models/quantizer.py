@@ -1,5 +1,5 @@
 """l2-normalised vector quantizer (the reference's VectorQuantizer)."""
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp

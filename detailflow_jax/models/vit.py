@@ -7,8 +7,6 @@ import dataclasses
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..ops.resize import resize_grid_bilinear_aa

@@ -1,6 +1,5 @@
 """DetailFlow's AR recipe: next-detail teacher forcing with self-correction."""
 import logging
-import math
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -109,7 +108,6 @@ def maybe_initialize_distributed(c: ml_collections.ConfigDict) -> None:
 
 def train(c: ml_collections.ConfigDict, workdir) -> Any:
   """Trains the GPT on token records; resumes from the newest checkpoint in workdir."""
-  import json
   import logging
   import os
   import pathlib

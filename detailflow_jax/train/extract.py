@@ -102,7 +102,6 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
           "views": 10 if e.ten_crop else 2, "self_correction": correction, "num_images": len(source)}
   if proc == 0:
     (workdir / "codes.json").write_text(json.dumps(meta, indent=2))
-  rng = np.random.default_rng([e.seed, proc])
   start, done, skipped_chunks = time.time(), 0, 0
   chunks = range(0, len(mine), e.chunk_size)
   for chunk_id, first in enumerate(chunks):

@@ -4,7 +4,7 @@ Nothing is ever materialised whole on one device: the state's shapes come from
 `jax.eval_shape`, its shardings from the parameters' logical axis names and the rules table,
 and `jax.jit(init, out_shardings=...)` creates every shard where it lives.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import flax
 import jax
