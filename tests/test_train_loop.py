@@ -96,3 +96,22 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
     run_training(state, step, poisoned(), num_steps=8, checkpointer=ckpt)
   ckpt.wait()
   assert ckpt.latest_step == 4
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+  import os
+  import signal
+  mesh = _mesh()
+  state, shardings, step = _setup(mesh)
+
+  def preempted():
+    for i, batch in enumerate(_batches()):
+      if i == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice arrives during step 3
+      yield batch
+
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=100)
+  final = run_training(state, step, preempted(), num_steps=8, checkpointer=ckpt)
+  assert int(final.step) == 3
+  assert ckpt.latest_step == 3  # saved although step 3 is not a save step
+  ckpt.close()
