@@ -1,5 +1,7 @@
 """Train DetailFlow models from one config, on one CPU or a multi-host TPU/GPU mesh.
 
+  python launch/train.py --config=configs/detailflow16_tokenizer.py[:variant] --workdir=DIR \
+      [--config.data.path=IMAGENET_DIR] [--config.weights.lpips=...] [--config.key=value ...]
   python launch/train.py --config=configs/detailflow16_gpt_l.py[:variant] --workdir=DIR \
       [--config.data.path=TOKENS_DIR] [--config.key=value ...]
 
@@ -31,8 +33,11 @@ def main(argv):
   if c.task == "ar":
     from detailflow_jax.train import ar
     ar.train(c, FLAGS.workdir)
+  elif c.task == "tokenizer":
+    from detailflow_jax.train import tokenizer
+    tokenizer.train(c, FLAGS.workdir)
   else:
-    raise app.UsageError(f"config task {c.task!r} has no trainer (known: ar)")
+    raise app.UsageError(f"config task {c.task!r} has no trainer (known: ar, tokenizer)")
 
 
 if __name__ == "__main__":

@@ -277,9 +277,8 @@ def _windowed_attention(q, k_cache, v_cache, mask, needed, windows):
   """
   def attend(length):
     def run(q, k_cache, v_cache, mask):
-      k = jnp.swapaxes(k_cache[:, :, :length], 1, 2)
-      v = jnp.swapaxes(v_cache[:, :, :length], 1, 2)
-      return dot_product_attention(q, k, v, mask[..., :length])
+      return dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length],
+                                   mask[..., :length], kv_heads_first=True)
     return run
 
   index = jnp.minimum(jnp.searchsorted(jnp.asarray(windows), needed), len(windows) - 1)

@@ -67,12 +67,17 @@ class VectorQuantizer(nnx.Module):
     quant = z + jax.lax.stop_gradient(codes - z)
     return QuantizerOutput(quant, indices, d, z)
 
-  def losses(self, out: QuantizerOutput, noise_end: int = 0) -> Dict[str, jax.Array]:
-    """Codebook, commitment (x beta) and entropy losses over positions >= noise_end (axis 1)."""
-    z = out.normalized_input[:, noise_end:]
-    codes = jnp.take(self.codebook(), out.indices[:, noise_end:], axis=0)
-    vq = jnp.mean(jnp.square(codes - jax.lax.stop_gradient(z))) * self.vq_loss_ratio
-    commit = self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(codes) - z))
+  def losses(self, out: QuantizerOutput, noise_end=0) -> Dict[str, jax.Array]:
+    """Codebook, commitment (x beta) and entropy losses; the first two averaged over positions
+    >= noise_end (axis 1). noise_end may be traced (a mask, not a slice), so self-correction
+    batches with different noise positions share one compiled step."""
+    z = out.normalized_input
+    codes = jnp.take(self.codebook(), out.indices, axis=0)
+    keep = (jnp.arange(z.shape[1]) >= noise_end)[None, :, None].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(keep) * z.shape[0] * z.shape[-1], 1.0)
+    masked_mean = lambda sq: jnp.sum(sq.astype(jnp.float32) * keep) / count
+    vq = masked_mean(jnp.square(codes - jax.lax.stop_gradient(z))) * self.vq_loss_ratio
+    commit = self.beta * masked_mean(jnp.square(jax.lax.stop_gradient(codes) - z))
     entropy = self.entropy_loss_ratio * entropy_loss(-out.distances)
     return {"vq_loss": vq, "commit_loss": commit, "entropy_loss": entropy}
 

@@ -97,11 +97,13 @@ class Encoder(nnx.Module):
     self.latent_pos_embed = _tokens_param(rngs, shape, (None, "embed"))
 
   def __call__(self, images: jax.Array, num_tokens: Optional[int] = None,
-               noise_token: Optional[jax.Array] = None):
+               noise_token: Optional[jax.Array] = None, noise_len: Optional[jax.Array] = None):
     """Returns (latent outputs [B, num_tokens, H], patch outputs [B, n, H]).
 
     With `noise_token` [B, k, H] (refine_conv of a given quantized prefix), the first k latent
     inputs are those and the rest come from `refined_tokens` instead of `latent_tokens`.
+    With `noise_len` (possibly traced), `noise_token` spans all num_tokens positions and only
+    its first noise_len are used: one compiled program for every prefix length (training).
     """
     cfg = self.cfg
     m = cfg.num_latent_tokens if num_tokens is None else num_tokens
@@ -111,6 +113,12 @@ class Encoder(nnx.Module):
     b, n, _ = x.shape
     if noise_token is None:
       z = jnp.broadcast_to(self.latent_tokens[:m][None], (b, m, x.shape[-1]))
+    elif noise_len is not None:
+      if noise_token.shape[1] != m:
+        raise ValueError(f"with noise_len, noise_token must span num_tokens={m} positions, "
+                         f"got {noise_token.shape[1]}")
+      use_noise = (jnp.arange(m) < noise_len)[None, :, None]
+      z = jnp.where(use_noise, noise_token.astype(x.dtype), self.refined_tokens[:m][None].astype(x.dtype))
     else:
       k = noise_token.shape[1]
       if k > m:

@@ -1,0 +1,90 @@
+"""Tokenizer train-step throughput: one DetailFlow-16-sized step, everything on.
+
+python benchmarks/tokenizer_train_step.py [--quick] [--batch N]  ->  one JSON object:
+  images_per_s, flops_fraction (XLA's FLOP count of the compiled step per second, over a jitted
+  float32 matmul measured in the same run), step_s, compile_s, peak_rss_mb and the details.
+
+The step is the full recipe after disc_start: the SigLIP2 encoder (12 so400m layers) run twice
+(self-correction), the 768-wide decoder on both halves, the global-token loss through the frozen
+27-layer SigLIP2 teacher, LPIPS (VGG16) and the DINO discriminator (generator and discriminator
+updates, DiffAugment, LeCam, consistency). Weights are random; float32 (the fast dtype on CPU).
+--quick: the same step with the tiny config's towers and small frozen networks (< 2 minutes).
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--steps", type=int, default=None)
+  args = parser.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
+  from configs.detailflow16_tokenizer import get_config
+  from detailflow_jax.models.tokenizer import Tokenizer
+  from detailflow_jax.train import frozen_nets, mesh as mesh_lib
+  from detailflow_jax.train import tokenizer as recipe
+
+  c = get_config("tiny" if args.quick else "")
+  batch = args.batch or (4 if args.quick else 2)
+  steps = args.steps or (3 if args.quick else 2)
+  c.data.batch_size = batch
+  c.losses.update(disc_start=0, perceptual_weight=1.0, disc_cr_loss_weight=4.0)
+  c.disc.type = "dino"
+  if args.quick:
+    c.model.global_token_loss_weight = 1.0
+    c.towers.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
+                            position_grid=4, patch_size=8)
+  cfg = recipe.tokenizer_config_from(c)
+  mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  tokenizer = Tokenizer(cfg, rngs=0)
+  small = args.quick  # reduced-width VGG16 / DINO for --quick
+  tx, disc_tx = recipe.make_optimizers(c, 1000)
+  trainer = recipe.TokenizerTrainer(
+      tokenizer, recipe.loss_config_from(c), tx, mesh, disc_tx=disc_tx,
+      perceptual=frozen_nets.random_perceptual(small),
+      discriminator=frozen_nets.random_discriminator(c, small))
+  state = trainer.init_state()
+  size, m = cfg.image_size, cfg.num_latent_tokens
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+  batch_dict = {"image": images, "target": images, "t": np.int32(m), "max_tokens": np.int32(m),
+                "decode_res": np.int32(size), "noise_idx": np.int32(cfg.causal_len + cfg.group_size)}
+
+  start = time.perf_counter()
+  compiled = trainer.compiled(state, batch_dict, step=0)
+  compile_s = time.perf_counter() - start
+  flops = compiled_flops(compiled)
+  state, metrics = trainer.step(state, batch_dict, step=0)  # warm-up through the same program
+  jax.block_until_ready(metrics)
+  best = float("inf")
+  for i in range(steps):
+    start = time.perf_counter()
+    state, metrics = trainer.step(state, batch_dict, step=i + 1)
+    jax.block_until_ready(metrics)
+    best = min(best, time.perf_counter() - start)
+  assert trainer.num_programs == 1, "the step recompiled"
+  matmul = matmul_flops_per_s(dtype=jnp.float32)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6
+  print(json.dumps({
+      "images_per_s": batch / best, "flops_fraction": flops / best / matmul, "step_s": best,
+      "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(), "batch": batch, "image_size": size,
+      "num_tokens": m, "gflops_per_step": flops / 1e9, "matmul_gflop_per_s": matmul / 1e9,
+      "trainable_params_m": count(state.params), "disc_params_m": count(state.disc_params),
+      "frozen_params_m": count(trainer.frozen), "quick": args.quick,
+      "loss": float(metrics["loss"]), "device": str(jax.devices()[0].device_kind)}))
+
+
+if __name__ == "__main__":
+  main()

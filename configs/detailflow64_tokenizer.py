@@ -1,0 +1,6 @@
+"""DetailFlow-64 tokenizer: 512 tokens, group size 8 (variant: tiny)."""
+from configs.tokenizer_common import tokenizer_config
+
+
+def get_config(variant: str = ""):
+  return tokenizer_config(tokens=512, variant=variant)

@@ -1,0 +1,90 @@
+"""The tokenizer training recipe of DetailFlow, shared by the detailflow{16,32,64}_tokenizer configs.
+
+Values follow the reference's configs/vq_8k_siglip_b_res_p02_pw15_enc.yaml and the README's
+commands (--num-latent-tokens 128/256/512 --group-size 8 --epochs 250
+--global-token-loss-weight 1): SigLIP2 encoder (the first 12 layers of siglip2-so400m-patch16,
+pretrained), a 12-layer 768-wide decoder from scratch, codebook 8192 x 8 (l2-normalised),
+degradation probability 0.2 with power 1.5, self-correction, l2 reconstruction + LPIPS (warm-up
+10k steps) + DINO discriminator (hinge, weight 0.2, from step 40k, DiffAugment, LeCam 1e-3,
+consistency 4.0), Adam lr 1e-4 (x batch/256) betas (0.9, 0.95), grad clip 1.0, cosine to 0.1 lr
+after one warm-up epoch, global batch 256, bf16.
+
+`model` holds the reference's config.json fields (the same reader builds the converter's config).
+"""
+import ml_collections
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "tokenizer"
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      image_size=256, max_image_size=256, min_image_size=256, codebook_size=8192,
+      codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True, commit_loss_beta=0.25,
+      entropy_loss_ratio=0.0, vq_loss_ratio=1.0, enc_type="siglip2", dec_type="siglip2",
+      encoder_model="siglip2_base", decoder_model="siglip2_base", enc_pretrained=True,
+      dec_pretrained=False, enc_patch_size=16, dec_patch_size=16, num_latent_tokens=tokens,
+      group_size=8, causal_num=None, causal_encoder=True, causal_decoder=False,
+      correction_training=True, degradation_power=1.5, global_token_loss_weight=1.0, repa=False,
+      repa_patch_size=16, repa_proj_dim=1024, repa_layer_indices=1, repa_loss_weight=0.5))
+  # Explicit tower sizes (ViTConfig fields for encoder / decoder / teacher) replace the
+  # builder names above when set: the tiny variant uses them.
+  c.towers = None
+  # Pretrained / frozen weights the run reads at start (nothing is downloaded):
+  c.weights = ml_collections.ConfigDict(dict(
+      encoder_init="",        # SigLIP2 (HF safetensors dir/file or big_vision .npz): encoder init
+      teacher="",             # the same SigLIP2, full depth: global-token / REPA teacher
+      lpips="",               # LPIPS VGG16 (torchvision vgg16 .pth + LPIPS vgg.pth, or one file)
+      dino="",                # DINO ViT-S/16 (dino_deitsmall16_pretrain.pth) for the discriminator
+  ))
+  c.losses = ml_collections.ConfigDict(dict(
+      reconstruction_loss="l2", reconstruction_weight=1.0, perceptual_weight=1.0,
+      perceptual_warmup=10000, disc_weight=0.2, disc_start=40000, disc_loss="hinge",
+      gen_loss="hinge", lecam_loss_weight=0.001, lecam_decay=0.999, disc_cr_loss_weight=4.0,
+      use_diff_aug=True, codebook_weight=1.0, ema_decay=0.0))
+  c.disc = ml_collections.ConfigDict(dict(type="dino", patchgan_dim=64, patchgan_layers=3,
+                                          dino_depth=12, dino_key_depths=(2, 5, 8, 11)))
+  c.data = ml_collections.ConfigDict(dict(
+      source="imagefolder", path="", split="train", tfds_name="imagenet2012", batch_size=256,
+      num_workers=8, examples_per_epoch=IMAGENET_TRAIN_IMAGES, degradation_prob=0.2,
+      dynamic_resolution_prob=0.0, max_resolution_prob=0.0, num_classes=10, shapes_size=256,
+      num_images=0, seed=0))
+  c.num_epochs = 250
+  c.total_steps = -1  # -1: num_epochs * examples_per_epoch / batch_size
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, scale_lr_by_batch=True, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      max_grad_norm=1.0, warmup_epochs=1.0, warmup_steps=-1, schedule="cosine",
+      end_lr_fraction=0.1))
+  c.compute_dtype = "bfloat16"
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
+  c.log_every = 50
+  c.recon_every = 5000       # steps between reconstruction PNGs (0: off)
+  c.num_recon_images = 4
+  c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+
+  if variant == "tiny":
+    # A few CPU minutes on the procedural shapes: 32 px, 16 tokens in groups of 4.
+    c.model.update(image_size=32, max_image_size=32, min_image_size=32, codebook_size=256,
+                   enc_patch_size=8, dec_patch_size=8, num_latent_tokens=16, group_size=4,
+                   global_token_loss_weight=0.0, enc_pretrained=False)
+    tower = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, position_grid=4,
+                 patch_size=8)
+    c.towers = ml_collections.ConfigDict(dict(encoder=tower, decoder=dict(tower, patch_embedding=False),
+                                              teacher=None))
+    c.losses.update(perceptual_weight=0.0, perceptual_warmup=0, disc_start=300, disc_weight=0.1,
+                    disc_cr_loss_weight=0.0)
+    c.disc.update(type="patchgan", patchgan_dim=16, patchgan_layers=2)
+    c.data.update(source="shapes", batch_size=16, num_workers=0, examples_per_epoch=4096,
+                  degradation_prob=0.5, num_classes=10, shapes_size=32, num_images=4096)
+    c.total_steps = 400
+    c.optimizer.update(lr=2e-3, scale_lr_by_batch=False, warmup_steps=20, end_lr_fraction=0.1)
+    c.compute_dtype = "float32"
+    c.checkpoint.update(save_every=100, keep=2)
+    c.log_every = 25
+    c.recon_every = 200
+  elif variant:
+    raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
+  return c

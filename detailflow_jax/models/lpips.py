@@ -1,0 +1,89 @@
+"""LPIPS over VGG16, DetailFlow's perceptual loss (the taming-transformers / LPIPS v0.1 recipe).
+
+distance(x, y) = sum over the five VGG16 taps (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) of
+  spatial_mean( lin_k( (n(f_k(x)) - n(f_k(y)))^2 ) ),
+where n() divides each pixel's feature vector by its L2 norm (+1e-10) and lin_k is a bias-free
+1x1 conv to one channel. Inputs are scaled as the reference's ScalingLayer does.
+
+Frozen: every weight is an nnx.Param, but the whole module is frozen state for the trainer
+(TokenizerTrainer keeps `nnx.split(perceptual)` beside the optimised tree and only
+differentiates with respect to the images). Nothing here is trained.
+"""
+from typing import List, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+VGG16_CONVS_PER_STAGE = (2, 2, 3, 3, 3)
+VGG16_WIDTHS = (64, 128, 256, 512, 512)
+# ImageNet statistics expressed for inputs in [-1, 1] (LPIPS' ScalingLayer).
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+
+
+class VGG16Features(nnx.Module):
+  """torchvision vgg16.features up to relu5_3 (3x3 convs, padding 1, ReLU; a 2x2 max-pool opens
+  every stage but the first), NHWC. Widths are configurable so tests can shrink the network."""
+
+  def __init__(self, widths: Sequence[int] = VGG16_WIDTHS, *, rngs: nnx.Rngs):
+    if len(widths) != len(VGG16_CONVS_PER_STAGE):
+      raise ValueError(f"VGG16 has {len(VGG16_CONVS_PER_STAGE)} stages, got widths {tuple(widths)}")
+    self.widths = tuple(widths)
+    convs = []
+    cin = 3
+    for width, count in zip(widths, VGG16_CONVS_PER_STAGE):
+      for _ in range(count):
+        convs.append(nnx.Conv(cin, width, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs))
+        cin = width
+    self.convs = nnx.List(convs)
+
+  def __call__(self, x: jax.Array) -> List[jax.Array]:
+    """[B, H, W, 3] -> the five stage outputs (after each stage's last ReLU)."""
+    taps, i = [], 0
+    for stage, count in enumerate(VGG16_CONVS_PER_STAGE):
+      if stage:
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      for _ in range(count):
+        x = jax.nn.relu(self.convs[i](x))
+        i += 1
+      taps.append(x)
+    return taps
+
+
+def _unit_channels(x: jax.Array, eps: float = 1e-10) -> jax.Array:
+  """x / (||x||_channels + eps). Where a pixel's features are all zero the value is 0 as in the
+  reference, but the gradient is kept finite (sqrt at 0 would make it NaN)."""
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  positive = sq > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return x / (norm + eps)
+
+
+class LPIPS(nnx.Module):
+  """LPIPS(widths=VGG16_WIDTHS, rngs=...) with random weights; load real ones with
+  `detailflow_jax.convert.frozen.lpips_from_torch(vgg_path, lin_path)`."""
+
+  def __init__(self, widths: Sequence[int] = VGG16_WIDTHS, *, rngs=None):
+    rngs = nnx.Rngs(0) if rngs is None else (nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
+    self.net = VGG16Features(widths, rngs=rngs)
+    self.lins = nnx.List([nnx.Linear(w, 1, use_bias=False, rngs=rngs) for w in widths])
+
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """x, y: [B, H, W, 3] images in [-1, 1] -> float32 distances [B] (the reference returns
+    [B, 1, 1, 1]; its loss takes the mean, as `jnp.mean` of this does). Differentiable with
+    respect to x and y."""
+    if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"LPIPS expects two NHWC RGB batches of one shape, got {x.shape} and {y.shape}")
+    dtype = self.lins[0].kernel.dtype
+    shift = jnp.asarray(SHIFT, jnp.float32)
+    scale = jnp.asarray(SCALE, jnp.float32)
+    both = jnp.concatenate([x, y]).astype(jnp.float32)
+    both = ((both - shift) / scale).astype(dtype)
+    b = x.shape[0]
+    total = jnp.zeros((b,), jnp.float32)
+    for feats, lin in zip(self.net(both), self.lins):
+      feats = _unit_channels(feats.astype(jnp.float32))
+      diff = jnp.square(feats[:b] - feats[b:])
+      total = total + jnp.mean(lin(diff.astype(dtype)).astype(jnp.float32), axis=(1, 2, 3))
+    return total

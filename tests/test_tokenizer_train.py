@@ -1,0 +1,100 @@
+"""Tokenizer training end to end: config validation, the launcher, kill -9 + resume == a straight
+run, reconstruction PNGs and a loadable export."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.detailflow16_tokenizer import get_config
+from detailflow_jax.train import tokenizer as recipe
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_config_validation_names_the_field():
+  recipe.validate(get_config("tiny"), 8)
+  full = get_config()
+  with pytest.raises(ValueError, match="weights.lpips.*weights.dino.*weights.teacher"):
+    recipe.validate(full, 8)
+  bad = get_config("tiny")
+  bad.data.batch_size = 12
+  with pytest.raises(ValueError, match="data.batch_size=12"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.disc.type = "stylegan"
+  with pytest.raises(ValueError, match="disc.type='stylegan'"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.model.group_size = 3
+  with pytest.raises(ValueError, match="multiple of group_size"):
+    recipe.validate(bad, 8)
+  assert recipe.total_steps(full) == 250 * (1_281_167 // 256)
+  cfg = recipe.tokenizer_config_from(full)
+  # The released DetailFlow-16 shapes: so400m-wide encoder (12 layers), 768-wide decoder, teacher.
+  assert (cfg.encoder.hidden_size, cfg.encoder.num_layers) == (1152, 12)
+  assert (cfg.decoder.hidden_size, cfg.decoder.num_layers) == (768, 12)
+  assert cfg.teacher.num_layers == 27 and cfg.num_latent_tokens == 128
+
+
+def test_missing_weight_file_is_a_clear_error(tmp_path):
+  from detailflow_jax.train import frozen_nets
+  c = get_config("tiny")
+  c.disc.type = "dino"
+  c.weights.dino = str(tmp_path / "dino_deitsmall16_pretrain.pth")
+  with pytest.raises(FileNotFoundError, match="dino_deitsmall16_pretrain.pth"):
+    frozen_nets.build_discriminator(c)
+
+
+def _train(workdir, steps, env=None):
+  args = [sys.executable, str(ROOT / "launch" / "train.py"),
+          "--config=" + str(ROOT / "configs" / "detailflow16_tokenizer.py") + ":tiny",
+          f"--workdir={workdir}", f"--config.total_steps={steps}", "--config.data.batch_size=8",
+          "--config.data.degradation_prob=0.0", "--config.losses.disc_start=3",
+          "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
+          "--config.log_every=1", "--config.recon_every=4", "--config.num_recon_images=2",
+          "--config.towers.encoder.num_layers=1", "--config.towers.decoder.num_layers=1"]
+  full_env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                  **(env or {}))
+  return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=900)
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def test_kill_and_resume_matches_a_straight_run(tmp_path):
+  straight = _train(tmp_path / "straight", 6)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed = _train(tmp_path / "run", 6, {"DETAILFLOW_TEST_KILL_AFTER_STEP": "4"})
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  resumed = _train(tmp_path / "run", 6)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 4" in resumed.stderr
+  want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "run")
+  assert sorted(want) == list(range(1, 7))
+  for step in range(1, 7):
+    assert got[step] == want[step], step  # bit-identical on CPU (data, noise, GAN, LeCam EMA)
+  rows = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+  # The discriminator trains from disc_start (step counter 3 -> the 4th update) on.
+  assert "disc_loss" not in rows[2] and "disc_loss" in rows[3] and "generator_adv_loss" in rows[5]
+
+  png = tmp_path / "straight" / "reconstructions" / "step_0000004.png"
+  with Image.open(png) as im:
+    assert im.size[0] > 32 * 5 and im.size[1] > 32 * 2  # input + several decodes, two images
+  from detailflow_jax.pretrained import load_tokenizer
+  tok = load_tokenizer(tmp_path / "straight" / "export")
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  for t in (1, 4, 8, 16):
+    out = tok.decode(tok.encode(images).quant, t)
+    assert out.shape == (2, tok.schedule.decode_resolution(t), tok.schedule.decode_resolution(t), 3)
+  a = jax.tree.leaves(__import__("flax").nnx.state(tok))
+  b = jax.tree.leaves(__import__("flax").nnx.state(load_tokenizer(tmp_path / "run" / "export")))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
