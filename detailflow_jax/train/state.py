@@ -64,6 +64,11 @@ def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.Gradient
   return graphdef, state, shardings
 
 
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  """Exponential moving average of parameters: ema * decay + params * (1 - decay)."""
+  return jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), ema, params)
+
+
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     state_shardings, mesh: Mesh, *, ema_decay: float = 0.9999,
                     rules=mesh_lib.DEFAULT_RULES):
@@ -88,7 +93,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), ema, params)
+      ema = ema_update(ema, params, ema_decay)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, extras=extras,
                               opt_state=opt_state, ema_params=ema)

@@ -30,6 +30,7 @@ from ..models.quantizer import l2_normalize
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
 from . import gan
+from .state import ema_update
 from . import mesh as mesh_lib
 
 log = logging.getLogger("detailflow_jax")
@@ -281,7 +282,7 @@ class TokenizerTrainer:
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      ema = jax.tree.map(lambda e, p: e * lc.ema_decay + p * (1.0 - lc.ema_decay), ema, params)
+      ema = ema_update(ema, params, lc.ema_decay)
     metrics["grad_norm"] = optax.tree.norm(grads)
     new = state.replace(step=state.step + 1, params=params, extras=extras, opt_state=opt_state,
                         ema_params=ema, disc_extras=disc_extras)
@@ -541,10 +542,9 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
     if jax.process_index() != 0:
       return
     model = trainer.model(jax.device_get(state), ema=True)
-    path = save_grid(workdir / "reconstructions" / f"step_{step:07d}.png",
-                     reconstruction_rows(model, recon_images))
-    writer.write_images(step, {"reconstruction": np.clip((np.asarray(
-        reconstruction_rows(model, recon_images[:1])[0][-1])[None] + 1) / 2, 0, 1)})
+    rows = reconstruction_rows(model, recon_images)
+    path = save_grid(workdir / "reconstructions" / f"step_{step:07d}.png", rows)
+    writer.write_images(step, {"reconstruction": np.clip((rows[0][-1][None] + 1) / 2, 0, 1)})
     log.info("wrote %s", path)
 
   kill_after = int(os.environ.get("DETAILFLOW_TEST_KILL_AFTER_STEP", "0"))
