@@ -8,8 +8,8 @@ only on its new positions and writes their keys/values into a preallocated cache
   group i = causal_num/g .. : positions i*g .. i*g+g-1 (tok_{c-1} + the special tokens for the
                               first group, else the previous group's tokens) -> the next g tokens.
 
-Each step's attention reads only the shortest of a few static cache windows that holds its
-keys (lax.switch), so the work per step follows the filled length rather than block_size.
+Each step's attention walks the filled front of the cache in fixed-size key chunks (a while
+loop with an online softmax), so the work per step follows the filled length, not block_size.
 
 Everything (both phases, sampling, guidance) is one jitted function of fixed shapes per
 (batch, guidance on/off); cfg scale, temperature, top-k/top-p, greedy, gradual cfg, cfg interval
@@ -243,7 +243,7 @@ class Sampler:
 def sampling_flops(config, batch: int, num_tokens: int, guidance: bool = True) -> float:
   """Useful matmul FLOPs of one sampling call: projections, FFN and output layer for every
   position run, plus attention scores/values over the keys each step's queries may see (so
-  the padding of the static cache windows does not count as work)."""
+  the unread rest of the cache and the masked keys of a chunk do not count as work)."""
   cfg = config
   rows = batch * (2 if guidance else 1)
   g, c = cfg.group_size, cfg.causal_len

@@ -55,7 +55,7 @@ def _train(workdir, steps, env=None):
   args = [sys.executable, str(ROOT / "launch" / "train.py"),
           "--config=" + str(ROOT / "configs" / "detailflow16_tokenizer.py") + ":tiny",
           f"--workdir={workdir}", f"--config.total_steps={steps}", "--config.data.batch_size=8",
-          "--config.data.degradation_prob=0.0", "--config.losses.disc_start=3",
+          "--config.data.degradation_prob=0.0", "--config.disc.type=patchgan", "--config.losses.disc_start=3",
           "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
           "--config.log_every=1", "--config.recon_every=4", "--config.num_recon_images=2",
           "--config.towers.encoder.num_layers=1", "--config.towers.decoder.num_layers=1"]
@@ -98,3 +98,22 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   b = jax.tree.leaves(__import__("flax").nnx.state(load_tokenizer(tmp_path / "run" / "export")))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_reconstructions_too_small_for_the_discriminator_skip_the_gan_terms():
+  from detailflow_jax.models.tokenizer import Tokenizer
+  from detailflow_jax.train import frozen_nets, mesh as mesh_lib
+  c = get_config("tiny")
+  c.disc.type = "patchgan"
+  c.losses.disc_start = 10
+  cfg = recipe.tokenizer_config_from(c)
+  tx, disc_tx = recipe.make_optimizers(c, 20)
+  disc = frozen_nets.build_discriminator(c)
+  trainer = recipe.TokenizerTrainer(Tokenizer(cfg, rngs=0), recipe.loss_config_from(c), tx,
+                                    mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                                    discriminator=disc, disc_tx=disc_tx)
+  assert trainer.disc_min_size == disc.min_input_size == 12  # 2 layers: 3 * 2^2
+  batch = lambda t, res: {"t": t, "max_tokens": 16, "decode_res": res, "noise_idx": 0}
+  assert not trainer.programs(batch(4, 16), 9).gan            # before disc_start
+  assert trainer.programs(batch(4, 16), 10).gan
+  assert not trainer.programs(batch(2, 8), 10).gan            # 8 px: no PatchGAN logits

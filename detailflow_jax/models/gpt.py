@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .attention import dot_product_attention
+from .attention import cached_attention, dot_product_attention
 from .keys import InitKeys
 from .masks import group_causal_mask
 from .rope import apply_rope, rope_table_2d
@@ -233,8 +233,8 @@ class Attention(nnx.Module):
     """x [B, n, dim] at sequence positions start .. start+n-1.
 
     Without a cache the keys are x's own positions. With one, x's keys/values are written
-    into the cache at `start` and the queries attend over the first window of the cache that
-    holds every key they may see (`mask` [n, S] hides the slots not yet written). Returns
+    into the cache at `start` and the queries attend, chunk by chunk, over the filled front of
+    the cache (`mask` [n, S] hides what they may not see). Returns
     (output, updated cache or None).
     """
     cfg = self.cfg
@@ -254,35 +254,19 @@ class Attention(nnx.Module):
       k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), at)
       v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), at)
       cache = (k_cache, v_cache)
-      out = _windowed_attention(q, k_cache, v_cache, mask, start + n, cache_windows(k_cache.shape[2]))
+      out = cached_attention(q, k_cache, v_cache, mask, start + n, cache_chunk(k_cache.shape[2]))
     else:
       out = dot_product_attention(q, k, v, mask)
     return self.wo(out.reshape(b, n, cfg.dim)), cache
 
 
-def cache_windows(length: int, num_windows: int = 4):
-  """Static key-window lengths the cached attention picks from (a multiple of 8, the last
-  = the whole cache)."""
-  step = -(-length // num_windows)
-  step = -(-step // 8) * 8
-  return sorted({min(length, step * (i + 1)) for i in range(num_windows)})
-
-
-def _windowed_attention(q, k_cache, v_cache, mask, needed, windows):
-  """Attention over the shortest static prefix window of the cache covering `needed` keys.
-
-  The cache fills front to back, so reading all of it every step would make sampling
-  quadratic in the sequence length; picking among a few static windows with lax.switch keeps
-  fixed shapes (one compile) while the work per step follows the filled length.
-  """
-  def attend(length):
-    def run(q, k_cache, v_cache, mask):
-      return dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length],
-                                   mask[..., :length], kv_heads_first=True)
-    return run
-
-  index = jnp.minimum(jnp.searchsorted(jnp.asarray(windows), needed), len(windows) - 1)
-  return jax.lax.switch(index, [attend(w) for w in windows], q, k_cache, v_cache, mask)
+def cache_chunk(length: int, target: int = 64) -> int:
+  """Key-chunk length for cached attention: the largest multiple of 8 dividing `length` that is
+  at most `target` (block sizes are multiples of the group size), else the whole cache."""
+  for chunk in range(min(target, length) // 8 * 8, 0, -8):
+    if length % chunk == 0:
+      return chunk
+  return length
 
 
 class TransformerBlock(nnx.Module):

@@ -44,6 +44,9 @@ class PatchGANDiscriminator(nnx.Module):
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)
     self.conv_out = _conv(rngs, cin, 1, 1, True)
+    # Each 4x4/2 conv (padding 1) floors the side to half, each 4x4/1 conv takes one off:
+    # side // 2^n_layers - 2 >= 1 logit per row.
+    self.min_input_size = 3 * 2 ** n_layers
 
   def __call__(self, images: jax.Array, key: Optional[jax.Array] = None,
                train: bool = True) -> jax.Array:
@@ -51,6 +54,10 @@ class PatchGANDiscriminator(nnx.Module):
     [B, 1, H', W'] in NHWC). `key` is unused: the signature matches DinoDiscriminator's."""
     del key
     ensure_channels_last(images, (self.in_channels,))
+    if min(images.shape[1:3]) < self.min_input_size:
+      raise ValueError(f"PatchGAN with {len(self.convs)} layers needs images of at least "
+                       f"{self.min_input_size} px per side (it would return no logits), got "
+                       f"{images.shape[1]}x{images.shape[2]}")
     x = leaky_relu(self.conv_in(images))
     for conv, norm in zip(self.convs, self.norms):
       x = leaky_relu(norm(conv(x), train))

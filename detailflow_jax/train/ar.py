@@ -94,18 +94,6 @@ def cast_params(model, dtype):
   return nnx.merge(graphdef, params, rest)
 
 
-def maybe_initialize_distributed(c: ml_collections.ConfigDict) -> None:
-  """jax.distributed: explicit coordinator flags (GPU clusters, localhost tests) or, on TPU
-  pods and SLURM, JAX's own auto-detection. Single-process runs skip it."""
-  import os
-  d = c.distributed
-  if d.coordinator:
-    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
-                               process_id=d.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
-
-
 def train(c: ml_collections.ConfigDict, workdir) -> Any:
   """Trains the GPT on token records; resumes from the newest checkpoint in workdir."""
   import logging
@@ -125,7 +113,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
 
   log = logging.getLogger("detailflow_jax")
   workdir = pathlib.Path(workdir)
-  maybe_initialize_distributed(c)
+  mesh_lib.maybe_initialize_distributed(c)
   validate(c, jax.device_count())
   cfg = gpt_config_from(c)
   if jax.process_index() == 0:

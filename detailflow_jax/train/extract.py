@@ -83,6 +83,7 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
   from ..data.sources import TokenRecordWriter
   from ..data.transforms import decode_image
   from ..pretrained import load_tokenizer
+  from .loop import progress_bar
 
   e = c.extract
   workdir = pathlib.Path(workdir)
@@ -137,8 +138,8 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
         done += len(labels)
     rate = done / max(time.time() - start, 1e-9)
     remaining = len(mine) - first - len(indices)
-    log.info("extract: chunk %d/%d, %d images (%.1f/s), ETA %.0fs", chunk_id + 1, len(chunks), done,
-             rate, remaining / max(rate, 1e-9))
+    log.info("extract: chunk %d/%d %s, %d images (%.1f/s), ETA %.0fs", chunk_id + 1, len(chunks),
+             progress_bar(chunk_id + 1, len(chunks)), done, rate, remaining / max(rate, 1e-9))
   if skipped_chunks:
     log.info("extract: %d chunk(s) were already on disk and were kept", skipped_chunks)
   return workdir

@@ -21,6 +21,13 @@ def _fmt_seconds(s: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+  """'[#####...............]  25%' (a text bar that reads the same in a log file)."""
+  frac = min(max(done / max(total, 1), 0.0), 1.0)
+  filled = int(frac * width)
+  return f"[{'#' * filled}{'.' * (width - filled)}] {frac:4.0%}"
+
+
 def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps: int,
                  checkpointer: Optional[Checkpointer] = None, data_iterator=None, writer=None,
                  log_every: int = 50, every_n_steps: Optional[Callable[[int, Any], None]] = None,
@@ -60,8 +67,9 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
         scalars["steps_per_s"] = rate
         if writer is not None:
           writer.write_scalars(done, scalars)
-        log.info("step %d/%d loss %.4f | %.2f steps/s | elapsed %s | ETA %s", done, num_steps,
-                 loss, rate, _fmt_seconds(time.time() - t0), _fmt_seconds((num_steps - done) / rate))
+        log.info("step %d/%d %s loss %.4f | %.2f steps/s | elapsed %s | ETA %s", done, num_steps,
+                 progress_bar(done, num_steps), loss, rate, _fmt_seconds(time.time() - t0),
+                 _fmt_seconds((num_steps - done) / rate))
         window_start, window_steps = time.time(), 0
       stop = guard.requested(done)
       if checkpointer is not None:

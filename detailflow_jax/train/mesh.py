@@ -88,3 +88,15 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def maybe_initialize_distributed(c) -> None:
+  """jax.distributed: explicit coordinator flags (GPU clusters, localhost tests) or, on TPU
+  pods and SLURM, JAX's own auto-detection. Single-process runs skip it."""
+  import os
+  d = c.distributed
+  if d.coordinator:
+    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                               process_id=d.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()

@@ -191,6 +191,10 @@ class TokenizerTrainer:
     self._graphdef = graphdef
     self._perc = nnx.split(perceptual) if perceptual is not None else None
     self._disc_graphdef = None
+    # Reconstructions smaller than this get no adversarial terms (a PatchGAN has no logits for
+    # them); DINO resizes every input to 224 and scores any size.
+    self.disc_min_size = int(getattr(discriminator, "min_input_size", 1))
+    self._skipped_gan_sizes = set()
     disc_params = disc_frozen = disc_extras = None
     if discriminator is not None:
       self._disc_graphdef, disc_params, disc_frozen, disc_extras = nnx.split(
@@ -322,8 +326,15 @@ class TokenizerTrainer:
     return new, metrics
 
   def programs(self, batch, step: int) -> StepPrograms:
+    decode_res = int(batch["decode_res"])
     gan_on = self._disc_graphdef is not None and step >= self.losses.disc_start
-    return StepPrograms(int(batch["t"]), int(batch["max_tokens"]), int(batch["decode_res"]),
+    if gan_on and decode_res < self.disc_min_size:
+      gan_on = False
+      if decode_res not in self._skipped_gan_sizes:
+        self._skipped_gan_sizes.add(decode_res)
+        log.info("decode resolution %d is below the discriminator's minimum input (%d px): "
+                 "batches at it train without the adversarial terms", decode_res, self.disc_min_size)
+    return StepPrograms(int(batch["t"]), int(batch["max_tokens"]), decode_res,
                         bool(self.config.correction_training and int(batch["noise_idx"]) >= 0),
                         bool(gan_on))
 
@@ -474,7 +485,6 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   from ..data.pipeline import ImagePipelineConfig, global_batch, image_iterator
   from ..images import save_grid
   from ..model_dir import save_model_dir
-  from .ar import maybe_initialize_distributed
   from .checkpoint import Checkpointer, abstract_with_shardings
   from .extract import build_image_source
   from .loop import run_training
@@ -482,7 +492,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   from . import frozen_nets
 
   workdir = pathlib.Path(workdir)
-  maybe_initialize_distributed(c)
+  mesh_lib.maybe_initialize_distributed(c)
   cfg = validate(c, jax.device_count())
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)

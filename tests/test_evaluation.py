@@ -1,0 +1,61 @@
+"""Small pieces the demo relies on: coarse-to-fine errors, the shape classifier, loss curves."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.detailflow16_tokenizer import get_config
+from detailflow_jax.evaluation import classify, coarse_to_fine_errors, train_shape_classifier
+from detailflow_jax.inference import TokenizerFns
+from detailflow_jax.models.tokenizer import Tokenizer
+from detailflow_jax.ops.resize import resize_images
+from detailflow_jax.plots import read_metrics, save_curves
+from detailflow_jax.train.tokenizer import tokenizer_config_from
+
+
+def test_coarse_to_fine_errors_match_a_direct_computation():
+  fns = TokenizerFns(Tokenizer(tokenizer_config_from(get_config("tiny")), rngs=0))
+  images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+  rows = coarse_to_fine_errors(fns, images, batch_size=2)
+  assert [r["tokens"] for r in rows] == [1, 2, 3, 4, 8, 12]  # every t below full resolution
+  r = rows[4]
+  decoded = np.asarray(fns.decode(fns.encode(images)[0], 8))
+  degraded = resize_images(resize_images(images, r["target_res"]), r["decode_res"])
+  assert r["decode_res"] == decoded.shape[1] == 24
+  np.testing.assert_allclose(r["mse_degraded"], np.mean((decoded - degraded) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(r["mse_full"], np.mean((decoded - resize_images(images, 24)) ** 2), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"\[N, S, S, 3\]"):
+    coarse_to_fine_errors(fns, images[..., :2])
+  with pytest.raises(ValueError, match="token counts \\[5\\]"):
+    coarse_to_fine_errors(fns, images, counts=[4, 5])
+
+
+def test_shape_classifier_learns_the_procedural_classes():
+  from detailflow_jax.demo import labelled_images
+  images, labels = labelled_images(4, 32, 384, seed=5)
+  model = train_shape_classifier(images[:256], labels[:256], 4, steps=150, seed=0)
+  accuracy = np.mean(classify(model, images[256:]) == labels[256:])
+  assert accuracy >= 0.8, accuracy  # 4 classes: chance 25 %
+  with pytest.raises(ValueError, match="3 images but 2 labels"):
+    train_shape_classifier(images[:3], labels[:2], 4)
+
+
+def test_loss_curves_png_and_metrics_reading(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "loss": 2.0 / s} for s in range(1, 30)] + [{"step": 30, "other": 1.0}]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  steps, values = read_metrics(path, "loss")
+  assert steps.tolist() == list(range(1, 30)) and values[0] == 2.0
+  png = save_curves(tmp_path / "curves.png", {"loss": (steps, values), "empty": ([], [])}, columns=2)
+  with Image.open(png) as im:
+    arr = np.asarray(im.convert("RGB"))
+  line = (arr[..., 0] < 80) & (arr[..., 2] > 150)  # the curve's blue on a white sheet
+  assert arr.shape[1] == 2 * 360 and line.sum() > 100
+  path.write_text('{"step": 1, "loss": 1.0}\n{not json\n')
+  with pytest.raises(ValueError, match="metrics.jsonl:2"):
+    read_metrics(path, "loss")
+  with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+    read_metrics(tmp_path / "nothing.jsonl", "loss")
+  with pytest.raises(ValueError, match="at least one curve"):
+    save_curves(tmp_path / "x.png", {})
