@@ -140,12 +140,12 @@ def run(c, workdir: pathlib.Path) -> dict:
   sample_acc = float(np.mean(predicted == labels))
 
   strip = held_out[:c.num_strip_images]
-  strip_idx = idx[:c.num_strip_images]
+  strip_decodes = {t: np.asarray(fns.decode(idx[:len(strip)], t), np.float32) for t in counts}
   paths["reconstructions_coarse_to_fine"] = save_grid(
       workdir / "reconstructions_coarse_to_fine.png",
       [[enlarge_nearest(strip[i], shown)] + [
-          enlarge_nearest(np.clip(np.asarray(fns.decode(strip_idx[i:i + 1], t))[0], -1, 1), shown)
-          for t in counts] for i in range(len(strip))])
+          enlarge_nearest(np.clip(strip_decodes[t][i], -1, 1), shown) for t in counts]
+       for i in range(len(strip))])
   c2f = coarse_to_fine_errors(fns, held_out[:256])
 
   tok_steps, tok_rec = read_metrics(tok_run / "metrics.jsonl", "rec_loss")

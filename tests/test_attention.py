@@ -24,8 +24,8 @@ def test_cached_attention_matches_plain_attention(num_heads, num_kv_heads, chunk
     # Whatever lies beyond the filled front (stale or unwritten slots) must not matter.
     got = run(q, k.at[:, :, filled:].set(1e4), v.at[:, :, filled:].set(-1e4), mask,
               jnp.int32(filled), chunk=chunk)
-    want = dot_product_attention(q, k[:, :, :filled], v[:, :, :filled], mask[:, :filled],
-                                 kv_heads_first=True)
+    want = dot_product_attention(q, jnp.swapaxes(k[:, :, :filled], 1, 2),
+                                 jnp.swapaxes(v[:, :, :filled], 1, 2), mask[:, :filled])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
 
 
