@@ -1,10 +1,15 @@
 """A converted model on disk: `DIR/config.json` (kind + model config) and `DIR/params/` (Orbax).
 
 Both the tokenizer and the GPT use this layout, so one saver and one restorer serve both.
+`config.json` also lists every file under `params/` with its size and SHA-256, written after
+the arrays: a truncated or missing array file is caught before Orbax reads anything (Orbax
+itself reports an OCDBT byte-range error and leaves tensorstore callbacks printing "Event loop
+is closed" tracebacks), and `verify_model_dir(..., checksums=True)` also catches changed bytes.
 """
+import hashlib
 import json
 import pathlib
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +18,24 @@ from flax import nnx
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+
+
+class DamagedModelError(ValueError):
+  """A converted model directory whose files are missing, truncated or changed."""
+
+
+def file_sha256(path, chunk: int = 1 << 24) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _params_files(directory: pathlib.Path) -> Dict[str, Dict[str, Any]]:
+  root = directory / PARAMS_DIR
+  return {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+          for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _checkpointer():
@@ -32,7 +55,8 @@ def save_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Modu
   ckpt.wait_until_finished()
   (directory / CONFIG_FILE).write_text(json.dumps(
       {"kind": kind, "format_version": FORMAT_VERSION,
-       "param_dtype": float_dtypes.pop() if float_dtypes else "float32", "config": config},
+       "param_dtype": float_dtypes.pop() if float_dtypes else "float32", "config": config,
+       "files": _params_files(directory)},
       indent=2))
 
 
@@ -40,14 +64,57 @@ def read_model_config(directory, kind: str) -> Dict[str, Any]:
   return _read_meta(directory, kind)["config"]
 
 
+def is_model_dir(directory) -> bool:
+  """True for a converted model directory (ours), False for anything else (e.g. a released run
+  directory, whose config.json has no "kind")."""
+  path = pathlib.Path(directory) / CONFIG_FILE
+  if not path.is_file() or not (pathlib.Path(directory) / PARAMS_DIR).is_dir():
+    return False
+  try:
+    return "kind" in json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return True  # ours, but damaged: restoring it says so
+
+
+def _redo_hint(directory: pathlib.Path) -> str:
+  return (f"delete {directory} and convert again (python -m detailflow_jax.convert ... --out "
+          f"{directory}, or pass the Hub id / run directory it came from)")
+
+
 def _read_meta(directory, kind: str) -> Dict[str, Any]:
   directory = pathlib.Path(directory)
   path = directory / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{directory} is not a converted model directory: no {CONFIG_FILE}")
-  meta = json.loads(path.read_text())
+  try:
+    meta = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DamagedModelError(f"{directory} is damaged: {CONFIG_FILE} is not valid JSON ({e}); "
+                            f"{_redo_hint(directory)}") from None
   if meta.get("kind") != kind:
     raise ValueError(f"{directory} holds a {meta.get('kind')!r} model, not a {kind!r}")
+  return meta
+
+
+def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str, Any]:
+  """Checks every listed array file exists with its recorded size (and SHA-256 with
+  `checksums`); returns the metadata. Directories written before the listing existed are
+  checked for the params directory only."""
+  directory = pathlib.Path(directory).absolute()
+  meta = _read_meta(directory, kind)
+  if not (directory / PARAMS_DIR).is_dir():
+    raise DamagedModelError(f"{directory} is damaged: no {PARAMS_DIR}/ directory; {_redo_hint(directory)}")
+  for name, want in (meta.get("files") or {}).items():
+    path = directory / name
+    problem = None
+    if not path.is_file():
+      problem = "is missing"
+    elif path.stat().st_size != want["size"]:
+      problem = f"has {path.stat().st_size} bytes, {want['size']} were written"
+    elif checksums and file_sha256(path) != want["sha256"]:
+      problem = "has changed (SHA-256 differs)"
+    if problem:
+      raise DamagedModelError(f"{directory} is damaged: {name} {problem}; {_redo_hint(directory)}")
   return meta
 
 
@@ -59,7 +126,7 @@ def restore_model_dir(directory, kind: str, build: Callable[[Dict[str, Any]], nn
   arrays are put in place. `dtype` casts floating parameters (e.g. jnp.bfloat16).
   """
   directory = pathlib.Path(directory).absolute()
-  meta = _read_meta(directory, kind)
+  meta = verify_model_dir(directory, kind)
   config = meta["config"]
   dtype = jnp.dtype(dtype or meta.get("param_dtype", "float32"))
   abstract = nnx.eval_shape(lambda: build(config))
@@ -67,6 +134,11 @@ def restore_model_dir(directory, kind: str, build: Callable[[Dict[str, Any]], nn
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
       nnx.to_pure_dict(abstract_state))
-  restored = _checkpointer().restore(directory / PARAMS_DIR, target)
+  try:
+    restored = _checkpointer().restore(directory / PARAMS_DIR, target)
+  except Exception as e:  # tensorstore/Orbax errors have many types; all mean unreadable arrays
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DamagedModelError(f"{directory} is damaged: its arrays cannot be read ({first[:300]}); "
+                            f"{_redo_hint(directory)}") from None
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state), config

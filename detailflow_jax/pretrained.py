@@ -1,24 +1,30 @@
-"""Loading converted models: `load_tokenizer(DIR)` and `load_gpt(DIR)` return ready NNX modules."""
+"""Loading models: `load_tokenizer(SRC)` and `load_gpt(SRC)` return ready NNX modules.
+
+SRC is a converted directory, a released run directory / checkpoint file, or a Hub id
+(`org/name[@revision][:path/in/repo.pt]`); see `hub.resolve_model_dir`, the one resolver.
+"""
+from .hub import resolve_model_dir
 from .model_dir import restore_model_dir
 
 
-def load_tokenizer(directory, dtype=None):
-  """A converted DetailFlow tokenizer (see `python -m detailflow_jax.convert tokenizer`)."""
+def load_tokenizer(source, dtype=None, weights=None):
+  """A DetailFlow tokenizer; `weights` ('model'/'ema') picks the set of a released checkpoint."""
   from .models.tokenizer import Tokenizer, TokenizerConfig
 
   def build(config):
     return Tokenizer(TokenizerConfig.from_dict(config))
 
-  model, _ = restore_model_dir(directory, "tokenizer", build, dtype=dtype)
+  model, _ = restore_model_dir(resolve_model_dir(source, "tokenizer", weights), "tokenizer", build,
+                               dtype=dtype)
   return model
 
 
-def load_gpt(directory, dtype=None):
-  """A converted DetailFlow GPT (see `python -m detailflow_jax.convert gpt`)."""
+def load_gpt(source, dtype=None, weights=None):
+  """A DetailFlow GPT; `weights` ('model'/'ema') picks the set of a released checkpoint."""
   from .models.gpt import GPT, GPTConfig
 
   def build(config):
     return GPT(GPTConfig.from_dict(config), rngs=0)
 
-  model, _ = restore_model_dir(directory, "gpt", build, dtype=dtype)
+  model, _ = restore_model_dir(resolve_model_dir(source, "gpt", weights), "gpt", build, dtype=dtype)
   return model

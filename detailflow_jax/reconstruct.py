@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import images as image_io
+from .hub import WEIGHT_HELP
 
 
 def parse_num_tokens(text: str, max_tokens: int):
@@ -37,7 +38,10 @@ def enlarge_nearest(image: np.ndarray, size: int) -> np.ndarray:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.reconstruct", description=__doc__)
-  parser.add_argument("--tokenizer", required=True, help="converted tokenizer directory")
+  parser.add_argument("--tokenizer", required=True,
+                      help="converted directory, released run directory or Hub id "
+                           "(org/name[@revision][:path/in/repo.pt])")
+  parser.add_argument("--weights", choices=["model", "ema"], default=None, help=WEIGHT_HELP)
   parser.add_argument("--images", nargs="+", required=True, help="image files (PNG/JPEG)")
   parser.add_argument("--num-tokens", default=None,
                       help="comma-separated token counts (default: every group boundary)")
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
   from .pretrained import load_tokenizer
 
   try:
-    model = load_tokenizer(args.tokenizer)
+    model = load_tokenizer(args.tokenizer, weights=args.weights)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

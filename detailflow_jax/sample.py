@@ -1,4 +1,9 @@
-"""`python -m detailflow_jax.sample`: class-conditional images from a converted GPT + tokenizer.
+"""`python -m detailflow_jax.sample`: class-conditional images from a GPT + tokenizer.
+
+Each of --tokenizer / --gpt is a converted directory, a released run directory, or a Hub id
+(`python -m detailflow_jax.sample --tokenizer ByteFlow-AI/DetailFlow-16 --gpt
+ByteFlow-AI/DetailFlow-16-GPT-L --labels 207,360 --out grid.png` downloads, converts and caches
+both on first use; see detailflow_jax/hub.py).
 
 Samples one token sequence per label with the KV-cache sampler, decodes each with the tokenizer
 at the resolution its tokens stand for, and writes a PNG grid. `--progressive` also writes, per
@@ -12,6 +17,7 @@ import time
 import numpy as np
 
 from . import images as image_io
+from .hub import WEIGHT_HELP
 
 
 def parse_labels(text: str, num_classes: int):
@@ -37,8 +43,14 @@ def progressive_counts(token_list, num_tokens: int):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.sample", description=__doc__)
-  parser.add_argument("--tokenizer", required=True, help="converted tokenizer directory")
-  parser.add_argument("--gpt", required=True, help="converted GPT directory")
+  parser.add_argument("--tokenizer", required=True,
+                      help="tokenizer: converted directory, released run directory or Hub id "
+                           "(org/name[@revision][:path/in/repo.pt])")
+  parser.add_argument("--gpt", required=True, help="GPT: as --tokenizer")
+  parser.add_argument("--tokenizer-weights", choices=["model", "ema"], default=None,
+                      help="tokenizer weights, " + WEIGHT_HELP)
+  parser.add_argument("--gpt-weights", choices=["model", "ema"], default=None,
+                      help="GPT weights, " + WEIGHT_HELP)
   parser.add_argument("--labels", required=True, help="comma-separated class ids, one image each")
   parser.add_argument("--cfg-scale", type=float, default=1.5,
                       help="classifier-free guidance scale (> 1 enables guidance)")
@@ -68,8 +80,8 @@ def main(argv=None) -> int:
 
   try:
     start = time.time()
-    gpt = load_gpt(args.gpt)
-    tokenizer = load_tokenizer(args.tokenizer)
+    gpt = load_gpt(args.gpt, weights=args.gpt_weights)
+    tokenizer = load_tokenizer(args.tokenizer, weights=args.tokenizer_weights)
     cfg = gpt.config
     labels = parse_labels(args.labels, cfg.num_classes)
     if cfg.vocab_size != tokenizer.config.codebook_size:

@@ -88,6 +88,24 @@ def _load_pt(path: pathlib.Path, weights: str) -> Dict[str, np.ndarray]:
   return {k: _to_numpy(k, v) for k, v in state.items()}
 
 
+def weight_sets(path) -> Tuple[str, ...]:
+  """Which of "model" / "ema" a checkpoint holds: ("model",) for .safetensors and bare state
+  dicts. A .pt is memory-mapped, so this reads the pickle, not the tensors."""
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    return ("model",)
+  import torch
+  try:
+    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+  except Exception as e:
+    raise ConversionError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  found = tuple(k for k in ("model", "ema") if isinstance(obj.get(k), Mapping))
+  return found or ("model",)
+
+
 def load_state_dict(path, weights: str = "model") -> Dict[str, np.ndarray]:
   """Loads a PyTorch state dict as float32/int numpy arrays with wrapper prefixes removed.
 
