@@ -7,24 +7,30 @@ from .hub import resolve_model_dir
 from .model_dir import restore_model_dir
 
 
+def build_tokenizer(config):
+  from .models.tokenizer import Tokenizer, TokenizerConfig
+  return Tokenizer(TokenizerConfig.from_dict(config))
+
+
+def build_gpt(config):
+  from .models.gpt import GPT, GPTConfig
+  return GPT(GPTConfig.from_dict(config), rngs=0)
+
+
+BUILDERS = {"tokenizer": build_tokenizer, "gpt": build_gpt}
+
+
+def load_model_dir(directory, kind: str, dtype=None):
+  """A converted model directory of `kind` ("tokenizer" | "gpt"), without resolving."""
+  model, _ = restore_model_dir(directory, kind, BUILDERS[kind], dtype=dtype)
+  return model
+
+
 def load_tokenizer(source, dtype=None, weights=None):
   """A DetailFlow tokenizer; `weights` ('model'/'ema') picks the set of a released checkpoint."""
-  from .models.tokenizer import Tokenizer, TokenizerConfig
-
-  def build(config):
-    return Tokenizer(TokenizerConfig.from_dict(config))
-
-  model, _ = restore_model_dir(resolve_model_dir(source, "tokenizer", weights), "tokenizer", build,
-                               dtype=dtype)
-  return model
+  return load_model_dir(resolve_model_dir(source, "tokenizer", weights), "tokenizer", dtype)
 
 
 def load_gpt(source, dtype=None, weights=None):
   """A DetailFlow GPT; `weights` ('model'/'ema') picks the set of a released checkpoint."""
-  from .models.gpt import GPT, GPTConfig
-
-  def build(config):
-    return GPT(GPTConfig.from_dict(config), rngs=0)
-
-  model, _ = restore_model_dir(resolve_model_dir(source, "gpt", weights), "gpt", build, dtype=dtype)
-  return model
+  return load_model_dir(resolve_model_dir(source, "gpt", weights), "gpt", dtype)

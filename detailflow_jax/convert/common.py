@@ -1,15 +1,19 @@
-"""Reading untrusted PyTorch checkpoints and writing converted ones atomically.
+"""Reading untrusted PyTorch checkpoints, the one key-mapping core, and atomic writes.
 
 Checkpoints are untrusted input: `.pt` files are opened with `torch.load(weights_only=True)`
 (no arbitrary unpickling), `.safetensors` with safetensors. Every source key must be consumed
 and every target parameter filled; anything else is a `ConversionError` naming the key.
+
+A model's mapping to the reference is a `KeyMapping`: our parameter path -> the reference's
+state-dict key and shape. `model_from_state_dict` applies it one way (conversion) and
+`state_dict_from_model` the other way (export), so both directions use the same table.
 """
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -169,6 +173,63 @@ class StateDictReader:
       shown = ", ".join(f"{k!r} {tuple(self._state[k].shape)}" for k in unused[:10])
       more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
       raise ConversionError(f"{self.source}: unexpected key(s) {shown}{more}")
+
+
+class KeyMapping(NamedTuple):
+  """How a model's parameters are named and shaped in the reference's state dict."""
+  name: Callable[[Tuple], str]                          # our path -> reference key
+  shape: Callable[[Tuple, Tuple[int, ...]], Tuple[int, ...]]  # our path, our shape -> theirs
+
+
+def _to_ours(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  """torch Linear weights are [out, in], flax kernels [in, out]; every other difference is a
+  reshape (leading singleton axes of token tables)."""
+  if path[-1] == "kernel":
+    value = value.T
+  return np.ascontiguousarray(value.reshape(shape))
+
+
+def _to_theirs(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  if path[-1] == "kernel":
+    value = value.T
+  return np.ascontiguousarray(value.reshape(shape))
+
+
+def model_from_state_dict(abstract_model, mapping: KeyMapping, state: Mapping[str, np.ndarray],
+                          source: str, dtype="float32"):
+  """Fills an abstract model (`nnx.eval_shape`) with exactly the weights of `state`: every key
+  used, every parameter and buffer filled, shapes checked. Floating arrays take `dtype`, the
+  others keep the model's dtype."""
+  from flax import nnx
+  reader = StateDictReader(state, source)
+  graphdef, abstract = nnx.split(abstract_model)
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    value = reader.take(mapping.name(path), mapping.shape(path, var.shape))
+    target = np.dtype(dtype) if np.issubdtype(var.dtype, np.floating) else var.dtype
+    flat.append((path, var.replace(_to_ours(path, value, var.shape).astype(target))))
+  reader.finish()
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def state_dict_from_model(model, mapping: KeyMapping) -> Dict[str, np.ndarray]:
+  """The reference's state dict of `model` (numpy, keyed and shaped as the reference's).
+
+  The reference's state dicts hold floating tensors only (its integer-valued codebook-usage
+  buffer is a float tensor), so integer arrays are written as float32; floating arrays keep
+  their dtype."""
+  from flax import nnx
+  import jax
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    value = np.asarray(jax.device_get(var[...]))
+    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+      value = value.astype(np.float32)
+    key = mapping.name(path)
+    if key in out:
+      raise ConversionError(f"two parameters map to the reference key {key!r}")
+    out[key] = _to_theirs(path, value, mapping.shape(path, value.shape))
+  return out
 
 
 def linear_kernel(weight: np.ndarray) -> np.ndarray:

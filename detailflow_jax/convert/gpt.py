@@ -14,8 +14,8 @@ from flax import nnx
 from ..model_dir import save_model_dir
 from ..models.gpt import GPT, GPTConfig
 from ..models.keys import InitKeys
-from .common import (ConversionError, StateDictReader, find_run_dir, load_state_dict,
-                     read_run_configs, write_atomically)
+from .common import (ConversionError, KeyMapping, find_run_dir, load_state_dict,
+                     model_from_state_dict, read_run_configs, write_atomically)
 
 
 def load_reference_config(run_dir) -> GPTConfig:
@@ -25,6 +25,32 @@ def load_reference_config(run_dir) -> GPTConfig:
     return GPTConfig.from_reference(config_json, config_yaml)
   except (KeyError, TypeError, ValueError) as e:
     raise ConversionError(f"cannot build a GPT config from {run_dir}: {e}") from e
+
+
+# ModelArgs fields the reference writes that a c2i GPT does not use.
+_REFERENCE_ONLY_FIELDS = {"caption_dim": 2048, "model_type": "c2i", "max_batch_size": 32,
+                          "max_seq_len": 2048}
+CUSTOM_PRESET = "GPT-custom"
+
+
+def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict]:
+  """(config.json, config.yaml) of a released run for `cfg`. Sizes of one of the reference's
+  GPT_models presets get its name (load_ar_model loads it unchanged); other sizes get
+  `gpt_model: GPT-custom` plus `gpt_model_dims`, which our converter reads and the reference
+  reads once that name is registered in its GPT_models. Checked by reading it back."""
+  import dataclasses
+  from ..models.gpt import PRESETS
+  config_json = dict(dataclasses.asdict(cfg), **_REFERENCE_ONLY_FIELDS)
+  dims = (cfg.n_layer, cfg.n_head, cfg.dim)
+  name = next((n for n, d in PRESETS.items() if d == dims), CUSTOM_PRESET)
+  config_yaml = {"gpt_model": name, "gpt_type": "c2i", "cls_token_num": cfg.cls_token_num,
+                 "num_classes": cfg.num_classes, "class_dropout_prob": cfg.class_dropout_prob}
+  if name == CUSTOM_PRESET:
+    config_yaml["gpt_model_dims"] = {"dim": cfg.dim, "n_layer": cfg.n_layer, "n_head": cfg.n_head}
+  back = GPTConfig.from_reference(config_json, config_yaml)
+  if back != cfg:
+    raise ConversionError(f"this GPT config cannot be written in the reference's format: {cfg}")
+  return config_json, config_yaml
 
 
 def torch_name(path: Tuple) -> str:
@@ -39,6 +65,9 @@ def torch_name(path: Tuple) -> str:
 
 def torch_shape(path: Tuple, shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+
+
+MAPPING = KeyMapping(torch_name, torch_shape)
 
 
 def abstract_state(cfg: GPTConfig):
@@ -56,18 +85,8 @@ def convert_state_dict(cfg: GPTConfig, state: Dict[str, np.ndarray], source: str
                        dtype="float32") -> GPT:
   """A GPT holding exactly the weights of `state`: every key used, every parameter filled,
   shapes checked (errors name the key and both shapes)."""
-  reader = StateDictReader(state, source)
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0)))
-  graphdef, abstract = nnx.split(model)
-  flat = []
-  for path, var in nnx.to_flat_state(abstract):
-    value = reader.take(torch_name(path), torch_shape(path, var.shape))
-    if path[-1] == "kernel":
-      value = value.T
-    target = np.dtype(dtype) if np.issubdtype(var.dtype, np.floating) else var.dtype
-    flat.append((path, var.replace(np.ascontiguousarray(value).astype(target))))
-  reader.finish()
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return model_from_state_dict(nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0))), MAPPING, state,
+                               source, dtype)
 
 
 def convert_gpt(checkpoint, out, weights="model", config_dir=None, dtype="float32"):

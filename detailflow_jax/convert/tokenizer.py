@@ -13,8 +13,8 @@ from flax import nnx
 from ..model_dir import save_model_dir
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
-from .common import (ConversionError, StateDictReader, find_run_dir, load_state_dict,
-                     read_json, read_run_configs, write_atomically)
+from .common import (ConversionError, KeyMapping, find_run_dir, load_state_dict,
+                     model_from_state_dict, read_json, read_run_configs, write_atomically)
 
 # The public SigLIP2-so400m-patch16-naflex vision tower the released models were built from.
 SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
@@ -102,6 +102,92 @@ def config_from_reference(config_json: Dict[str, Any], config_yaml: Dict[str, An
     raise ConversionError(f"tokenizer config is missing the field {e.args[0]!r}") from e
 
 
+# --- our config -> the reference's files (export) ------------------------------------------
+
+# ModelArgs fields the reference writes that change nothing in a DetailFlow (siglip2, VQ)
+# tokenizer's forward pass; written with the values of the reference's training defaults / VQ-16.
+_REFERENCE_ONLY_FIELDS = {
+    "kl_loss_weight": 1e-6, "tau": 0.1, "num_codebooks": 1, "encoder_ch_mult": [1, 1, 2, 2, 4],
+    "decoder_ch_mult": [1, 1, 2, 2, 4], "z_channels": 256, "dropout_p": 0.0,
+    "enc_tuning_method": "full", "dec_tuning_method": "full", "enc_drop_path_rate": 0.0,
+    "dec_drop_path_rate": 0.0, "repa_model": "siglip2", "repa_align": "global", "vq_mean": 0.0,
+    "vq_std": 1.0, "gradient_checkpointing_encoder": False, "gradient_checkpointing_decoder": False}
+CUSTOM_BUILDER = "siglip2_custom"
+SIGLIP2_CONFIG_FILE = "siglip2_vision_config.json"
+# The reference's own builders, tried in this order when exporting (name, pretrained).
+_BUILDERS = (("siglip2_base", True), ("siglip2_base", False), ("siglip2_large", True), ("siglip2", True))
+
+
+def _builder_for(tower: ViTConfig, is_encoder: bool) -> Optional[Tuple[str, bool]]:
+  for name, pretrained in _BUILDERS:
+    if _tower(name, pretrained, SIGLIP2_SO400M, tower.patch_size, is_encoder, None) == tower:
+      return name, pretrained
+  return None
+
+
+def reference_configs(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+  """(config.json, config.yaml, extra JSON files) of a released run for `cfg`.
+
+  Towers of the reference's builder sizes get its builder names (loadable by its load_vq
+  unchanged); other sizes get a `fixture_builder` entry with explicit sizes and a SigLIP2 vision
+  config file, which our converter reads and the reference reads with that builder entry
+  registered (see tests/fixtures/detailflow_tiny_a/README.md). The result is checked by
+  converting it back: a config the format cannot express is an error, never a silent change.
+  """
+  encoder, decoder = _builder_for(cfg.encoder, True), _builder_for(cfg.decoder, False)
+  standard = encoder is not None and decoder is not None and (
+      cfg.teacher is None or cfg.teacher == _vit(SIGLIP2_SO400M, layers=None, patch=cfg.teacher.patch_size))
+  config_json = dict(_REFERENCE_ONLY_FIELDS,
+      image_size=cfg.image_size, max_image_size=cfg.max_image_size,
+      codebook_size=cfg.codebook_size, codebook_embed_dim=cfg.codebook_embed_dim,
+      codebook_l2_norm=cfg.codebook_l2_norm, codebook_show_usage=cfg.codebook_show_usage,
+      commit_loss_beta=cfg.commit_loss_beta, entropy_loss_ratio=cfg.entropy_loss_ratio,
+      vq_loss_ratio=cfg.vq_loss_ratio, enc_type="siglip2", dec_type="siglip2",
+      num_latent_tokens=cfg.num_latent_tokens, enc_patch_size=cfg.encoder.patch_size,
+      dec_patch_size=cfg.decoder.patch_size, repa=cfg.repa,
+      repa_patch_size=cfg.teacher.patch_size if cfg.teacher else 16,
+      repa_proj_dim=cfg.repa_proj_dim, repa_layer_indices=cfg.repa_layer_indices,
+      repa_loss_weight=cfg.repa_loss_weight, causal_encoder=cfg.causal_encoder,
+      causal_decoder=cfg.causal_decoder, group_size=cfg.group_size, causal_num=cfg.causal_num,
+      global_token_loss_weight=cfg.global_token_loss_weight,
+      correction_training=cfg.correction_training)
+  config_yaml = {"vq_model": "VQ-16", "image_size": cfg.image_size,
+                 "max_image_size": cfg.max_image_size, "min_image_size": cfg.min_image_size,
+                 "content_degradation": "resolution_power", "degradation_power": cfg.degradation_power,
+                 "enc_type": "siglip2", "dec_type": "siglip2",
+                 "num_latent_tokens": cfg.num_latent_tokens, "group_size": cfg.group_size,
+                 "causal_num": cfg.causal_num, "codebook_size": cfg.codebook_size,
+                 "codebook_embed_dim": cfg.codebook_embed_dim}
+  files: Dict[str, Any] = {}
+  if standard:
+    siglip = SIGLIP2_SO400M
+    config_json.update(encoder_model=encoder[0], enc_pretrained=encoder[1],
+                       decoder_model=decoder[0], dec_pretrained=decoder[1])
+  else:
+    like = cfg.teacher or cfg.encoder
+    siglip = {"model_type": "siglip2_vision_model", "hidden_size": like.hidden_size,
+              "intermediate_size": like.mlp_dim, "num_hidden_layers": like.num_layers,
+              "num_attention_heads": like.num_heads, "num_channels": like.num_channels,
+              "num_patches": like.position_grid ** 2, "patch_size": like.patch_size,
+              "layer_norm_eps": like.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
+              "attention_dropout": 0.0}
+    part = lambda t: {"pretrained": False, "layer_num": t.num_layers, "embed_dim": t.hidden_size,
+                      "num_heads": t.num_heads, "intermediate_size": t.mlp_dim}
+    config_json.update(encoder_model=CUSTOM_BUILDER, enc_pretrained=False,
+                       decoder_model=CUSTOM_BUILDER, dec_pretrained=False)
+    config_yaml["fixture_builder"] = {"siglip2_config": SIGLIP2_CONFIG_FILE,
+                                      "encoder": part(cfg.encoder), "decoder": part(cfg.decoder)}
+    files[SIGLIP2_CONFIG_FILE] = siglip
+  config_yaml.update(encoder_model=config_json["encoder_model"],
+                     decoder_model=config_json["decoder_model"])
+  back = config_from_reference(config_json, config_yaml, siglip=siglip)
+  if back != cfg:
+    diff = [k for k in cfg.to_dict() if cfg.to_dict()[k] != back.to_dict()[k]]
+    raise ConversionError(f"this tokenizer config cannot be written in the reference's format: "
+                          f"{', '.join(diff)} would read back differently")
+  return config_json, config_yaml, files
+
+
 def load_reference_config(run_dir) -> TokenizerConfig:
   run_dir = pathlib.Path(run_dir)
   config_json, config_yaml = read_run_configs(run_dir)
@@ -140,10 +226,7 @@ def torch_shape(path: Tuple, shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return tuple(shape)
 
 
-def from_torch(path: Tuple, value: np.ndarray, shape: Tuple[int, ...], dtype) -> np.ndarray:
-  if path[-1] == "kernel":
-    value = value.T
-  return np.ascontiguousarray(value.reshape(shape)).astype(dtype)
+MAPPING = KeyMapping(torch_name, torch_shape)
 
 
 def abstract_state(cfg: TokenizerConfig):
@@ -160,16 +243,7 @@ def convert_state_dict(cfg: TokenizerConfig, state: Dict[str, np.ndarray], sourc
                        dtype="float32") -> Tokenizer:
   """Builds a Tokenizer holding exactly the weights of `state` (every key used, every
   parameter filled, shapes checked)."""
-  reader = StateDictReader(state, source)
-  model = nnx.eval_shape(lambda: Tokenizer(cfg))
-  graphdef, abstract = nnx.split(model)
-  flat = []
-  for path, var in nnx.to_flat_state(abstract):
-    value = reader.take(torch_name(path), torch_shape(path, var.shape))
-    target_dtype = var.dtype if not np.issubdtype(var.dtype, np.floating) else np.dtype(dtype)
-    flat.append((path, var.replace(from_torch(path, value, var.shape, target_dtype))))
-  reader.finish()
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return model_from_state_dict(nnx.eval_shape(lambda: Tokenizer(cfg)), MAPPING, state, source, dtype)
 
 
 def convert_tokenizer(checkpoint, out, weights="model", config_dir=None, dtype="float32"):

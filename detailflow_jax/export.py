@@ -1,0 +1,296 @@
+"""`python -m detailflow_jax.export`: our models and training runs in the PyTorch reference's
+released format (or our converted layout).
+
+  python -m detailflow_jax.export --model DIR --out RUN
+  python -m detailflow_jax.export --workdir W [--step N] [--weights model|ema] --out RUN
+  python -m detailflow_jax.export --workdir W --step N --format model_dir --out DIR
+
+Sources: `--model DIR`, a converted model directory (one set of weights, stored as "model"), or
+`--workdir W`, a training run of `launch/train.py` (its `config.json` names the task; the Orbax
+train state of step N, default the newest, holds the `model` and, when trained with EMA, the
+`ema` weights).
+
+`--format reference` writes, atomically (a temporary directory renamed into place):
+  RUN/config.json, RUN/config.yaml   what the reference's load_vq / load_ar_model read (plus
+                                     RUN/siglip2_vision_config.json for tower sizes the
+                                     reference's builders do not have, see convert/tokenizer.py)
+  RUN/checkpoints/NAME.pt            torch.save({"model": sd, "ema": sd}) ("ema" when present)
+  RUN/checkpoints/NAME.safetensors   one state dict (`--weights`; default: the GPT's ema, the
+                                     tokenizer's model, as the reference evaluates), with
+                                     metadata naming the producer, source, step and weights
+NAME defaults to the step as the reference names checkpoints (0005000) or `model`. The state
+dicts are our parameters through the same key tables the converters read them with, so the
+converter reads the export back to identical weights.
+
+`--format model_dir` writes one set of weights as our converted directory (`load_gpt(DIR)`).
+
+Tokenizer runs export their inference model: the frozen SigLIP2 teacher and the alignment heads
+exist only for training (the trainer's own workdir/export drops them too), so config.json says
+repa false and global_token_loss_weight 0.
+"""
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from . import __version__
+from .convert.common import ConversionError, state_dict_from_model, write_atomically
+from .hub import DEFAULT_WEIGHTS, SOURCE_FILE
+
+TASK_KINDS = {"ar": "gpt", "tokenizer": "tokenizer"}
+
+
+@dataclasses.dataclass
+class ExportSource:
+  kind: str                    # "tokenizer" | "gpt"
+  weights: Dict[str, Any]      # "model" (and "ema") -> nnx module
+  step: Optional[int]
+  origin: str                  # where it came from, for the metadata
+
+
+def _mapping(kind: str):
+  if kind == "tokenizer":
+    from .convert.tokenizer import MAPPING
+  else:
+    from .convert.gpt import MAPPING
+  return MAPPING
+
+
+def source_from_model_dir(directory) -> ExportSource:
+  from .model_dir import _read_meta
+  from .pretrained import load_model_dir
+  directory = pathlib.Path(directory).absolute()
+  config = directory / "config.json"
+  if not config.is_file():
+    raise FileNotFoundError(f"{directory} is not a converted model directory: no config.json")
+  kind = json.loads(config.read_text()).get("kind")
+  if kind not in DEFAULT_WEIGHTS:
+    raise ValueError(f"{directory}: config.json names the kind {kind!r}, not tokenizer or gpt")
+  _read_meta(directory, kind)
+  origin = str(directory)
+  if (directory / SOURCE_FILE).is_file():  # a cached conversion: name what it came from
+    record = json.loads((directory / SOURCE_FILE).read_text())
+    origin += f" (converted from {record.get('source')}, {record.get('weights')} weights)"
+  return ExportSource(kind, {"model": load_model_dir(directory, kind)}, None, origin)
+
+
+def workdir_steps(workdir) -> List[int]:
+  """Steps with a finished Orbax checkpoint in workdir/checkpoints, oldest first."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and (p / "state").is_dir() and not p.name.startswith("."))
+
+
+def _unwrap(node):
+  """Orbax stores an nnx Variable as {"value": array}."""
+  while isinstance(node, dict) and set(node) == {"value"}:
+    node = node["value"]
+  return node
+
+
+def _pure_like(restored, like, where: str):
+  """`restored` (Orbax's dicts with string keys) in the key structure of `like` (the model's
+  pure dict); keys the model does not have are left out, missing ones are an error."""
+  restored = _unwrap(restored)
+  if not isinstance(like, dict):
+    return restored
+  if not isinstance(restored, dict):
+    raise ConversionError(f"{where}: the checkpoint holds an array where the model has a module")
+  out = {}
+  for key, sub in like.items():
+    if str(key) not in restored:
+      raise ConversionError(f"{where}: the checkpoint has no {where}/{key}")
+    out[key] = _pure_like(restored[str(key)], sub, f"{where}/{key}")
+  return out
+
+
+def _abstract_model(c, kind: str):
+  """The inference model of a run's config, built abstractly (no weights allocated)."""
+  from flax import nnx
+  if kind == "gpt":
+    from .models.gpt import GPT
+    from .models.keys import InitKeys
+    from .train.ar import gpt_config_from
+    cfg = gpt_config_from(c)
+    return nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0)))
+  from .models.tokenizer import Tokenizer
+  from .train.tokenizer import tokenizer_config_from
+  cfg = dataclasses.replace(tokenizer_config_from(c), global_token_loss_weight=0.0, repa=False,
+                            teacher=None)
+  return nnx.eval_shape(lambda: Tokenizer(cfg, rngs=0))
+
+
+def _merge_trees(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge_trees(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+  return out
+
+
+def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
+  """The model (and EMA) weights of one saved step of a training run."""
+  import jax
+  import ml_collections
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  workdir = pathlib.Path(workdir).absolute()
+  if not (workdir / "config.json").is_file():
+    raise FileNotFoundError(f"{workdir} is not a training workdir: no config.json")
+  c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  kind = TASK_KINDS.get(c.get("task"))
+  if kind is None:
+    raise ValueError(f"{workdir}/config.json: task {c.get('task')!r} (known: {', '.join(TASK_KINDS)})")
+  steps = workdir_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no finished checkpoint")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"{workdir}: no checkpoint of step {step} (saved steps: "
+                     f"{', '.join(map(str, steps))})")
+  path = workdir / "checkpoints" / str(step) / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
+  import logging
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA" for a manager's item: expected
+  try:
+    meta = checkpointer.metadata(path)
+  finally:
+    absl_log.setLevel(level)
+  tree = getattr(meta, "item_metadata", meta)
+  wanted = {k: tree[k] for k in ("params", "extras", "ema_params") if tree.get(k)}
+  device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
+  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=s.dtype),
+                      target)
+  try:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True))
+  except Exception as e:
+    raise ConversionError(f"{path}: cannot read the saved train state "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+  models = {}
+  for name, params_key in (("model", "params"), ("ema", "ema_params")):
+    if params_key not in restored:
+      continue
+    graphdef, state = nnx.split(_abstract_model(c, kind))
+    like = nnx.to_pure_dict(state)
+    pure = _pure_like(_merge_trees(restored.get("extras") or {}, restored[params_key]), like,
+                      f"{path}:{params_key}")
+    for (p, want), have in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(pure)):
+      if tuple(want.shape) != tuple(have.shape):
+        raise ConversionError(f"{path}: {jax.tree_util.keystr(p)} has shape {have.shape}, the run's "
+                              f"config builds {want.shape}")
+    nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, pure))
+    models[name] = nnx.merge(graphdef, state)
+  return ExportSource(kind, models, step, f"{workdir} step {step}")
+
+
+def choose_weights(source: ExportSource, weights: Optional[str]) -> str:
+  if weights is not None:
+    if weights not in source.weights:
+      raise ValueError(f"{source.origin} has no {weights!r} weights (it has: "
+                       f"{', '.join(source.weights)})")
+    return weights
+  default = DEFAULT_WEIGHTS[source.kind]
+  return default if default in source.weights else "model"
+
+
+def _torch_state(state: Dict[str, np.ndarray]):
+  import torch
+  out = {}
+  for key, value in state.items():
+    if value.dtype.name == "bfloat16":
+      out[key] = torch.from_numpy(value.view(np.uint16).copy()).view(torch.bfloat16)
+    else:
+      out[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+  return out
+
+
+def write_reference(source: ExportSource, out, weights: Optional[str] = None,
+                    name: Optional[str] = None) -> pathlib.Path:
+  """RUN/config.json, RUN/config.yaml, RUN/checkpoints/NAME.{pt,safetensors} (see above)."""
+  import torch
+  import yaml
+  from safetensors.torch import save_file
+  if source.kind == "tokenizer":
+    from .convert.tokenizer import reference_configs
+  else:
+    from .convert.gpt import reference_configs
+  first = next(iter(source.weights.values()))
+  configs = reference_configs(first.config)
+  config_json, config_yaml = configs[0], configs[1]
+  extra_files = configs[2] if len(configs) > 2 else {}
+  chosen = choose_weights(source, weights)
+  name = name or (f"{source.step:07d}" if source.step is not None else "model")
+  mapping = _mapping(source.kind)
+  states = {w: _torch_state(state_dict_from_model(m, mapping)) for w, m in source.weights.items()}
+  metadata = {"format": "pt", "producer": f"detailflow_jax {__version__}", "kind": source.kind,
+              "source": source.origin, "step": "unknown" if source.step is None else str(source.step),
+              "weights": chosen}
+
+  def write(tmp: pathlib.Path):
+    (tmp / "config.json").write_text(json.dumps(config_json, indent=4))
+    (tmp / "config.yaml").write_text(
+        "# Written by detailflow_jax.export (the keys the reference's loaders read).\n"
+        + yaml.safe_dump(config_yaml, sort_keys=False))
+    for filename, content in extra_files.items():
+      (tmp / filename).write_text(json.dumps(content, indent=2))
+    (tmp / "checkpoints").mkdir()
+    torch.save(states, tmp / "checkpoints" / f"{name}.pt")
+    save_file(states[chosen], str(tmp / "checkpoints" / f"{name}.safetensors"), metadata=metadata)
+
+  return write_atomically(out, write)
+
+
+def write_model_dir(source: ExportSource, out, weights: Optional[str] = None) -> pathlib.Path:
+  from .model_dir import save_model_dir
+  model = source.weights[choose_weights(source, weights)]
+  return write_atomically(out, lambda tmp: save_model_dir(tmp, source.kind, model.config.to_dict(), model))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m detailflow_jax.export", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument("--workdir", help="a training run directory (launch/train.py --workdir)")
+  where.add_argument("--model", help="a converted model directory")
+  parser.add_argument("--step", type=int, default=None, help="--workdir: the saved step (default: newest)")
+  parser.add_argument("--format", choices=["reference", "model_dir"], default="reference")
+  parser.add_argument("--weights", choices=["model", "ema"], default=None,
+                      help="the weights of the .safetensors file / the model_dir (default: GPT ema, "
+                           "tokenizer model, when present); the .pt always holds every set")
+  parser.add_argument("--name", default=None, help="checkpoint file name without suffix "
+                                                   "(default: the step, 7 digits, or 'model')")
+  parser.add_argument("--out", required=True, help="output directory (must not exist)")
+  args = parser.parse_args(argv)
+  if args.model and args.step is not None:
+    parser.error("--step applies to --workdir")
+  try:
+    source = (source_from_workdir(args.workdir, args.step) if args.workdir
+              else source_from_model_dir(args.model))
+    chosen = choose_weights(source, args.weights)
+    if args.format == "reference":
+      out = write_reference(source, args.out, args.weights, args.name)
+      print(f"wrote {out}: checkpoints/*.pt with {' + '.join(source.weights)} weights, "
+            f".safetensors with the {chosen} weights ({source.kind}, {source.origin})")
+    else:
+      if args.name:
+        parser.error("--name applies to --format reference")
+      out = write_model_dir(source, args.out, args.weights)
+      print(f"wrote {out} ({source.kind}, {chosen} weights of {source.origin})")
+  except (ConversionError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
