@@ -1,4 +1,5 @@
-"""notebooks/sampling_demo.ipynb end to end on the bundled tiny checkpoints, offline.
+"""notebooks/sampling_demo.ipynb end to end on the bundled tiny checkpoints, offline: its
+one-command Hub path, against a Hub cache holding the fixture runs under the released names.
 
 Parameters are injected the way papermill does it (a cell after the one tagged "parameters"),
 and the kernel is this interpreter's ipykernel, registered in a temporary kernelspec directory
@@ -13,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import hub_helpers as hh
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "sampling_demo.ipynb"
-TINY = REPO / "tests" / "fixtures" / "detailflow_tiny_a"
 KERNEL = "detailflow-jax-test"
 
 
@@ -55,8 +57,11 @@ def test_notebook_runs_offline_on_the_fixture(tmp_path, monkeypatch):
   for name in ("TOKENIZER_SRC", "GPT_SRC", "OFFLINE", "LABELS", "CFG_SCALE", "NUM_IMAGES", "OUT_DIR"):
     assert f"\n{name} = " in "\n" + params.source, name
   out_dir = tmp_path / "out"
+  hf_home = tmp_path / "hf_home"
+  hh.add_snapshot(hf_home / "hub", hh.TOKENIZER_REPO, hh.tokenizer_files())
+  hh.add_snapshot(hf_home / "hub", hh.GPT_REPO, hh.gpt_files())
   inject_parameters(nb, dict(
-      TOKENIZER_SRC=str(TINY / "tokenizer"), GPT_SRC=str(TINY / "gpt" / "checkpoints" / "gpt.pt"),
+      TOKENIZER_SRC=hh.TOKENIZER_REPO, GPT_SRC=hh.GPT_REPO,
       OFFLINE=True, LABELS="0, 3, 1", CFG_SCALE=1.5, NUM_IMAGES=2, OUT_DIR=str(out_dir),
       TIMING_REPEATS=2, REPO_URL=""))
   nb.cells.append(nbformat.v4.new_code_cell(
@@ -67,7 +72,9 @@ def test_notebook_runs_offline_on_the_fixture(tmp_path, monkeypatch):
   # the install cell finds the package: nothing is installed
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(hf_home))
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the notebook's OFFLINE sets it
+  monkeypatch.delenv("DETAILFLOW_JAX_CACHE", raising=False)
   work = tmp_path / "cwd"
   work.mkdir()
   client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=300,
@@ -77,7 +84,10 @@ def test_notebook_runs_offline_on_the_fixture(tmp_path, monkeypatch):
   text = stream_text(nb)
   assert "detailflow_jax is importable: nothing to install" in text
   assert "downloading" not in text
-  assert "(ema weights)" in text  # the fixture GPT .pt carries an EMA copy
+  assert f"gpt: converting {hh.GPT_REPO}@" in text
+  assert "(ema weights: the reference's evaluation default)" in text  # the .pt has an EMA copy
+  assert "(model weights: the reference's evaluation default)" in text  # the tokenizer
+  assert len(list((hf_home / "detailflow_jax").rglob("source.json"))) == 2
   assert "sampled 6 x 32 tokens" in text
   assert "sampling: " in text and "images/s" in text
   for name in ("samples.png", "coarse_to_fine.png"):
@@ -91,4 +101,4 @@ def test_notebook_runs_offline_on_the_fixture(tmp_path, monkeypatch):
   assert timing["batch"] == 6 and timing["sample_images_per_s"] > 0
   images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == 2
-  assert "huggingface_hub imported: False" in text  # local sources, OFFLINE
+  assert "huggingface_hub imported: True" in text  # Hub ids go through huggingface_hub

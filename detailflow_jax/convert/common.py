@@ -100,7 +100,10 @@ def weight_sets(path) -> Tuple[str, ...]:
     return ("model",)
   import torch
   try:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    try:
+      obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) .pt files cannot be memory-mapped
+      obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:
     raise ConversionError(f"cannot read checkpoint {path}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
