@@ -9,7 +9,8 @@ is closed" tracebacks), and `verify_model_dir(..., checksums=True)` also catches
 import hashlib
 import json
 import pathlib
-from typing import Any, Callable, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,10 @@ def restore_model_dir(directory, kind: str, build: Callable[[Dict[str, Any]], nn
   try:
     restored = _checkpointer().restore(directory / PARAMS_DIR, target)
   except Exception as e:  # tensorstore/Orbax errors have many types; all mean unreadable arrays
+    # Other reads are still in flight; if the caller exits at once, their callbacks reach the
+    # closed event loop during interpreter shutdown and print "Event loop is closed"
+    # tracebacks. Only directories without a file listing (written before it) get here.
+    time.sleep(1.0)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DamagedModelError(f"{directory} is damaged: its arrays cannot be read ({first[:300]}); "
                             f"{_redo_hint(directory)}") from None

@@ -16,7 +16,8 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :variant", lock_config=True)
-flags.DEFINE_string("tokenizer", None, "converted or exported tokenizer directory")
+flags.DEFINE_string("tokenizer", None, "tokenizer: converted or exported directory, released run "
+                    "directory or Hub id (org/name[@revision][:path/in/repo.pt])")
 flags.DEFINE_string("workdir", None, "where the token records go")
 flags.mark_flags_as_required(["config", "tokenizer", "workdir"])
 

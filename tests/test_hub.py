@@ -193,3 +193,12 @@ def test_damaged_model_directory_is_one_clear_line(tmp_path, capsys):
   assert reconstruct.main(cmd[3:]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "is missing" in err[0] and str(directory) in err[0]
+
+  # A directory written before config.json listed its files: Orbax's error, in one line.
+  import json
+  meta = json.loads((directory / "config.json").read_text())
+  del meta["files"]
+  (directory / "config.json").write_text(json.dumps(meta))
+  assert reconstruct.main(cmd[3:]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "its arrays cannot be read" in err[0] and "convert again" in err[0]
