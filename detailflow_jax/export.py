@@ -61,16 +61,18 @@ def _mapping(kind: str):
 
 
 def source_from_model_dir(directory) -> ExportSource:
-  from .model_dir import _read_meta
+  from .model_dir import is_model_dir
   from .pretrained import load_model_dir
   directory = pathlib.Path(directory).absolute()
-  config = directory / "config.json"
-  if not config.is_file():
-    raise FileNotFoundError(f"{directory} is not a converted model directory: no config.json")
-  kind = json.loads(config.read_text()).get("kind")
+  if not is_model_dir(directory):
+    raise FileNotFoundError(f"{directory} is not a converted model directory (config.json with a "
+                            "model kind + params/)")
+  try:
+    kind = json.loads((directory / "config.json").read_text()).get("kind")
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{directory} is damaged: config.json is not valid JSON ({e})") from None
   if kind not in DEFAULT_WEIGHTS:
     raise ValueError(f"{directory}: config.json names the kind {kind!r}, not tokenizer or gpt")
-  _read_meta(directory, kind)
   origin = str(directory)
   if (directory / SOURCE_FILE).is_file():  # a cached conversion: name what it came from
     record = json.loads((directory / SOURCE_FILE).read_text())
@@ -224,10 +226,7 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
     from .convert.tokenizer import reference_configs
   else:
     from .convert.gpt import reference_configs
-  first = next(iter(source.weights.values()))
-  configs = reference_configs(first.config)
-  config_json, config_yaml = configs[0], configs[1]
-  extra_files = configs[2] if len(configs) > 2 else {}
+  config_json, config_yaml, extra_files = reference_configs(next(iter(source.weights.values())).config)
   chosen = choose_weights(source, weights)
   name = name or (f"{source.step:07d}" if source.step is not None else "model")
   mapping = _mapping(source.kind)

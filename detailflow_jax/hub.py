@@ -123,14 +123,13 @@ def download(hub: HubId) -> Tuple[pathlib.Path, str, str]:
     snapshot = pathlib.Path(snapshot_download(hub.repo, revision=hub.revision,
                                               allow_patterns=_CONFIG_PATTERNS))
     commit = snapshot.name
-    label = f"{hub.repo}@{commit[:12]}"
     filename = hub.filename
     if filename is None:
       try:
         files = [f.path for f in get_cached_repo_tree(hub.repo, revision=commit)]
       except errors.CachedRepoTreeNotFoundError:  # a cache written by an older client
         files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-      filename = pick_checkpoint(files, label)
+      filename = pick_checkpoint(files, str(HubId(hub.repo, hub.revision)))
     checkpoint = pathlib.Path(hf_hub_download(hub.repo, filename, revision=commit))
   except errors.RevisionNotFoundError:
     raise HubError(f"{hub.repo} has no revision {hub.revision!r}") from None

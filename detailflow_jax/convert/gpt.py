@@ -33,8 +33,8 @@ _REFERENCE_ONLY_FIELDS = {"caption_dim": 2048, "model_type": "c2i", "max_batch_s
 CUSTOM_PRESET = "GPT-custom"
 
 
-def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict]:
-  """(config.json, config.yaml) of a released run for `cfg`. Sizes of one of the reference's
+def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict, Dict]:
+  """(config.json, config.yaml, extra files: none) of a released run for `cfg`. Sizes of one of the reference's
   GPT_models presets get its name (load_ar_model loads it unchanged); other sizes get
   `gpt_model: GPT-custom` plus `gpt_model_dims`, which our converter reads and the reference
   reads once that name is registered in its GPT_models. Checked by reading it back."""
@@ -50,7 +50,7 @@ def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict]:
   back = GPTConfig.from_reference(config_json, config_yaml)
   if back != cfg:
     raise ConversionError(f"this GPT config cannot be written in the reference's format: {cfg}")
-  return config_json, config_yaml
+  return config_json, config_yaml, {}
 
 
 def torch_name(path: Tuple) -> str:
