@@ -112,3 +112,10 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   b = nnx.state(load_gpt(tmp_path / "run" / "export"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  # Any saved step exports to the reference's format and reads back identically.
+  from export_helpers import assert_workdir_export_round_trips
+  tokens_in = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)), jnp.int32)
+  labels = jnp.asarray([1, 7], jnp.int32)
+  assert_workdir_export_round_trips(tmp_path / "straight", tmp_path / "exported", "gpt", 4,
+                                    lambda model: [model(tokens_in, labels)])
