@@ -184,15 +184,10 @@ class KeyMapping(NamedTuple):
   shape: Callable[[Tuple, Tuple[int, ...]], Tuple[int, ...]]  # our path, our shape -> theirs
 
 
-def _to_ours(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-  """torch Linear weights are [out, in], flax kernels [in, out]; every other difference is a
-  reshape (leading singleton axes of token tables)."""
-  if path[-1] == "kernel":
-    value = value.T
-  return np.ascontiguousarray(value.reshape(shape))
-
-
-def _to_theirs(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+def _relayout(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  """One array between the two layouts, either way: torch Linear weights are [out, in], flax
+  kernels [in, out] (a transpose is its own inverse); every other difference is a reshape
+  (leading singleton axes of token tables)."""
   if path[-1] == "kernel":
     value = value.T
   return np.ascontiguousarray(value.reshape(shape))
@@ -210,7 +205,7 @@ def model_from_state_dict(abstract_model, mapping: KeyMapping, state: Mapping[st
   for path, var in nnx.to_flat_state(abstract):
     value = reader.take(mapping.name(path), mapping.shape(path, var.shape))
     target = np.dtype(dtype) if np.issubdtype(var.dtype, np.floating) else var.dtype
-    flat.append((path, var.replace(_to_ours(path, value, var.shape).astype(target))))
+    flat.append((path, var.replace(_relayout(path, value, var.shape).astype(target))))
   reader.finish()
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -231,7 +226,7 @@ def state_dict_from_model(model, mapping: KeyMapping) -> Dict[str, np.ndarray]:
     key = mapping.name(path)
     if key in out:
       raise ConversionError(f"two parameters map to the reference key {key!r}")
-    out[key] = _to_theirs(path, value, mapping.shape(path, value.shape))
+    out[key] = _relayout(path, value, mapping.shape(path, value.shape))
   return out
 
 

@@ -34,10 +34,12 @@ CUSTOM_PRESET = "GPT-custom"
 
 
 def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict, Dict]:
-  """(config.json, config.yaml, extra files: none) of a released run for `cfg`. Sizes of one of the reference's
-  GPT_models presets get its name (load_ar_model loads it unchanged); other sizes get
-  `gpt_model: GPT-custom` plus `gpt_model_dims`, which our converter reads and the reference
-  reads once that name is registered in its GPT_models. Checked by reading it back."""
+  """(config.json, config.yaml, extra files: none) of a released run for `cfg`.
+
+  Sizes of one of the reference's GPT_models presets get its name (load_ar_model loads it
+  unchanged); other sizes get `gpt_model: GPT-custom` plus `gpt_model_dims`, which our converter
+  reads and the reference reads once that name is registered in its GPT_models. Checked by
+  reading it back."""
   import dataclasses
   from ..models.gpt import PRESETS
   config_json = dict(dataclasses.asdict(cfg), **_REFERENCE_ONLY_FIELDS)
