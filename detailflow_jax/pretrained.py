@@ -22,3 +22,12 @@ def load_gpt(directory, dtype=None):
 
   model, _ = restore_model_dir(directory, "gpt", build, dtype=dtype)
   return model
+
+
+def load_inception(directory):
+  """(InceptionV3, info) from a converted directory (see `python -m detailflow_jax.convert
+  inception`); info holds `weights_sha256`, `source_sha256`, `source_file`."""
+  from flax import nnx
+  from .eval.inception import InceptionV3
+  model, info = restore_model_dir(directory, "inception", lambda config: InceptionV3(rngs=nnx.Rngs(0)))
+  return model, info

@@ -4,14 +4,18 @@ No real Inception weights exist on the test machines, so parity is checked with 
 that both sides regenerate from a numpy seed: tests/scripts/make_inception_golden.py feeds them
 to torch-fidelity's FeatureExtractorInceptionV3, the tests to our converter.
 """
+import functools
+
 import numpy as np
 
 GOLDEN_SEED = 20151205
 
 
+@functools.lru_cache(maxsize=2)
 def random_inception_state_dict(seed: int = GOLDEN_SEED):
   """{.pth key: float32 array (int64 for num_batches_tracked)} with He-scaled conv weights and
-  BatchNorm statistics near identity, so activations stay O(1) through all 94 layers."""
+  BatchNorm statistics near identity, so activations stay O(1) through all 94 layers. Cached:
+  callers must not modify the arrays in place."""
   from detailflow_jax.convert.inception import expected_torch_keys
   rng = np.random.default_rng(seed)
   out = {}
@@ -104,3 +108,60 @@ def torch_fidelity_outputs(model, images_u8):
   # The hooks see what the module returns (up to its final cast to float32).
   assert torch.equal(pool.to(torch.float32), pool32) and torch.equal(logits.to(torch.float32), logits32)
   return pool.numpy(), spatial.numpy(), logits.numpy()
+
+
+def write_synthetic_graphdef(state_dict, path, layer_names, extra_consts=None, bn_epsilon=1e-3):
+  """A GraphDef shaped like classify_image_graph_def.pb holding `state_dict`'s weights.
+
+  layer_names: [(torch prefix, graph scope)] for the 94 conv layers. Each layer gets the
+  graph's Const nodes (<scope>/conv2d_params as [kh, kw, in, out], <scope>/batchnorm/{gamma,
+  beta,moving_mean,moving_variance}) and its Conv2D / BatchNormWithGlobalNormalization / Relu
+  ops; plus softmax/weights [2048, 1008], softmax/biases, and the graph's small plumbing Consts
+  (sizes, concat dims, the (x - 128) * (1/128) scalars) and a string Const.
+  """
+  from tensorboardX.proto import graph_pb2
+  graph = graph_pb2.GraphDef()
+
+  def const(name, value):
+    value = np.asarray(value)
+    node = graph.node.add(name=name, op="Const")
+    tensor = node.attr["value"].tensor
+    tensor.dtype = {np.dtype(np.float32): 1, np.dtype(np.int32): 3}[value.dtype]
+    for d in value.shape:
+      tensor.tensor_shape.dim.add(size=d)
+    if value.ndim == 0:  # scalars the way TF writes them: a *_val field, no tensor_content
+      (tensor.float_val if value.dtype == np.float32 else tensor.int_val).append(value.item())
+    else:
+      tensor.tensor_content = value.astype(value.dtype.newbyteorder("<")).tobytes()
+
+  string = graph.node.add(name="DecodeJpeg/contents", op="Const")
+  string.attr["value"].tensor.dtype = 7
+  string.attr["value"].tensor.string_val.append(b"")
+  const("ExpandDims/dim", np.int32(0))
+  const("ResizeBilinear/size", np.array([299, 299], np.int32))
+  const("Sub/y", np.float32(128))
+  const("Mul/y", np.float32(1 / 128))
+  previous = "Mul"
+  for prefix, scope in layer_names:
+    const(f"{scope}/conv2d_params", state_dict[f"{prefix}.conv.weight"].transpose(2, 3, 1, 0))
+    for ours, theirs in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
+                         ("running_var", "moving_variance")):
+      const(f"{scope}/batchnorm/{theirs}", state_dict[f"{prefix}.bn.{ours}"])
+    graph.node.add(name=f"{scope}/Conv2D", op="Conv2D", input=[previous, f"{scope}/conv2d_params"])
+    bn = graph.node.add(name=f"{scope}/batchnorm", op="BatchNormWithGlobalNormalization",
+                        input=[f"{scope}/Conv2D"] + [f"{scope}/batchnorm/{s}" for s in
+                                                     ("moving_mean", "moving_variance", "beta", "gamma")])
+    bn.attr["variance_epsilon"].f = bn_epsilon
+    bn.attr["scale_after_normalization"].b = True
+    graph.node.add(name=scope, op="Relu", input=[f"{scope}/batchnorm"])
+    previous = scope
+    if scope.endswith("tower_2/conv"):
+      const(scope.split("/")[0] + "/join/concat_dim", np.int32(3))
+  const("pool_3/_reshape/shape", np.array([1, 2048], np.int32))
+  const("softmax/weights", np.ascontiguousarray(state_dict["fc.weight"].T))
+  const("softmax/biases", state_dict["fc.bias"])
+  for name, value in (extra_consts or {}).items():
+    const(name, value)
+  with open(path, "wb") as f:
+    f.write(graph.SerializeToString())
+  return path

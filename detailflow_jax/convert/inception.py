@@ -16,6 +16,7 @@ checked, and the output directory appears only when complete. Its config records
 file's SHA-256 and `weights_sha256`, a hash of the parameter values themselves: the same weights
 from the .pth and the .pb give the same one, and reference statistics carry it.
 """
+import functools
 import hashlib
 import pathlib
 from typing import Dict, Iterator, List, Mapping, Tuple
@@ -87,8 +88,10 @@ def graph_scope(layer: Tuple[str, ...]) -> str:
 
 # ------------------------------------------------------------------------------ the model -----
 
+@functools.lru_cache(maxsize=1)
 def abstract_state():
-  """Flat (path, abstract Variable) pairs of InceptionV3, without allocating weights."""
+  """Flat (path, abstract Variable) pairs of InceptionV3, without allocating weights (the
+  architecture is fixed: computed once, read only)."""
   return nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))))
 
 
@@ -176,10 +179,10 @@ def read_graphdef(path) -> Dict[str, np.ndarray]:
     if node.op == "Const":
       consts[node.name] = _tensor_to_numpy(node.attr["value"].tensor, node.name)
     elif node.op == "BatchNormWithGlobalNormalization":
-      eps = node.attr["variance_epsilon"].f
+      eps = node.attr["variance_epsilon"].f  # a float32 attr
       scaled = node.attr["scale_after_normalization"].b
       if abs(eps - BN_EPSILON) > 1e-9 or not scaled:
-        raise ConversionError(f"{path}: node {node.name!r} has variance_epsilon={eps}, "
+        raise ConversionError(f"{path}: node {node.name!r} has variance_epsilon={eps:.7g}, "
                               f"scale_after_normalization={scaled}; expected {BN_EPSILON}, True")
   if not consts:
     raise ConversionError(f"{path}: the GraphDef has no Const nodes (is it a frozen graph?)")
