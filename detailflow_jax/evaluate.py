@@ -31,18 +31,19 @@ def _features(model, batch, batch_size: int, name: str) -> Dict[str, np.ndarray]
 
 def evaluate(reference, samples, inception_dir, batch_size: int = 256, save_features=None) -> Dict:
   """The five ADM numbers and the inputs' hashes."""
+  from .model_dir import read_model_config
   from .pretrained import load_inception
-  model, info = load_inception(inception_dir)
+  info = read_model_config(inception_dir, "inception")
   weights = info["weights_sha256"]
-  # k = 3 neighbours need 4 points per set; check both files before any network runs.
+  # Both files are checked before any network runs; k = 3 neighbours need 4 points per set.
   ref = load_batch(reference, weights, min_images=scores.PR_NEIGHBOURHOOD + 1)
   smp = load_batch(samples, weights, min_images=scores.PR_NEIGHBOURHOOD + 1)
-  log.info("computing reference batch activations (%d images)...", len(ref.images))
-  ref_pool = ref.pool if ref.pool is not None else None
+  model, _ = load_inception(inception_dir)
   ref_feats = None
-  if ref_pool is None or ref.stats is None:
+  if ref.pool is None or ref.stats is None:
+    log.info("computing reference batch activations (%d images)...", len(ref.images))
     ref_feats = _features(model, ref, batch_size, "reference")
-    ref_pool = ref_feats["pool"]
+  ref_pool = ref.pool if ref.pool is not None else ref_feats["pool"]
   ref_stats = batch_statistics(ref, ref_feats)
   log.info("computing sample batch activations (%d images)...", len(smp.images))
   smp_feats = _features(model, smp, batch_size, "samples")
