@@ -1,6 +1,5 @@
 """`python -m detailflow_jax.convert inception`: the .pth layout and the TF GraphDef give the
 same model; bad files give errors naming the key, the node and the shapes."""
-import json
 
 import numpy as np
 import pytest

@@ -19,7 +19,7 @@ from the .pth and the .pb give the same one, and reference statistics carry it.
 import functools
 import hashlib
 import pathlib
-from typing import Dict, Iterator, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 from flax import nnx

@@ -10,10 +10,9 @@ import functools
 import logging
 import math
 import time
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -46,8 +45,11 @@ def extract_features(model: InceptionV3, batches: Iterable[np.ndarray], total: i
   data = NamedSharding(mesh, PartitionSpec("data"))
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-  nproc, proc = jax.process_count(), jax.process_index()
-  per_proc = gbs // nproc
+  nproc = jax.process_count()
+  # This process's rows of every global batch: the span of its devices' shards.
+  shards = data.addressable_devices_indices_map((gbs,))
+  lo = min(index[0].start or 0 for index in shards.values())
+  hi = max(gbs if index[0].stop is None else index[0].stop for index in shards.values())
   out = {k: [] for k in OUTPUTS}
   done, start, last_log = 0, time.time(), 0.0
   for batch in batches:
@@ -56,8 +58,7 @@ def extract_features(model: InceptionV3, batches: Iterable[np.ndarray], total: i
       raise ValueError(f"{name}: a batch of {n} images is larger than the global batch {gbs}")
     padded = np.zeros((gbs,) + batch.shape[1:], np.uint8)
     padded[:n] = batch
-    local = padded[proc * per_proc:(proc + 1) * per_proc]
-    x = jax.make_array_from_process_local_data(data, local, padded.shape)
+    x = jax.make_array_from_process_local_data(data, padded[lo:hi], padded.shape)
     feats = _forward(graphdef, state, x)
     if nproc > 1:
       from jax.experimental import multihost_utils

@@ -13,6 +13,7 @@ evaluator does. Writing a reference from an image set:
   python -m detailflow_jax.eval.reference --images DIR_OR_NPZ --out REF.npz --inception DIR
 """
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -64,8 +65,10 @@ class NpzImages:
     if min(self.shape) == 0:
       raise EvalInputError(f"{where}; it holds no images")
 
+  @contextlib.contextmanager
   def _open(self):
-    return zipfile.ZipFile(self.path).open(f"{self.key}.npy")
+    with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
+      yield member
 
   def __len__(self) -> int:
     return self.shape[0]
