@@ -130,3 +130,11 @@ def test_cli_reports_bad_input_before_running_the_network(inception_random_dir, 
   assert main(["--reference", str(tmp_path / "ref.npz"), "--samples", str(tmp_path / "nchw.npz"),
                "--inception", str(inception_random_dir)]) == 2
   assert "nchw.npz: 'arr_0' has dtype uint8 and shape (5, 3, 8, 8)" in capsys.readouterr().err
+
+
+def test_cli_missing_inception_dir_says_how_to_make_it(tmp_path, capsys):
+  from detailflow_jax.evaluate import main
+  np.savez(tmp_path / "ref.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8))
+  assert main(["--reference", str(tmp_path / "ref.npz"), "--samples", str(tmp_path / "ref.npz"),
+               "--inception", str(tmp_path / "none")]) == 2
+  assert "python -m detailflow_jax.convert inception" in capsys.readouterr().err
