@@ -34,3 +34,12 @@ def load_tokenizer(source, dtype=None, weights=None):
 def load_gpt(source, dtype=None, weights=None):
   """A DetailFlow GPT; `weights` ('model'/'ema') picks the set of a released checkpoint."""
   return load_model_dir(resolve_model_dir(source, "gpt", weights), "gpt", dtype)
+
+
+def load_inception(directory):
+  """(InceptionV3, info) from a converted directory (see `python -m detailflow_jax.convert
+  inception`); info holds `weights_sha256`, `source_sha256`, `source_file`."""
+  from flax import nnx
+  from .eval.inception import InceptionV3
+  model, info = restore_model_dir(directory, "inception", lambda config: InceptionV3(rngs=nnx.Rngs(0)))
+  return model, info

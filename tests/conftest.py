@@ -49,3 +49,19 @@ def tokenizer(tokenizer_dir):
 
 def nchw_to_nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="session")
+def inception_random_dir(tmp_path_factory):
+  """Random Inception weights (tests/inception_helpers.py, golden seed) saved in the .pth layout
+  and converted once per session with `python -m detailflow_jax.convert inception`."""
+  import torch
+  from inception_helpers import random_inception_state_dict
+  from detailflow_jax.convert.__main__ import main
+  tmp = tmp_path_factory.mktemp("inception")
+  pth = tmp / "pt_inception-2015-12-05-6726825d.pth"
+  # Without the num_batches_tracked counters, as torch-fidelity's converted file has them.
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in random_inception_state_dict().items()
+              if not k.endswith("num_batches_tracked")}, pth)
+  assert main(["inception", "--checkpoint", str(pth), "--out", str(tmp / "converted")]) == 0
+  return tmp / "converted"

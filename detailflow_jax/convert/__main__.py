@@ -1,4 +1,4 @@
-"""`python -m detailflow_jax.convert {tokenizer,gpt} --checkpoint X.pt --out DIR ...`"""
+"""`python -m detailflow_jax.convert {tokenizer,gpt,inception} --checkpoint FILE --out DIR ...`"""
 import argparse
 import sys
 
@@ -6,23 +6,40 @@ from .common import ConversionError
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m detailflow_jax.convert",
-                                   description="Convert a released PyTorch DetailFlow checkpoint to Orbax.")
-  parser.add_argument("model", choices=["tokenizer", "gpt"])
-  parser.add_argument("--checkpoint", required=True, help="RUN/checkpoints/X.pt or .safetensors")
+  parser = argparse.ArgumentParser(
+      prog="python -m detailflow_jax.convert",
+      description="Convert a released PyTorch DetailFlow checkpoint, or the Inception weights "
+                  "ADM's evaluator uses (.pth or TF .pb), to Orbax.")
+  parser.add_argument("model", choices=["tokenizer", "gpt", "inception"])
+  parser.add_argument("--checkpoint", required=True,
+                      help="RUN/checkpoints/X.pt or .safetensors; for inception a "
+                           "pt_inception-2015-12-05-*.pth / weights-inception-2015-12-05-*.pth "
+                           "or classify_image_graph_def.pb")
   parser.add_argument("--out", required=True, help="output directory (must not exist)")
-  parser.add_argument("--weights", choices=["model", "ema"], default="model")
+  parser.add_argument("--weights", choices=["model", "ema"], default=None,
+                      help="tokenizer/gpt only (default: model)")
   parser.add_argument("--config-dir", default=None,
-                      help="directory holding config.json/config.yaml (default: the run directory)")
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+                      help="tokenizer/gpt only: directory holding config.json/config.yaml "
+                           "(default: the run directory)")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                      help="tokenizer/gpt only (default: float32)")
   args = parser.parse_args(argv)
   try:
-    if args.model == "tokenizer":
-      from .tokenizer import convert_tokenizer as convert
+    if args.model == "inception":
+      given = [f for f, v in (("--weights", args.weights), ("--config-dir", args.config_dir),
+                              ("--dtype", args.dtype)) if v is not None]
+      if given:
+        raise ConversionError(f"{', '.join(given)} do(es) not apply to inception (float32 weights, "
+                              "no config files)")
+      from .inception import convert_inception
+      out = convert_inception(args.checkpoint, args.out)
     else:
-      from .gpt import convert_gpt as convert
-    out = convert(args.checkpoint, args.out, weights=args.weights, config_dir=args.config_dir,
-                  dtype=args.dtype)
+      if args.model == "tokenizer":
+        from .tokenizer import convert_tokenizer as convert
+      else:
+        from .gpt import convert_gpt as convert
+      out = convert(args.checkpoint, args.out, weights=args.weights or "model",
+                    config_dir=args.config_dir, dtype=args.dtype or "float32")
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,0 +1,249 @@
+"""ADM's batch files (reference and sample `.npz`), read and written.
+
+A batch file holds `arr_0`: uint8 images [N, H, W, 3] (NHWC, any size: the network resizes to
+299). A reference may also hold FID statistics `mu` [2048], `sigma` [2048, 2048], `mu_s` [2023],
+`sigma_s` [2023, 2023]; ADM's evaluator uses them instead of recomputing (for sample files too),
+and so do we. Files we write add `inception_sha256` (the converted weights' `weights_sha256`)
+and `pool` (the images' pool_3 features, reused for precision/recall): statistics and features
+computed with other weights are refused, never mixed. ADM's own files (e.g.
+VIRTUAL_imagenet256_labeled.npz) carry no hash and are used as they are.
+
+`arr_0` is streamed from the zip member batch by batch (a 50k-sample file is ~10 GB), as ADM's
+evaluator does. Writing a reference from an image set:
+  python -m detailflow_jax.eval.reference --images DIR_OR_NPZ --out REF.npz --inception DIR
+"""
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import pathlib
+import sys
+import zipfile
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+
+from .inception import POOL_DIM, SPATIAL_DIM
+from .scores import ScoreError, check_statistics, statistics
+
+IMAGES_KEY = "arr_0"
+HASH_KEY = "inception_sha256"
+POOL_KEY = "pool"
+STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
+               "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+log = logging.getLogger("detailflow_jax")
+
+
+class EvalInputError(ValueError):
+  """A batch file that cannot be evaluated; the message names the file, key and shape."""
+
+
+class NpzImages:
+  """`arr_0` of an npz, validated from its header and read sequentially in batches."""
+
+  def __init__(self, path, key: str = IMAGES_KEY):
+    self.path, self.key = pathlib.Path(path), key
+    members = npz_keys(self.path)
+    if key not in members:
+      raise EvalInputError(f"{self.path}: missing key {key!r} (uint8 images [N, H, W, 3]); "
+                           f"the file has {sorted(members)}")
+    with self._open() as f:
+      header = _read_header(f)
+    if header is None:  # an .npy format version without a public header reader: load it
+      with np.load(self.path, allow_pickle=False) as data:
+        arr = data[key]
+      header = (arr.shape, True, arr.dtype)
+    shape, self._fortran, dtype = header
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+    where = f"{self.path}: {key!r} has dtype {self.dtype} and shape {self.shape}"
+    if self.dtype != np.uint8:
+      raise EvalInputError(f"{where}; expected uint8 images in [0, 255] (NHWC)")
+    if len(self.shape) != 4 or self.shape[-1] != 3:
+      hint = " (this looks like NCHW; transpose to NHWC)" if len(self.shape) == 4 and self.shape[1] == 3 else ""
+      raise EvalInputError(f"{where}; expected [N, H, W, 3]{hint}")
+    if min(self.shape) == 0:
+      raise EvalInputError(f"{where}; it holds no images")
+
+  @contextlib.contextmanager
+  def _open(self):
+    with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
+      yield member
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    if self._fortran:
+      with np.load(self.path, allow_pickle=False) as data:
+        arr = data[self.key]
+      for i in range(0, len(arr), batch_size):
+        yield np.ascontiguousarray(arr[i:i + batch_size])
+      return
+    per_image = int(np.prod(self.shape[1:]))
+    with self._open() as f:
+      _read_header(f)
+      for i in range(0, len(self), batch_size):
+        n = min(batch_size, len(self) - i)
+        data = f.read(n * per_image)
+        if len(data) != n * per_image:
+          raise EvalInputError(f"{self.path}: {self.key!r} is truncated at image {i}")
+        yield np.frombuffer(data, np.uint8).reshape((n,) + self.shape[1:])
+
+
+def _read_header(f):
+  """(shape, fortran_order, dtype) of an .npy stream positioned at its start, or None."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  if version == (2, 0):
+    return np.lib.format.read_array_header_2_0(f)
+  return None
+
+
+def npz_keys(path) -> set:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise EvalInputError(f"batch file not found: {path}")
+  try:
+    with zipfile.ZipFile(path) as z:
+      return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+  except zipfile.BadZipFile as e:
+    raise EvalInputError(f"{path} is not an .npz file: {e}") from e
+
+
+@dataclasses.dataclass
+class BatchFile:
+  """A reference or sample batch: its images and what it carries besides."""
+  path: pathlib.Path
+  images: NpzImages
+  stats: Optional[Dict[str, np.ndarray]]  # mu, sigma, mu_s, sigma_s (float64) or None
+  pool: Optional[np.ndarray]  # cached pool_3 features of `images` (our files only)
+  weights_sha256: Optional[str]
+
+
+def load_batch(path, weights_sha256: str, min_images: int = 2) -> BatchFile:
+  """Opens and validates a batch file against the Inception weights about to be used."""
+  path = pathlib.Path(path)
+  keys = npz_keys(path)
+  images = NpzImages(path)
+  if len(images) < min_images:
+    raise EvalInputError(f"{path}: {IMAGES_KEY!r} has shape {images.shape}; the covariance and "
+                         f"precision/recall need at least {min_images} images")
+  with np.load(path, allow_pickle=False) as data:
+    stored_hash = str(data[HASH_KEY]) if HASH_KEY in keys else None
+    if stored_hash is not None and stored_hash != weights_sha256:
+      raise EvalInputError(f"{path}: {HASH_KEY} is {stored_hash[:16]}..., but the Inception weights "
+                           f"given have weights_sha256 {weights_sha256[:16]}...; statistics from "
+                           "different weights cannot be compared (rewrite the file with these weights)")
+    stats = None
+    present = [k for k in STAT_SHAPES if k in keys]
+    if present:
+      missing = [k for k in STAT_SHAPES if k not in keys]
+      if missing:
+        raise EvalInputError(f"{path}: has {present} but is missing key(s) {missing}")
+      stats = {}
+      for key, shape in STAT_SHAPES.items():
+        value = data[key]
+        if value.shape != shape:
+          raise EvalInputError(f"{path}: key {key!r} has shape {value.shape}, expected {shape}")
+        stats[key] = np.asarray(value, np.float64)
+      try:
+        check_statistics(stats["mu"], stats["sigma"], f"{path} (mu, sigma)")
+        check_statistics(stats["mu_s"], stats["sigma_s"], f"{path} (mu_s, sigma_s)")
+      except ScoreError as e:
+        raise EvalInputError(str(e)) from e
+    pool = None
+    if POOL_KEY in keys:
+      pool = data[POOL_KEY]
+      if pool.shape != (len(images), POOL_DIM) or stored_hash is None:
+        raise EvalInputError(f"{path}: key {POOL_KEY!r} has shape {pool.shape} (expected "
+                             f"{(len(images), POOL_DIM)}) or comes without {HASH_KEY}")
+  return BatchFile(path, images, stats, pool, stored_hash)
+
+
+def batch_statistics(batch: BatchFile, features: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """The file's own statistics where it has them (as ADM's read_statistics), else computed."""
+  if batch.stats is not None:
+    return batch.stats
+  try:
+    mu, sigma = statistics(features["pool"], f"{batch.path} pool features")
+    mu_s, sigma_s = statistics(features["spatial"], f"{batch.path} spatial features")
+  except ScoreError as e:
+    raise EvalInputError(str(e)) from e
+  return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+def save_npz_atomically(path, **arrays) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return path
+
+
+def write_reference(path, images: np.ndarray, features: Dict[str, np.ndarray],
+                    weights_sha256: str) -> pathlib.Path:
+  """An ADM-format reference batch with our hash and cached pool features."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise EvalInputError(f"reference images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+  mu, sigma = statistics(features["pool"], "reference pool features")
+  mu_s, sigma_s = statistics(features["spatial"], "reference spatial features")
+  return save_npz_atomically(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
+                             pool=np.asarray(features["pool"], np.float32),
+                             inception_sha256=np.array(weights_sha256))
+
+
+def read_image_set(source, size: int) -> np.ndarray:
+  """uint8 [N, size, size, 3]: a directory of images (sorted, recursive; ADM's center crop) or
+  an npz's arr_0 (used as it is)."""
+  from ..images import center_crop
+  from PIL import Image
+  source = pathlib.Path(source)
+  if source.is_file():
+    images = NpzImages(source)
+    return np.concatenate(list(images.batches(1024)))
+  if not source.is_dir():
+    raise EvalInputError(f"image set not found: {source}")
+  files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+  if not files:
+    raise EvalInputError(f"{source}: no .png/.jpg/.jpeg files")
+  out = np.empty((len(files), size, size, 3), np.uint8)
+  for i, f in enumerate(files):
+    with Image.open(f) as img:
+      out[i] = np.asarray(center_crop(img.convert("RGB"), size))
+  return out
+
+
+def main(argv=None) -> int:
+  from ..pretrained import load_inception
+  from .features import extract_features
+  parser = argparse.ArgumentParser(prog="python -m detailflow_jax.eval.reference",
+                                   description="Write an ADM-format reference batch from an image set.")
+  parser.add_argument("--images", required=True, help="directory of images, or an npz with arr_0")
+  parser.add_argument("--out", required=True, help="output .npz")
+  parser.add_argument("--inception", required=True, help="converted Inception directory")
+  parser.add_argument("--size", type=int, default=256, help="center-crop size for image directories")
+  parser.add_argument("--batch-size", type=int, default=256)
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    model, info = load_inception(args.inception)
+    images = read_image_set(args.images, args.size)
+    feats = extract_features(model, (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)),
+                             len(images), args.batch_size, name=str(args.images))
+    out = write_reference(args.out, images, feats, info["weights_sha256"])
+  except (EvalInputError, ScoreError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out} ({len(images)} images)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
