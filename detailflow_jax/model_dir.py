@@ -105,17 +105,17 @@ def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str,
   meta = _read_meta(directory, kind)
   if not (directory / PARAMS_DIR).is_dir():
     raise DamagedModelError(f"{directory} is damaged: no {PARAMS_DIR}/ directory; {_redo_hint(directory)}")
+  problems = []  # all of them, so the one line says everything that is wrong
   for name, want in (meta.get("files") or {}).items():
     path = directory / name
-    problem = None
     if not path.is_file():
-      problem = "is missing"
+      problems.append(f"{name} is missing")
     elif path.stat().st_size != want["size"]:
-      problem = f"has {path.stat().st_size} bytes, {want['size']} were written"
+      problems.append(f"{name} has {path.stat().st_size} bytes, {want['size']} were written")
     elif checksums and file_sha256(path) != want["sha256"]:
-      problem = "has changed (SHA-256 differs)"
-    if problem:
-      raise DamagedModelError(f"{directory} is damaged: {name} {problem}; {_redo_hint(directory)}")
+      problems.append(f"{name} has changed (SHA-256 differs)")
+  if problems:
+    raise DamagedModelError(f"{directory} is damaged: {', '.join(problems)}; {_redo_hint(directory)}")
   return meta
 
 
