@@ -53,15 +53,16 @@ def random_model(cfg, dtype):
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int):
+def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int,
+            cache_attention=None, matmul_n: int = 2048):
   import jax
   import jax.numpy as jnp
-  from benchmarks.common import matmul_flops_per_s, peak_rss_mb
+  from benchmarks.common import matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb
   from detailflow_jax.sampling import Sampler, SamplingOptions, sampling_flops
 
   dtype = jnp.dtype(dtype_name)
   name, cfg = model_config(quick, tokens)
-  sampler = Sampler(random_model(cfg, dtype))
+  sampler = Sampler(random_model(cfg, dtype), cache_attention=cache_attention)
   labels = jax.numpy.arange(batch) % cfg.num_classes
   options = SamplingOptions(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
 
@@ -70,7 +71,7 @@ def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int)
   compile_s = time.perf_counter() - start
   # Warm-up through the same executable (the budget is traced): one token only.
   jax.block_until_ready(sampler.sample(labels, jax.random.key(0), options, num_tokens=1))
-  peak = matmul_flops_per_s(n=2048, dtype=dtype)
+  peak = matmul_flops_per_s(n=matmul_n, dtype=dtype)
   best = float("inf")
   for r in range(repeats):
     start = time.perf_counter()
@@ -79,10 +80,11 @@ def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int)
   assert sampler.trace_count == 1, "sampler recompiled"
   flops = sampling_flops(cfg, batch, tokens, guidance=True)
   # The machine may be shared: take the better of the matmul rates measured around the run.
-  peak = max(peak, matmul_flops_per_s(n=2048, dtype=dtype))
+  peak = max(peak, matmul_flops_per_s(n=matmul_n, dtype=dtype))
   return {"model": name, "tokens": tokens, "batch": batch, "images_per_s": batch / best,
           "flops_fraction": flops / best / peak, "compile_s": compile_s,
-          "peak_rss_mb": peak_rss_mb(), "seconds_per_call": best,
+          "peak_rss_mb": peak_rss_mb(), "peak_device_memory_mb": peak_device_memory_mb(),
+          "seconds_per_call": best, "cache_attention": sampler.cache_attention,
           "gflops_per_call": flops / 1e9, "matmul_gflop_per_s": peak / 1e9, "dtype": dtype_name,
           "group_size": cfg.group_size, "cfg_scale": 1.5,
           "device": str(jax.devices()[0].device_kind)}
