@@ -211,6 +211,8 @@ def main(argv=None) -> int:
   parser.add_argument("--reference-python", default=None,
                       help="python with torch, transformers, timm, einops, pyyaml, safetensors")
   parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--only", choices=["sampler", "decode"], default=None,
+                      help="time one workload (both are built either way)")
   parser.add_argument("--serve-ours", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -238,15 +240,16 @@ def main(argv=None) -> int:
                            "--spec", json.dumps(spec)])
     try:
       # One untimed call per side and workload: first-call allocations are not the rate.
+      names = [args.only] if args.only else ["sampler", "decode"]
       for w in (ref, ours):
-        for name in ("sampler", "decode"):
+        for name in names:
           w.ask(name)
       per_round = {name: {"reference": [], "ours": [], "reference_cpu": [], "ours_cpu": []}
-                   for name in ("sampler", "decode")}
+                   for name in names}
       loads = [os.getloadavg()]
       for r in range(rounds):
         order = (ref, ours) if r % 2 == 0 else (ours, ref)
-        for name in ("sampler", "decode"):
+        for name in names:
           for w in order:
             res = w.ask(name)
             per_round[name][w.name].append(res["seconds"])
@@ -283,18 +286,18 @@ def main(argv=None) -> int:
         cpu_ratio_of_medians=(statistics.median(times["reference_cpu"])
                               / statistics.median(times["ours_cpu"])),
         target=TARGETS[name], meets_target=med_ref / med_ours >= TARGETS[name])
-  result["sampler"]["flop_ratio_reference_over_ours"] = flops["sampler_reference"] / flops["sampler_ours"]
-  result["sampler"]["ours_gflops_per_call"] = flops["sampler_ours"] / 1e9
-  result["sampler"]["ours_fraction_of_matmul_rate"] = (
-      flops["sampler_ours"] / min(per_round["sampler"]["ours"]) / (our_matmul * 1e9))
-  result["sampler"]["reference_fraction_of_matmul_rate"] = (
-      flops["sampler_reference"] / min(per_round["sampler"]["reference"]) / (torch_matmul * 1e9))
-  dec_flops = ours.ready["decode_flops"]
-  result["decode"]["gflops_per_call"] = dec_flops / 1e9
-  result["decode"]["ours_fraction_of_matmul_rate"] = (
-      dec_flops / min(per_round["decode"]["ours"]) / (our_matmul * 1e9))
-  result["decode"]["reference_fraction_of_matmul_rate"] = (
-      dec_flops / min(per_round["decode"]["reference"]) / (torch_matmul * 1e9))
+  call_flops = {"sampler": (flops["sampler_ours"], flops["sampler_reference"]),
+                "decode": (ours.ready["decode_flops"],) * 2}
+  for name in names:
+    ours_flops, ref_flops = call_flops[name]
+    result[name].update(
+        ours_gflops_per_call=ours_flops / 1e9, reference_gflops_per_call=ref_flops / 1e9,
+        ours_fraction_of_matmul_rate=ours_flops / min(per_round[name]["ours"]) / (our_matmul * 1e9),
+        reference_fraction_of_matmul_rate=(ref_flops / min(per_round[name]["reference"])
+                                           / (torch_matmul * 1e9)))
+  if "sampler" in result:
+    result["sampler"]["flop_ratio_reference_over_ours"] = (flops["sampler_reference"]
+                                                           / flops["sampler_ours"])
   result.update(matmul_gflop_per_s={"jax": our_matmul, "torch": torch_matmul},
                 loadavg=loads, ours_compile_s=ours.ready["compile_s"],
                 reference_build_s=ref_build_s, torch=ref.ready["torch"],
