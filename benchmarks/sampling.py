@@ -1,6 +1,7 @@
 """KV-cache sampler throughput: GPT-L, 128/256/512 tokens, group size 8, CFG, batch 8 and 32.
 
-python benchmarks/sampling.py [--quick] [--dtype float32|bfloat16]  ->  one JSON object:
+python benchmarks/sampling.py [--quick] [--dtype float32|bfloat16] [--cache-attention V]
+  ->  one JSON object:
   runs: [{model, tokens, batch, images_per_s, flops_fraction, compile_s, peak_rss_mb, ...}],
   time_ratio_512_over_128 (largest batch; linear in tokens gives ~4, quadratic ~16).
 Weights are random (built with nnx; float32 by default, the fast dtype on CPU). Each run is a
@@ -95,13 +96,16 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--cache-attention", choices=["chunked", "whole"], default=None,
+                      help="Sampler cache-attention variant (default: the backend's)")
   parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # "tokens,batch" child
   args = parser.parse_args(argv)
   repeats = args.repeats or 1
 
   if args.single:
     tokens, batch = (int(v) for v in args.single.split(","))
-    print(json.dumps(one_run(args.quick, tokens, batch, args.dtype, repeats)))
+    print(json.dumps(one_run(args.quick, tokens, batch, args.dtype, repeats,
+                             cache_attention=args.cache_attention)))
     return
 
   runs = []
@@ -109,6 +113,8 @@ def main(argv=None):
     for tokens in TOKENS:
       cmd = [sys.executable, os.path.abspath(__file__), "--single", f"{tokens},{batch}",
              "--dtype", args.dtype, "--repeats", str(repeats)] + (["--quick"] if args.quick else [])
+      if args.cache_attention:
+        cmd += ["--cache-attention", args.cache_attention]
       out = subprocess.run(cmd, check=True, capture_output=True, text=True)
       runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(f"{runs[-1]['model']} tokens={tokens} batch={batch}: "

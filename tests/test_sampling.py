@@ -99,8 +99,13 @@ def test_both_cache_attention_variants_equal_full_forward(variant):
 
 
 def test_cache_attention_default_follows_the_backend():
-  assert default_cache_attention("cpu") == CACHE_ATTENTION_DEFAULTS["cpu"] == "whole"
+  assert default_cache_attention("cpu") == CACHE_ATTENTION_DEFAULTS["cpu"]
   assert default_cache_attention("some-other-backend") == "chunked"
+  CACHE_ATTENTION_DEFAULTS["some-other-backend"] = "whole"
+  try:
+    assert default_cache_attention("some-other-backend") == "whole"
+  finally:
+    del CACHE_ATTENTION_DEFAULTS["some-other-backend"]
   assert Sampler(random_gpt(seed=1)).cache_attention == default_cache_attention()
   with pytest.raises(ValueError, match="cache_attention must be one of"):
     Sampler(random_gpt(seed=1), cache_attention="paged")
