@@ -10,6 +10,14 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_device_memory_mb():
+  """Peak bytes the default device's allocator has held (GPU/TPU), or None where the backend
+  keeps no such statistic (CPU: see peak_rss_mb)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2 ** 20
+
+
 def matmul_flops_per_s(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
   """Achievable FLOP/s of one jitted n x n matmul on the default device (best of `repeats`)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)

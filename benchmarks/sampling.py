@@ -1,6 +1,7 @@
 """KV-cache sampler throughput: GPT-L, 128/256/512 tokens, group size 8, CFG, batch 8 and 32.
 
-python benchmarks/sampling.py [--quick] [--dtype float32|bfloat16]  ->  one JSON object:
+python benchmarks/sampling.py [--quick] [--dtype float32|bfloat16] [--cache-attention V]
+  ->  one JSON object:
   runs: [{model, tokens, batch, images_per_s, flops_fraction, compile_s, peak_rss_mb, ...}],
   time_ratio_512_over_128 (largest batch; linear in tokens gives ~4, quadratic ~16).
 Weights are random (built with nnx; float32 by default, the fast dtype on CPU). Each run is a
@@ -53,15 +54,16 @@ def random_model(cfg, dtype):
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int):
+def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int,
+            cache_attention=None, matmul_n: int = 2048):
   import jax
   import jax.numpy as jnp
-  from benchmarks.common import matmul_flops_per_s, peak_rss_mb
+  from benchmarks.common import matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb
   from detailflow_jax.sampling import Sampler, SamplingOptions, sampling_flops
 
   dtype = jnp.dtype(dtype_name)
   name, cfg = model_config(quick, tokens)
-  sampler = Sampler(random_model(cfg, dtype))
+  sampler = Sampler(random_model(cfg, dtype), cache_attention=cache_attention)
   labels = jax.numpy.arange(batch) % cfg.num_classes
   options = SamplingOptions(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
 
@@ -70,7 +72,7 @@ def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int)
   compile_s = time.perf_counter() - start
   # Warm-up through the same executable (the budget is traced): one token only.
   jax.block_until_ready(sampler.sample(labels, jax.random.key(0), options, num_tokens=1))
-  peak = matmul_flops_per_s(n=2048, dtype=dtype)
+  peak = matmul_flops_per_s(n=matmul_n, dtype=dtype)
   best = float("inf")
   for r in range(repeats):
     start = time.perf_counter()
@@ -79,10 +81,11 @@ def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int)
   assert sampler.trace_count == 1, "sampler recompiled"
   flops = sampling_flops(cfg, batch, tokens, guidance=True)
   # The machine may be shared: take the better of the matmul rates measured around the run.
-  peak = max(peak, matmul_flops_per_s(n=2048, dtype=dtype))
+  peak = max(peak, matmul_flops_per_s(n=matmul_n, dtype=dtype))
   return {"model": name, "tokens": tokens, "batch": batch, "images_per_s": batch / best,
           "flops_fraction": flops / best / peak, "compile_s": compile_s,
-          "peak_rss_mb": peak_rss_mb(), "seconds_per_call": best,
+          "peak_rss_mb": peak_rss_mb(), "peak_device_memory_mb": peak_device_memory_mb(),
+          "seconds_per_call": best, "cache_attention": sampler.cache_attention,
           "gflops_per_call": flops / 1e9, "matmul_gflop_per_s": peak / 1e9, "dtype": dtype_name,
           "group_size": cfg.group_size, "cfg_scale": 1.5,
           "device": str(jax.devices()[0].device_kind)}
@@ -93,13 +96,16 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--cache-attention", choices=["chunked", "whole"], default=None,
+                      help="Sampler cache-attention variant (default: the backend's)")
   parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # "tokens,batch" child
   args = parser.parse_args(argv)
   repeats = args.repeats or 1
 
   if args.single:
     tokens, batch = (int(v) for v in args.single.split(","))
-    print(json.dumps(one_run(args.quick, tokens, batch, args.dtype, repeats)))
+    print(json.dumps(one_run(args.quick, tokens, batch, args.dtype, repeats,
+                             cache_attention=args.cache_attention)))
     return
 
   runs = []
@@ -107,6 +113,8 @@ def main(argv=None):
     for tokens in TOKENS:
       cmd = [sys.executable, os.path.abspath(__file__), "--single", f"{tokens},{batch}",
              "--dtype", args.dtype, "--repeats", str(repeats)] + (["--quick"] if args.quick else [])
+      if args.cache_attention:
+        cmd += ["--cache-attention", args.cache_attention]
       out = subprocess.run(cmd, check=True, capture_output=True, text=True)
       runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(f"{runs[-1]['model']} tokens={tokens} batch={batch}: "

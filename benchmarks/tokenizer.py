@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb, time_call
+from benchmarks.common import (compiled_flops, matmul_flops_per_s, peak_device_memory_mb,
+                               peak_rss_mb, time_call)
 from detailflow_jax.convert.tokenizer import SIGLIP2_SO400M, _vit
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
@@ -36,9 +37,15 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   args = parser.parse_args(argv)
-  batch = args.batch or (2 if args.quick else 8)
-  layers = 4 if args.quick else 12
-  dtype = jnp.dtype(args.dtype)
+  print(json.dumps(measure(args.quick, args.batch, args.dtype)))
+
+
+def measure(quick: bool, batch=None, dtype_name: str = "float32", matmul_n: int = 2048,
+            encode: bool = True) -> dict:
+  """Encode (unless `encode=False`) and decode figures as one JSON-able dict."""
+  batch = batch or (2 if quick else 8)
+  layers = 4 if quick else 12
+  dtype = jnp.dtype(dtype_name)
 
   cfg = detailflow16_config(layers)
   model = Tokenizer(cfg, rngs=0)
@@ -48,37 +55,44 @@ def main(argv=None):
   graphdef, state = nnx.split(model)
   images = jax.random.uniform(jax.random.key(0), (batch, 256, 256, 3), jnp.float32, -1, 1)
 
-  def encode(state, images):
+  def encode_fn(state, images):
     return nnx.merge(graphdef, state).encode(images).indices
 
-  def decode(state, indices):
+  def decode_fn(state, indices):
     return nnx.merge(graphdef, state).decode_indices(indices, image_size=256)
 
   start = time.perf_counter()
-  enc = jax.jit(encode).lower(state, images).compile()
-  indices = enc(state, images)
-  dec = jax.jit(decode).lower(state, indices).compile()
+  indices = jax.random.randint(jax.random.key(1), (batch, cfg.num_latent_tokens), 0,
+                               cfg.codebook_size)
+  if encode:
+    enc = jax.jit(encode_fn).lower(state, images).compile()
+    indices = enc(state, images)
+  dec = jax.jit(decode_fn).lower(state, indices).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(dec(state, indices))
 
-  repeats = 2 if args.quick else 3
-  enc_s = time_call(enc, state, images, repeats=repeats)
+  repeats = 2 if quick else 3
+  enc_s = time_call(enc, state, images, repeats=repeats) if encode else 0.0
   dec_s = time_call(dec, state, indices, repeats=repeats)
-  flops = compiled_flops(enc) + compiled_flops(dec)
-  peak = matmul_flops_per_s(dtype=dtype)
+  dec_flops = compiled_flops(dec)
+  flops = (compiled_flops(enc) if encode else 0.0) + dec_flops
+  peak = matmul_flops_per_s(n=matmul_n, dtype=dtype)
   result = {
-      "encode_images_per_s": batch / enc_s,
       "decode_images_per_s": batch / dec_s,
+      "decode_s": dec_s,
+      "decode_flops_fraction": dec_flops / dec_s / peak,
       "flops_fraction": flops / (enc_s + dec_s) / peak,
       "compile_s": compile_s,
-      "peak_rss_mb": peak_rss_mb(),
-      "batch": batch, "layers": layers, "dtype": args.dtype, "image_size": 256,
+      "peak_rss_mb": peak_rss_mb(), "peak_device_memory_mb": peak_device_memory_mb(),
+      "batch": batch, "layers": layers, "dtype": dtype_name, "image_size": 256,
       "num_tokens": cfg.num_latent_tokens,
       "gflops_per_image": flops / batch / 1e9,
       "matmul_gflop_per_s": peak / 1e9,
-      "device": str(jax.devices()[0].device_kind), "quick": args.quick,
+      "device": str(jax.devices()[0].device_kind), "quick": quick,
   }
-  print(json.dumps(result))
+  if encode:
+    result["encode_images_per_s"] = batch / enc_s
+  return result
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--steps", type=int, default=None)
   args = parser.parse_args(argv)
+  print(json.dumps(measure(args.quick, args.batch, args.steps)))
 
+
+def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
+            matmul_n: int = 2048) -> dict:
+  """One JSON-able dict of the step's figures (the roofline is measured in compute_dtype)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -36,20 +41,21 @@ def main(argv=None):
   from detailflow_jax.train import frozen_nets, mesh as mesh_lib
   from detailflow_jax.train import tokenizer as recipe
 
-  c = get_config("tiny" if args.quick else "")
-  batch = args.batch or (4 if args.quick else 2)
-  steps = args.steps or (3 if args.quick else 2)
+  c = get_config("tiny" if quick else "")
+  batch = batch or (4 if quick else 2)
+  steps = steps or (3 if quick else 2)
   c.data.batch_size = batch
+  c.compute_dtype = compute_dtype
   c.losses.update(disc_start=0, perceptual_weight=1.0, disc_cr_loss_weight=4.0)
   c.disc.type = "dino"
-  if args.quick:
+  if quick:
     c.model.global_token_loss_weight = 1.0
     c.towers.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
                             position_grid=4, patch_size=8)
   cfg = recipe.tokenizer_config_from(c)
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tokenizer = Tokenizer(cfg, rngs=0)
-  small = args.quick  # reduced-width VGG16 / DINO for --quick
+  small = quick  # reduced-width VGG16 / DINO for --quick
   tx, disc_tx = recipe.make_optimizers(c, 1000)
   trainer = recipe.TokenizerTrainer(
       tokenizer, recipe.loss_config_from(c), tx, mesh, disc_tx=disc_tx,
@@ -75,15 +81,15 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     best = min(best, time.perf_counter() - start)
   assert trainer.num_programs == 1, "the step recompiled"
-  matmul = matmul_flops_per_s(dtype=jnp.float32)
+  matmul = matmul_flops_per_s(n=matmul_n, dtype=jnp.dtype(compute_dtype))
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6
-  print(json.dumps({
+  return {
       "images_per_s": batch / best, "flops_fraction": flops / best / matmul, "step_s": best,
       "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(), "batch": batch, "image_size": size,
       "num_tokens": m, "gflops_per_step": flops / 1e9, "matmul_gflop_per_s": matmul / 1e9,
       "trainable_params_m": count(state.params), "disc_params_m": count(state.disc_params),
-      "frozen_params_m": count(trainer.frozen), "quick": args.quick,
-      "loss": float(metrics["loss"]), "device": str(jax.devices()[0].device_kind)}))
+      "frozen_params_m": count(trainer.frozen), "quick": quick, "compute_dtype": compute_dtype,
+      "loss": float(metrics["loss"]), "device": str(jax.devices()[0].device_kind)}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(quick: bool, devices: int, batch: int, steps: int):
+def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: str = "float32",
+            preset: str = "gpt_b", matmul_n: int = 2048):
   import jax
   import jax.numpy as jnp
   from benchmarks.common import matmul_flops_per_s, peak_rss_mb
@@ -28,7 +29,7 @@ def measure(quick: bool, devices: int, batch: int, steps: int):
   from detailflow_jax.train.optim import make_optimizer
   from detailflow_jax.train.state import create_train_state, make_train_step
 
-  c = get_config("gpt_b")
+  c = get_config(preset)
   if quick:
     c.model.update(preset="", dims=dict(dim=256, n_layer=4, n_head=4))
   c.data.batch_size = batch
@@ -36,8 +37,10 @@ def measure(quick: bool, devices: int, batch: int, steps: int):
   mesh = mesh_lib.make_mesh(devices, 1, 1, devices=jax.devices()[:devices])
   tx = make_optimizer(1e-4, 1000, warmup_steps=10)
   graphdef, state, shardings = create_train_state(lambda: GPT(cfg, rngs=0), tx, mesh)
-  # float32 compute: on CPU bf16 matmuls are no faster, and the roofline below is float32.
-  step = make_train_step(graphdef, ar.make_loss(cfg, 0.3, jnp.float32),
+  # float32 compute by default: on CPU bf16 matmuls are no faster; the roofline below is
+  # measured in the compute dtype.
+  dtype = jnp.dtype(compute_dtype)
+  step = make_train_step(graphdef, ar.make_loss(cfg, 0.3, dtype),
                          tx, shardings, mesh)
   tokens = jax.random.randint(jax.random.key(0), (batch, cfg.block_size, 3), 0, cfg.vocab_size)
   batch_arrays = {"tokens": tokens, "labels": jnp.arange(batch) % cfg.num_classes}
@@ -54,7 +57,7 @@ def measure(quick: bool, devices: int, batch: int, steps: int):
          "peak_rss_mb": peak_rss_mb(), "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6}
   if devices == 1:
     flops = _step_flops(graphdef, cfg, c, tx, state, batch_arrays)
-    matmul = matmul_flops_per_s(dtype=jnp.float32)
+    matmul = matmul_flops_per_s(n=matmul_n, dtype=dtype)
     out.update(flops_per_step=flops, matmul_gflop_per_s=matmul / 1e9,
                flops_fraction=flops / per_step / matmul)
   return out

@@ -8,8 +8,13 @@ only on its new positions and writes their keys/values into a preallocated cache
   group i = causal_num/g .. : positions i*g .. i*g+g-1 (tok_{c-1} + the special tokens for the
                               first group, else the previous group's tokens) -> the next g tokens.
 
-Each step's attention walks the filled front of the cache in fixed-size key chunks (a while
-loop with an online softmax), so the work per step follows the filled length, not block_size.
+Cache attention comes in two variants (`cache_attention`): "chunked" walks the filled front of
+the cache in fixed-size key chunks (a while loop with an online softmax), so the work per
+step follows the filled length, not block_size; "whole" runs one masked softmax over the whole
+cache (work follows block_size, but no loop). The single-position prefix steps always use the
+chunked loop with short chunks (they read at most causal_num + 1 keys). The default depends
+on the backend (CACHE_ATTENTION_DEFAULTS, from benchmarks/vs_reference.py and
+benchmarks/accelerator.py figures).
 
 Everything (both phases, sampling, guidance) is one jitted function of fixed shapes per
 (batch, guidance on/off); cfg scale, temperature, top-k/top-p, greedy, gradual cfg, cfg interval
@@ -23,6 +28,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from .models.gpt import cache_chunk
+
+CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
+# One entry per measured backend. CPU (2 cores, GPT-B, batch 8, CFG): "whole" was 1 % faster at
+# 128 tokens, "chunked" 5 % faster at 512 (CPU seconds 25.0-25.7 vs 26.5-27.7). A backend not
+# listed gets the chunked loop, whose cost stays linear in the tokens; the GPU entry is to come
+# from benchmarks/accelerator.py's figures.
+CACHE_ATTENTION_DEFAULTS = {"cpu": "chunked"}
+PREFIX_CHUNK = 16  # keys per chunk in the single-position prefix steps
+
+
+def default_cache_attention(platform: Optional[str] = None) -> str:
+  """The cache-attention variant for `platform` (default: the default JAX backend)."""
+  return CACHE_ATTENTION_DEFAULTS.get(platform or jax.default_backend(), "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +117,14 @@ def choose_tokens(logits: jax.Array, key: jax.Array, opts) -> jax.Array:
 
 
 def _generate(model, labels, key, opts, num_tokens, forced_tokens, *, guidance: bool,
-              record_logits: bool):
+              record_logits: bool, cache_attention: str = "chunked"):
   """Tokens [B, block_size] (valid up to num_tokens) and optionally the guided logits each
   token was chosen from. With `forced_tokens`, those tokens are fed instead of the chosen
   ones (teacher forcing through the cache)."""
   cfg = model.config
   g, c, block = cfg.group_size, cfg.causal_len, cfg.block_size
+  prefix_chunk = cache_chunk(block, PREFIX_CHUNK)
+  group_chunk = block if cache_attention == "whole" else cache_chunk(block)
   batch = labels.shape[0]
   rows = 2 * batch if guidance else batch
   cond = labels.astype(jnp.int32)
@@ -140,7 +162,7 @@ def _generate(model, labels, key, opts, num_tokens, forced_tokens, *, guidance: 
     tokens, caches, record = carry
     prev = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(k - 1, 0), 1, axis=1)
     h = jnp.where(k == 0, cls_emb, embed(prev))
-    logits, caches = model.run(h, start=k, caches=caches)
+    logits, caches = model.run(h, start=k, caches=caches, cache_chunk_len=prefix_chunk)
     logits = guide(logits, k - 1, opts["cfg_scale"])
     tokens, record = emit(tokens, record, k, logits, jax.random.fold_in(key, k))
     return tokens, caches, record
@@ -153,7 +175,7 @@ def _generate(model, labels, key, opts, num_tokens, forced_tokens, *, guidance: 
     first = jnp.concatenate(
         [last_prefix, jnp.broadcast_to(special[None], (rows,) + special.shape)], axis=1)
     h = jnp.where(i == c // g, first, previous)
-    logits, caches = model.run(h, start=start, caches=caches)
+    logits, caches = model.run(h, start=start, caches=caches, cache_chunk_len=group_chunk)
     scale = jnp.where(
         opts["gradual_cfg"],
         opts["cfg_scale"] * (num_groups - i + 1).astype(jnp.float32) / (num_groups + 1).astype(jnp.float32),
@@ -173,9 +195,16 @@ def _generate(model, labels, key, opts, num_tokens, forced_tokens, *, guidance: 
 
 class Sampler:
   """Jitted generation for one GPT. Compiles once per (batch size, guidance on/off,
-  record_logits/forced); `trace_count` counts traces so tests can assert reuse."""
+  record_logits/forced); `trace_count` counts traces so tests can assert reuse.
+  `cache_attention`: "chunked" or "whole" (see the module docstring); None = the backend's
+  default."""
 
-  def __init__(self, model):
+  def __init__(self, model, cache_attention: Optional[str] = None):
+    cache_attention = cache_attention or default_cache_attention()
+    if cache_attention not in CACHE_ATTENTION_VARIANTS:
+      raise ValueError(f"cache_attention must be one of {CACHE_ATTENTION_VARIANTS}, "
+                       f"got {cache_attention!r}")
+    self.cache_attention = cache_attention
     self.config = model.config
     self._graphdef, self._state = nnx.split(model)
     self.trace_count = 0
@@ -185,7 +214,8 @@ class Sampler:
     self.trace_count += 1  # Python side effect: runs only while tracing
     model = nnx.merge(self._graphdef, state)
     return _generate(model, labels, key, opts, num_tokens, forced_tokens,
-                     guidance=guidance, record_logits=record_logits)
+                     guidance=guidance, record_logits=record_logits,
+                     cache_attention=self.cache_attention)
 
   def _check(self, labels, num_tokens, guidance):
     cfg = self.config

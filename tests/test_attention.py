@@ -9,7 +9,8 @@ from detailflow_jax.models.attention import cached_attention, dot_product_attent
 from detailflow_jax.models.gpt import cache_chunk
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,chunk", [(4, 4, 8), (4, 2, 16), (6, 1, 32)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,chunk",
+                         [(4, 4, 8), (4, 2, 16), (6, 1, 32), (4, 2, 64)])  # 64: whole cache
 def test_cached_attention_matches_plain_attention(num_heads, num_kv_heads, chunk):
   rng = np.random.default_rng(num_heads * 10 + chunk)
   batch, q_len, length, dim = 3, 4, 64, 8

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detailflow_jax.sampling import Sampler, SamplingOptions, filter_logits
+from detailflow_jax.sampling import (CACHE_ATTENTION_DEFAULTS, Sampler, SamplingOptions,
+                                     default_cache_attention, filter_logits)
 
 from gpt_helpers import fixture_sampler, forward, loaded_gpt, random_gpt
 
@@ -81,6 +82,33 @@ def test_kv_cache_equals_full_forward_random_configs(config):
   uncond = forward(model, jnp.asarray(tokens[:, :-cfg.group_size]), jnp.full((2,), cfg.num_classes))
   expected = np.asarray(uncond) + (np.asarray(cond) - np.asarray(uncond)) * scale
   np.testing.assert_allclose(np.asarray(guided), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["chunked", "whole"])
+def test_both_cache_attention_variants_equal_full_forward(variant):
+  """Block 72: the chunked loop walks up to three 24-key chunks; "whole" is one pass."""
+  model = random_gpt(seed=7, n_kv_head=2, block_size=72, group_size=4, causal_num=4, n_layer=1)
+  cfg = model.config
+  sampler = Sampler(model, cache_attention=variant)
+  assert sampler.cache_attention == variant
+  labels = np.array([0, 2])
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, cfg.block_size), 0, cfg.vocab_size))
+  cached = sampler.cached_logits(labels, tokens)
+  full = forward(model, jnp.asarray(tokens[:, :-cfg.group_size]), jnp.asarray(labels))
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=0, atol=1e-4)
+
+
+def test_cache_attention_default_follows_the_backend():
+  assert default_cache_attention("cpu") == CACHE_ATTENTION_DEFAULTS["cpu"]
+  assert default_cache_attention("some-other-backend") == "chunked"
+  CACHE_ATTENTION_DEFAULTS["some-other-backend"] = "whole"
+  try:
+    assert default_cache_attention("some-other-backend") == "whole"
+  finally:
+    del CACHE_ATTENTION_DEFAULTS["some-other-backend"]
+  assert Sampler(random_gpt(seed=1)).cache_attention == default_cache_attention()
+  with pytest.raises(ValueError, match="cache_attention must be one of"):
+    Sampler(random_gpt(seed=1), cache_attention="paged")
 
 
 def _numpy_filter(logits, top_k, top_p):

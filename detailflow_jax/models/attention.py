@@ -22,70 +22,96 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       `cached_attention`.)
     mask: bool, True = may attend, broadcastable to [batch, num_heads, q_len, kv_len].
 
-  Returns [batch, q_len, num_heads, head_dim] in the query dtype. Scores and softmax are
-  computed in float32 so bf16 inputs keep a stable softmax.
+  Returns [batch, q_len, num_heads, head_dim] in the query dtype. Scores, softmax and the
+  weighted sum of values are computed in float32 so bf16 inputs keep a stable softmax.
   """
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, num_kv_heads = key.shape[1], key.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
   repeats = num_heads // num_kv_heads
-  q = query.reshape(batch, q_len, num_kv_heads, repeats, head_dim)
   scale = 1.0 / jnp.sqrt(jnp.float32(head_dim)).astype(query.dtype)
-  scores = jnp.einsum("bqkrd,bskd->bkrqs", q * scale, key, preferred_element_type=jnp.float32)
+  # Head-major operands ([B, K, R*q, D] queries, [B, K, S, D] keys/values): both contractions
+  # are then plain batched matmuls over B*K, and the only transposes are of the q/k/v/output
+  # activations, never of the q x S scores (the 5-D einsum layout cost XLA:CPU ~2x here).
+  q = jnp.transpose((query * scale).reshape(batch, q_len, num_kv_heads, repeats, head_dim),
+                    (0, 2, 3, 1, 4)).reshape(batch, num_kv_heads, repeats * q_len, head_dim)
+  k = jnp.transpose(key, (0, 2, 1, 3))
+  v = jnp.transpose(value, (0, 2, 1, 3))
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, kv_len))
-    mask = mask.reshape(batch, num_kv_heads, repeats, q_len, kv_len)
+    mask = mask.reshape(batch, num_kv_heads, repeats * q_len, kv_len)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkrqs,bskd->bqkrd", probs, value)
-  return out.reshape(batch, q_len, num_heads, head_dim)
+  # Softmax with the normalisation moved after the value matmul: exp(s - max) feeds it and the
+  # row sums divide its head_dim-wide output, saving a full pass over the q x S probabilities.
+  weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(value.dtype), v,
+                   preferred_element_type=jnp.float32) / denom
+  out = out.astype(query.dtype).reshape(batch, num_kv_heads, repeats, q_len, head_dim)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, head_dim)
 
 
 def cached_attention(query: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array,
                      num_keys: jax.Array, chunk: int) -> jax.Array:
-  """Attention of a few new queries over the filled front of a KV cache, chunk by chunk.
+  """Attention of a few new queries over the filled front of a KV cache.
 
   query [B, n, H, D]; k_cache, v_cache [B, K, S, D] (kv heads first), S % chunk == 0;
   mask bool broadcastable to [B, H, n, S]; num_keys (traced): keys [0, num_keys) may be read.
 
-  A while loop visits ceil(num_keys / chunk) chunks with an online softmax (running max, sum
-  and weighted values, float32), so the work and memory traffic of a step follow the filled
-  length and never touch the rest of the cache: generation cost stays linear in the tokens.
-  The first chunk must hold a key every query may see (the class token does), so the running
-  max is finite after it.
+  chunk < S ("chunked"): a while loop visits ceil(num_keys / chunk) chunks with an online
+  softmax (running max, sum and weighted values, float32), so the work and memory traffic of
+  a step follow the filled length and never touch the rest of the cache: generation cost
+  stays linear in the tokens. The first chunk must hold a key every query may see (the class
+  token does), so the running max is finite after it.
+  chunk == S ("whole"): one masked softmax over the whole cache, no loop; num_keys is then
+  unused, so the mask must hide every slot at or past it (the group-causal mask does). Work
+  follows S, not the fill, but there is no loop or online-softmax bookkeeping.
   """
   batch, q_len, num_heads, head_dim = query.shape
   num_kv_heads, length = k_cache.shape[1], k_cache.shape[2]
   if length % chunk:
     raise ValueError(f"cache length {length} is not a multiple of the chunk {chunk}")
   repeats = num_heads // num_kv_heads
+  rows = repeats * q_len
   scale = 1.0 / jnp.sqrt(jnp.float32(head_dim)).astype(query.dtype)
+  # Head-major [B, K, R*n, D] queries: each contraction is one batched matmul over B*K.
   q = jnp.transpose((query * scale).reshape(batch, q_len, num_kv_heads, repeats, head_dim),
-                    (0, 2, 3, 1, 4))                                   # [B, K, R, n, D]
+                    (0, 2, 3, 1, 4)).reshape(batch, num_kv_heads, rows, head_dim)
   mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, length)).reshape(
-      batch, num_kv_heads, repeats, q_len, length)
-  stats_shape = (batch, num_kv_heads, repeats, q_len)
+      batch, num_kv_heads, rows, length)
 
-  def body(i, carry):
-    running_max, denom, acc = carry
-    first = i * chunk
-    k = jax.lax.dynamic_slice_in_dim(k_cache, first, chunk, axis=2)
-    v = jax.lax.dynamic_slice_in_dim(v_cache, first, chunk, axis=2)
-    visible = jax.lax.dynamic_slice_in_dim(mask, first, chunk, axis=4)
-    scores = jnp.einsum("bkrqd,bksd->bkrqs", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(visible, scores, -jnp.inf)
-    new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
-    probs = jnp.exp(scores - new_max[..., None])               # masked keys: exp(-inf) = 0
-    correction = jnp.exp(running_max - new_max)
-    denom = denom * correction + jnp.sum(probs, axis=-1)
-    acc = acc * correction[..., None] + jnp.einsum(
-        "bkrqs,bksd->bkrqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return new_max, denom, acc
+  def scores_of(k, visible):
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(visible, scores, -jnp.inf)              # masked keys: exp(-inf) = 0
 
-  init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-          jnp.zeros(stats_shape + (head_dim,), jnp.float32))
-  num_chunks = jnp.minimum((num_keys + chunk - 1) // chunk, length // chunk)
-  _, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-  out = (acc / denom[..., None]).astype(query.dtype)                  # [B, K, R, n, D]
+  def weighted_values(probs, v):
+    return jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v,
+                      preferred_element_type=jnp.float32)
+
+  if chunk == length:
+    scores = scores_of(k_cache, mask)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = weighted_values(probs, v_cache) / jnp.sum(probs, axis=-1, keepdims=True)
+  else:
+    def body(i, carry):
+      running_max, denom, acc = carry
+      first = i * chunk
+      k = jax.lax.dynamic_slice_in_dim(k_cache, first, chunk, axis=2)
+      v = jax.lax.dynamic_slice_in_dim(v_cache, first, chunk, axis=2)
+      scores = scores_of(k, jax.lax.dynamic_slice_in_dim(mask, first, chunk, axis=3))
+      new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1, keepdims=True))
+      probs = jnp.exp(scores - new_max)
+      correction = jnp.exp(running_max - new_max)
+      denom = denom * correction + jnp.sum(probs, axis=-1, keepdims=True)
+      return new_max, denom, acc * correction + weighted_values(probs, v)
+
+    stats_shape = (batch, num_kv_heads, rows, 1)
+    init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros((batch, num_kv_heads, rows, head_dim), jnp.float32))
+    num_chunks = jnp.minimum((num_keys + chunk - 1) // chunk, length // chunk)
+    _, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / denom
+  out = out.astype(query.dtype).reshape(batch, num_kv_heads, repeats, q_len, head_dim)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, head_dim)

@@ -229,12 +229,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, rope: jax.Array, mask: jax.Array,
                cache: Optional[Tuple[jax.Array, jax.Array]] = None,
-               start: Optional[jax.Array] = None):
+               start: Optional[jax.Array] = None, chunk: Optional[int] = None):
     """x [B, n, dim] at sequence positions start .. start+n-1.
 
     Without a cache the keys are x's own positions. With one, x's keys/values are written
-    into the cache at `start` and the queries attend, chunk by chunk, over the filled front of
-    the cache (`mask` [n, S] hides what they may not see). Returns
+    into the cache at `start` and the queries attend, chunk by chunk (`chunk` keys, default
+    `cache_chunk`; the cache length = one masked pass over the whole cache), over the filled
+    front of the cache (`mask` [n, S] hides what they may not see). Returns
     (output, updated cache or None).
     """
     cfg = self.cfg
@@ -254,7 +255,8 @@ class Attention(nnx.Module):
       k_cache = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), at)
       v_cache = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), at)
       cache = (k_cache, v_cache)
-      out = cached_attention(q, k_cache, v_cache, mask, start + n, cache_chunk(k_cache.shape[2]))
+      out = cached_attention(q, k_cache, v_cache, mask, start + n,
+                             chunk or cache_chunk(k_cache.shape[2]))
     else:
       out = dot_product_attention(q, k, v, mask)
     return self.wo(out.reshape(b, n, cfg.dim)), cache
@@ -279,9 +281,10 @@ class TransformerBlock(nnx.Module):
     self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
     self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-  def __call__(self, x, rope, mask, cache=None, start=None, keys: Optional[_DropKeys] = None):
+  def __call__(self, x, rope, mask, cache=None, start=None, keys: Optional[_DropKeys] = None,
+               chunk: Optional[int] = None):
     keys = keys or _DropKeys(None)
-    attn, cache = self.attention(self.attention_norm(x), rope, mask, cache, start)
+    attn, cache = self.attention(self.attention_norm(x), rope, mask, cache, start, chunk)
     attn = _dropout(attn, self.cfg.resid_dropout_p, keys)
     h = x + _drop_path(attn, self.drop_path, keys)
     ffn = _dropout(self.feed_forward(self.ffn_norm(h)), self.cfg.ffn_dropout_p, keys)
@@ -351,12 +354,14 @@ class GPT(nnx.Module):
   # --- the network over a window of positions -----------------------------------------
 
   def run(self, h: jax.Array, start=0, caches: Optional[KVCache] = None,
-          keys: Optional[_DropKeys] = None) -> Tuple[jax.Array, Optional[KVCache]]:
+          keys: Optional[_DropKeys] = None,
+          cache_chunk_len: Optional[int] = None) -> Tuple[jax.Array, Optional[KVCache]]:
     """Embeddings h [B, n, dim] at positions start .. start+n-1 -> float32 logits [B, n, V].
 
     Without caches, h is the whole sequence from position 0. With caches (from `init_cache`),
     only the new positions run; they attend over every cached position the group-causal mask
-    allows, and their keys/values are written into the caches.
+    allows (in key chunks of `cache_chunk_len`, see `cached_attention`), and their
+    keys/values are written into the caches.
     """
     cfg = self.config
     n = h.shape[1]
@@ -371,7 +376,8 @@ class GPT(nnx.Module):
       mask = jax.lax.dynamic_slice_in_dim(full_mask, start, n, axis=0)
     new_caches = []
     for i, layer in enumerate(self.layers):
-      h, cache = layer(h, rope, mask, None if caches is None else caches[i], start, keys)
+      h, cache = layer(h, rope, mask, None if caches is None else caches[i], start, keys,
+                       cache_chunk_len)
       new_caches.append(cache)
     logits = self.output(self.norm(h)).astype(jnp.float32)
     return logits, (tuple(new_caches) if caches is not None else None)

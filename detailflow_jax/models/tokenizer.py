@@ -166,7 +166,7 @@ class Decoder(nnx.Module):
           n, t, latent_causal=True, patches_see_latents=True, latents_see_patches=False,
           group_size=cfg.group_size, causal_num=cfg.causal_len))
     out = self.visual_model.run_layers(jnp.concatenate([x, z], axis=1), mask,
-                                       capture_layer=capture_layer)
+                                       capture_layer=capture_layer, num_outputs=n)
     h, captured = out if capture_layer is not None else (out, None)
     pixels = unpatchify(self.to_pixel(h[:, :n]), vit.patch_size, vit.num_channels)
     if capture_layer is not None:

@@ -71,12 +71,18 @@ class SelfAttention(nnx.Module):
     self.v_proj = dense(rngs, dim, dim, ("embed", "heads"))
     self.out_proj = dense(rngs, dim, dim, ("heads", "embed"))
 
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array],
+               num_queries: Optional[int] = None) -> jax.Array:
+    """x [B, n, d] -> [B, m, d]: the first m = num_queries (default n) positions attend over
+    all n (mask rows beyond m are dropped)."""
     b, n, d = x.shape
-    split = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)
-    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
+    m = n if num_queries is None else num_queries
+    split = lambda t: t.reshape(b, t.shape[1], self.num_heads, d // self.num_heads)
+    if mask is not None and m < n:
+      mask = mask[..., :m, :]
+    out = dot_product_attention(split(self.q_proj(x[:, :m])), split(self.k_proj(x)),
                                 split(self.v_proj(x)), mask)
-    return self.out_proj(out.reshape(b, n, d))
+    return self.out_proj(out.reshape(b, m, d))
 
 
 class MLP(nnx.Module):
@@ -97,8 +103,10 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
     self.mlp = MLP(cfg.hidden_size, cfg.mlp_dim, rngs=rngs)
 
-  def __call__(self, x, mask=None):
-    x = x + self.self_attn(self.layer_norm1(x), mask)
+  def __call__(self, x, mask=None, num_queries: Optional[int] = None):
+    """Outputs for the first num_queries positions (default all); every position still
+    supplies keys and values."""
+    x = x[:, :num_queries] + self.self_attn(self.layer_norm1(x), mask, num_queries)
     return x + self.mlp(self.layer_norm2(x))
 
 
@@ -138,12 +146,19 @@ class VisionTower(nnx.Module):
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.post_layernorm = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
 
-  def run_layers(self, x: jax.Array, mask=None, capture_layer: Optional[int] = None):
+  def run_layers(self, x: jax.Array, mask=None, capture_layer: Optional[int] = None,
+                 num_outputs: Optional[int] = None):
     """Applies all layers then post_layernorm; optionally also returns the hidden states after
-    layer `capture_layer` (REPA alignment reads an intermediate decoder layer)."""
+    layer `capture_layer` (REPA alignment reads an intermediate decoder layer).
+
+    num_outputs: only the first num_outputs positions are returned, and the last layer runs
+    its queries, output projection and MLP for those alone (its keys/values still cover every
+    position), so a caller that reads a prefix does not pay for the rest of that layer.
+    """
     captured = None
+    last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
-      x = layer(x, mask)
+      x = layer(x, mask, num_outputs if i == last else None)
       if capture_layer is not None and i == capture_layer:
         captured = x
     x = self.post_layernorm(x)
