@@ -31,7 +31,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.num_classes = NUM_CLASSES
   t = tokenizer_config(tokens=16, variant="tiny")
   t.data.update(num_classes=NUM_CLASSES, shapes_style=SHAPES_STYLE)
-  t.total_steps = 1800
+  t.total_steps = 2400
   t.recon_every = 0        # the demo writes its own strips at the end
   t.checkpoint.async_save = False
   c.tokenizer = t
@@ -40,7 +40,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   g.model.update(dims=dict(dim=128, n_layer=4, n_head=4), vocab_size=256, block_size=16,
                  group_size=4, num_classes=NUM_CLASSES, class_dropout_prob=0.1)
   g.data.update(batch_size=64, examples_per_epoch=2 * 8192)
-  g.total_steps = 500
+  g.total_steps = 600
   g.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0.0)
   g.ema_decay = 0.995
   g.log_every = 100

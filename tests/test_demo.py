@@ -40,11 +40,13 @@ def test_demo_reconstructions_and_samples_show_their_class(demo):
                           "magenta cross", "cyan diamond"]
   # The judge itself works (on held-out clean images), or its verdicts mean nothing.
   assert m["clean_shape_accuracy"] >= 0.95 and m["clean_colour_accuracy"] >= 0.95, m
-  # Chance is 1/6 for either. Measured (quick run): QUICK_NUMBERS.
-  assert m["reconstruction_shape_accuracy"] >= 0.7, m
-  assert m["reconstruction_colour_accuracy"] >= 0.9, m
-  assert m["sample_shape_accuracy"] >= 0.5, m
-  assert m["sample_colour_accuracy"] >= 0.8, m
+  # Chance is 1/6 for either. Measured, shape / colour: reconstructions 96 % / 93 %, samples
+  # 89 % / 94 % (quick run); 100 % / 100 % and 97 % / 100 % (full run). The floors leave room
+  # for another CPU's arithmetic taking training elsewhere.
+  assert m["reconstruction_shape_accuracy"] >= 0.8, m
+  assert m["reconstruction_colour_accuracy"] >= 0.8, m
+  assert m["sample_shape_accuracy"] >= 0.65, m
+  assert m["sample_colour_accuracy"] >= 0.75, m
   assert sum(a >= 0.5 for a in m["sample_shape_accuracy_per_class"]) >= 4, m
 
 
