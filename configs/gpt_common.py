@@ -42,7 +42,7 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.extract = ml_collections.ConfigDict(dict(
       source="imagefolder", path="", split="train", image_size=0, ten_crop=True, crop_range=1.1,
       self_correction=True, batch_size=8, chunk_size=10000, seed=0,
-      num_classes=10, shapes_size=64, num_images=0))
+      num_classes=10, shapes_size=64, shapes_style="textured", num_images=0))
 
   if variant == "tiny":
     c.model.update(preset="", dims=dict(dim=64, n_layer=2, n_head=4), vocab_size=64,

@@ -50,7 +50,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
       source="imagefolder", path="", split="train", tfds_name="imagenet2012", batch_size=256,
       num_workers=8, examples_per_epoch=IMAGENET_TRAIN_IMAGES, degradation_prob=0.2,
       dynamic_resolution_prob=0.0, max_resolution_prob=0.0, num_classes=10, shapes_size=256,
-      num_images=0, seed=0))
+      shapes_style="textured", num_images=0, seed=0))
   c.num_epochs = 250
   c.total_steps = -1  # -1: num_epochs * examples_per_epoch / batch_size
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -1,15 +1,18 @@
 """`python -m detailflow_jax.demo [--workdir DIR] [--quick]`: DetailFlow end to end on CPU.
 
-Trains a tiny tokenizer and a tiny GPT on the procedural shapes (10 classes = shape x colour,
-32 px) with the same trainers, extraction and sampler the ImageNet recipe uses, then writes:
+Trains a tiny tokenizer and a tiny GPT on the procedural shapes (6 classes: red disc, green
+square, blue triangle, yellow ring, magenta cross, cyan diamond; 32 px) with the same trainers,
+extraction and sampler the ImageNet recipe uses, then writes:
 
   samples.png                       class-conditional samples, one row per class
-  samples_coarse_to_fine.png        one sample per class decoded after every group
-  reconstructions_coarse_to_fine.png held-out images, then decodes of 1, 2, 3, 4, 8, 12, 16 tokens
+  samples_coarse_to_fine.png        one sample per class decoded after 1, 2, 3, 4, 8, 12, 16 tokens
+  reconstructions_coarse_to_fine.png one held-out image per class, then its decodes after
+                                    1, 2, 3, 4, 8, 12, 16 tokens
   loss_curves.png                   tokenizer and GPT losses
-  metrics.json                      class accuracy of the samples (a CNN trained on tokenizer
-                                    reconstructions of held-out images judges them), the
-                                    coarse-to-fine errors, per-stage seconds
+  metrics.json                      shape and colour accuracy, as a judge CNN trained on clean
+                                    procedural images sees them, of held-out images, their
+                                    reconstructions and the samples; coarse-to-fine errors;
+                                    per-stage wall and CPU seconds
 
 A rerun with the same workdir resumes: finished stages load their exports. The settings are
 configs/demo.py (`--quick` is its reduced variant, the one the test suite runs).
@@ -38,37 +41,60 @@ def load_demo_config(variant: str = ""):
   return module.get_config(variant)
 
 
-def labelled_images(num_classes: int, size: int, count: int, seed: int):
+def labelled_images(num_classes: int, size: int, count: int, seed: int, style: str = "textured"):
   """[count, size, size, 3] float32 in [-1, 1] and int labels from the procedural shapes."""
   import numpy as np
   from .data.sources import ProceduralShapes
-  source = ProceduralShapes(num_classes, size, count, seed=seed)
+  source = ProceduralShapes(num_classes, size, count, seed=seed, style=style)
   records = [source[i] for i in range(count)]
   images = np.stack([np.asarray(r["image"], np.float32) / 127.5 - 1.0 for r in records])
   return images, np.asarray([r["label"] for r in records], np.int32)
+
+
+def class_factors(num_classes: int):
+  """(shape index [num_classes], colour index [num_classes]) of each class, into SHAPES / COLOURS."""
+  import numpy as np
+  from .data.sources import class_shape_colour_index
+  pairs = np.asarray([class_shape_colour_index(k) for k in range(num_classes)], np.int64)
+  return pairs[:, 0], pairs[:, 1]
+
+
+def class_names(num_classes: int):
+  """["red disc", "green square", ...]: what each class shows."""
+  from .data.sources import COLOURS, SHAPES
+  shape, colour = class_factors(num_classes)
+  return [f"{COLOURS[c]} {SHAPES[s]}" for s, c in zip(shape, colour)]
 
 
 class Stages:
   """Numbered stage banners with elapsed time, and per-stage seconds for metrics.json."""
 
   def __init__(self, names):
-    self.names, self.seconds, self._start = list(names), {}, time.time()
-    self._current, self._t0 = None, None
+    self.names, self.seconds, self.cpu_seconds = list(names), {}, {}
+    self._start, self._cpu_start = time.time(), time.process_time()
+    self._current, self._t0, self._cpu0 = None, None, None
 
   def begin(self, name: str):
     self.end()
-    self._current, self._t0 = name, time.time()
+    self._current, self._t0, self._cpu0 = name, time.time(), time.process_time()
     i = self.names.index(name) + 1
     print(f"[{i}/{len(self.names)}] {name} (elapsed {time.time() - self._start:.0f}s)", flush=True)
 
   def end(self):
     if self._current is not None:
       self.seconds[self._current] = round(time.time() - self._t0, 1)
+      self.cpu_seconds[self._current] = round(time.process_time() - self._cpu0, 1)
       self._current = None
 
   @property
   def total(self) -> float:
     return round(time.time() - self._start, 1)
+
+  @property
+  def cpu_total(self) -> float:
+    """Process CPU seconds (user + system, all threads): on a shared machine the wall time
+    says little, this says what the run cost."""
+    return round(time.process_time() - self._cpu_start, 1)
 
 
 def run(c, workdir: pathlib.Path) -> dict:
@@ -76,7 +102,7 @@ def run(c, workdir: pathlib.Path) -> dict:
   import jax
   import numpy as np
 
-  from .evaluation import classify, coarse_to_fine_errors, train_shape_classifier
+  from .evaluation import coarse_to_fine_errors, judge_images, train_judge
   from .images import save_grid
   from .inference import TokenizerFns
   from .plots import read_metrics, save_curves
@@ -128,19 +154,27 @@ def run(c, workdir: pathlib.Path) -> dict:
 
   stages.begin("evaluate and draw")
   size_cfg = fns.config.image_size
-  held_out, held_labels = labelled_images(c.num_classes, size_cfg, e.num_images, seed=c.seed + 1000)
+  style = c.tokenizer.data.shapes_style
+  class_shape, class_colour = class_factors(c.num_classes)
+  judge = train_judge(sorted(set(class_shape)), sorted(set(class_colour)), size_cfg, style=style,
+                      num_images=e.judge_images, steps=e.judge_steps, seed=c.seed)
+  held_out, held_labels = labelled_images(c.num_classes, size_cfg, e.num_images, seed=c.seed + 1000,
+                                          style=style)
   idx, _ = fns.encode(held_out)
   recon = np.asarray(fns.decode(idx), np.float32)
-  split = (3 * len(recon)) // 4
-  classifier = train_shape_classifier(recon[:split], held_labels[:split], c.num_classes,
-                                      steps=e.classifier_steps, seed=c.seed)
-  recon_acc = float(np.mean(classify(classifier, recon[split:]) == held_labels[split:]))
-  predicted = classify(classifier, samples)
-  per_class_acc = [float(np.mean(predicted[labels == k] == k)) for k in range(c.num_classes)]
-  sample_acc = float(np.mean(predicted == labels))
+  verdicts = {"clean": (held_out, held_labels), "reconstruction": (recon, held_labels),
+              "sample": (samples, labels)}
+  accuracy = {}
+  for name, (images, truth) in verdicts.items():
+    shape_pred, colour_pred = judge_images(judge, images)
+    accuracy[name] = (shape_pred == class_shape[truth], colour_pred == class_colour[truth])
+  per_class_shape = [float(np.mean(accuracy["sample"][0][labels == k])) for k in range(c.num_classes)]
 
-  strip = held_out[:c.num_strip_images]
-  strip_decodes = {t: np.asarray(fns.decode(idx[:len(strip)], t), np.float32) for t in counts}
+  # One held-out image of each class (the first), so every class's shape is shown.
+  firsts_held = np.asarray([np.flatnonzero(held_labels == k)[0] for k in range(c.num_classes)
+                           if np.any(held_labels == k)], np.int32)
+  strip = held_out[firsts_held]
+  strip_decodes = {t: np.asarray(fns.decode(idx[firsts_held], t), np.float32) for t in counts}
   paths["reconstructions_coarse_to_fine"] = save_grid(
       workdir / "reconstructions_coarse_to_fine.png",
       [[enlarge_nearest(strip[i], shown)] + [
@@ -156,15 +190,17 @@ def run(c, workdir: pathlib.Path) -> dict:
   stages.end()
 
   metrics = {
-      "sample_class_accuracy": sample_acc,
-      "sample_class_accuracy_per_class": per_class_acc,
-      "reconstruction_class_accuracy": recon_acc,
-      "chance": 1.0 / c.num_classes,
+      "classes": class_names(c.num_classes),
+      **{f"{name}_{factor}_accuracy": float(np.mean(hits[i]))
+         for name, hits in accuracy.items() for i, factor in enumerate(("shape", "colour"))},
+      "sample_shape_accuracy_per_class": per_class_shape,
+      "shape_chance": 1.0 / len(set(class_shape)), "colour_chance": 1.0 / len(set(class_colour)),
       "samples_per_class": per_class, "cfg_scale": e.cfg_scale,
       "tokenizer_rec_loss_first": float(tok_rec[0]) if len(tok_rec) else None,
       "tokenizer_rec_loss_last": float(tok_rec[-1]) if len(tok_rec) else None,
       "coarse_to_fine": c2f,
       "stage_seconds": stages.seconds, "total_seconds": stages.total,
+      "stage_cpu_seconds": stages.cpu_seconds, "total_cpu_seconds": stages.cpu_total,
       "pngs": {k: str(v) for k, v in paths.items()},
   }
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -183,14 +219,19 @@ def main(argv=None) -> int:
   c = load_demo_config("quick" if args.quick else "")
   workdir = pathlib.Path(args.workdir).absolute()
   metrics = run(c, workdir)
-  print(f"\nsamples classified as their class: {metrics['sample_class_accuracy']:.0%} "
-        f"(the classifier gets {metrics['reconstruction_class_accuracy']:.0%} on held-out "
-        f"reconstructions; chance {metrics['chance']:.0%})")
+  print(f"\nclasses: {', '.join(metrics['classes'])}")
+  print("the judge (trained on clean images only) names shape / colour correctly for:")
+  for name, what in (("clean", "held-out clean images"),
+                     ("reconstruction", "their full-token reconstructions"),
+                     ("sample", "class-conditional samples")):
+    print(f"  {what:<34} {metrics[name + '_shape_accuracy']:.0%} / "
+          f"{metrics[name + '_colour_accuracy']:.0%}")
+  print(f"  (chance {metrics['shape_chance']:.0%} / {metrics['colour_chance']:.0%})")
   print("coarse to fine (MSE of t-token decodes vs the degraded target / vs the full image):")
   for row in metrics["coarse_to_fine"]:
     print(f"  t={row['tokens']:>2} ({row['target_res']:>2} px): {row['mse_degraded']:.4f} / "
           f"{row['mse_full']:.4f}")
-  print(f"done in {metrics['total_seconds']:.0f}s; wrote:")
+  print(f"done in {metrics['total_seconds']:.0f}s ({metrics['total_cpu_seconds']:.0f} CPU s); wrote:")
   for path in metrics["pngs"].values():
     print(f"  {path}")
   print(f"  {workdir / 'metrics.json'}")

@@ -3,10 +3,11 @@
 - `coarse_to_fine_errors`: DetailFlow's claim, checked. Decoding the first t tokens should
   reproduce the image as degraded to the resolution t stands for (token2res[t]); it should not
   reproduce the full-resolution image.
-- `ShapeClassifier`: a small CNN for the procedural shapes. The demo uses it to test whether
-  class-conditional samples show the class they were asked for.
+- `train_judge`: a small CNN with a shape head and a colour head, trained on clean procedural
+  images only. The demo asks it what shape and colour its reconstructions and class-conditional
+  samples show, and compares with what each class is.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -56,36 +57,68 @@ def coarse_to_fine_errors(tokenizer, images, counts: Optional[Sequence[int]] = N
           for t in counts]
 
 
-class ShapeClassifier(nnx.Module):
-  """Two conv stages, then mean- and max-pooled features -> class logits. Pooling makes it
-  indifferent to where the shape sits; the max pool keeps a small shape's colour."""
+class ShapeColourJudge(nnx.Module):
+  """Three conv stages, then mean- and max-pooled features -> a shape head and a colour head.
+  The pooling makes it indifferent to where the shape sits."""
 
-  def __init__(self, num_classes: int, width: int = 32, *, rngs: nnx.Rngs):
+  def __init__(self, num_shapes: int, num_colours: int, width: int = 32, *, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(3, width, (3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
-    self.head = nnx.Linear(4 * width, num_classes, rngs=rngs)
+    self.conv3 = nnx.Conv(2 * width, 2 * width, (3, 3), rngs=rngs)
+    self.shape_head = nnx.Linear(4 * width, num_shapes, rngs=rngs)
+    self.colour_head = nnx.Linear(4 * width, num_colours, rngs=rngs)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array):
     x = jax.nn.gelu(self.conv1(images))
     x = nnx.avg_pool(x, (2, 2), (2, 2))
     x = jax.nn.gelu(self.conv2(x))
-    return self.head(jnp.concatenate([jnp.mean(x, (1, 2)), jnp.max(x, (1, 2))], -1))
+    x = nnx.avg_pool(x, (2, 2), (2, 2))
+    x = jax.nn.gelu(self.conv3(x))
+    features = jnp.concatenate([jnp.mean(x, (1, 2)), jnp.max(x, (1, 2))], -1)
+    return self.shape_head(features), self.colour_head(features)
 
 
-def train_shape_classifier(images, labels, num_classes: int, *, steps: int = 400,
-                           batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ShapeClassifier:
-  """Adam on cross-entropy over (images [N, S, S, 3] in [-1, 1], labels [N]); one jitted step."""
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels, np.int32)
-  if len(images) != len(labels):
-    raise ValueError(f"{len(images)} images but {len(labels)} labels")
-  model = ShapeClassifier(num_classes, rngs=nnx.Rngs(seed))
+class Judge(NamedTuple):
+  """A trained ShapeColourJudge and the SHAPES / COLOURS indices its heads stand for."""
+  model: ShapeColourJudge
+  shapes: Tuple[int, ...]
+  colours: Tuple[int, ...]
+
+
+def clean_shape_images(shapes: Sequence[int], colours: Sequence[int], size: int, count: int,
+                       style: str, seed: int):
+  """`count` procedural images whose shape (from `shapes`) and colour (from `colours`) are drawn
+  independently: [count, size, size, 3] in [-1, 1], shape and colour indices [count]."""
+  from .data.sources import render_shape
+  rng = np.random.default_rng([seed, 7])
+  shape_idx = rng.choice(np.asarray(shapes), count)
+  colour_idx = rng.choice(np.asarray(colours), count)
+  images = np.stack([render_shape(rng, size, int(s), int(c), style)
+                     for s, c in zip(shape_idx, colour_idx)])
+  return images.astype(np.float32) / 127.5 - 1.0, shape_idx, colour_idx
+
+
+def train_judge(shapes: Sequence[int], colours: Sequence[int], size: int, *, style: str,
+                num_images: int = 4096, steps: int = 400, batch_size: int = 64, lr: float = 3e-3,
+                seed: int = 0) -> Judge:
+  """Trains a ShapeColourJudge on clean procedural images only (clean_shape_images, shape and
+  colour independent, so neither head can answer from the other factor); Adam on the sum of
+  both cross-entropies, with random horizontal flips (every shape is mirror-symmetric)."""
+  shapes, colours = tuple(int(s) for s in shapes), tuple(int(c) for c in colours)
+  if len(set(shapes)) != len(shapes) or len(set(colours)) != len(colours) or not shapes or not colours:
+    raise ValueError(f"shapes {shapes} and colours {colours} must be non-empty and distinct")
+  images, shape_idx, colour_idx = clean_shape_images(shapes, colours, size, num_images, style, seed)
+  shape_y = np.searchsorted(shapes_sorted := np.sort(shapes), shape_idx)
+  colour_y = np.searchsorted(colours_sorted := np.sort(colours), colour_idx)
+  model = ShapeColourJudge(len(shapes), len(colours), rngs=nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
   @nnx.jit
-  def step(model, optimizer, x, y):
+  def step(model, optimizer, x, ys, yc):
     def loss_fn(model):
-      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+      shape_logits, colour_logits = model(x)
+      return (optax.softmax_cross_entropy_with_integer_labels(shape_logits, ys).mean()
+              + optax.softmax_cross_entropy_with_integer_labels(colour_logits, yc).mean())
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
@@ -94,15 +127,19 @@ def train_shape_classifier(images, labels, num_classes: int, *, steps: int = 400
   for _ in range(steps):
     pick = rng.integers(0, len(images), batch_size)
     x = images[pick]
-    # Random flips: the shapes are symmetric enough, and it doubles what the classifier sees.
     x = np.where(rng.random((batch_size, 1, 1, 1)) < 0.5, x[:, :, ::-1], x)
-    step(model, optimizer, jnp.asarray(x), jnp.asarray(labels[pick]))
-  return model
+    step(model, optimizer, jnp.asarray(x), jnp.asarray(shape_y[pick]), jnp.asarray(colour_y[pick]))
+  return Judge(model, tuple(int(s) for s in shapes_sorted), tuple(int(c) for c in colours_sorted))
 
 
-def classify(model: ShapeClassifier, images, batch_size: int = 256) -> np.ndarray:
-  """Predicted labels [N]."""
+def judge_images(judge: Judge, images, batch_size: int = 256):
+  """(shape indices [N], colour indices [N]) into SHAPES / COLOURS, as the judge sees them."""
   images = np.asarray(images, np.float32)
-  fn = nnx.jit(lambda m, x: jnp.argmax(m(x), -1))
-  return np.concatenate([np.asarray(fn(model, jnp.asarray(images[i:i + batch_size])))
-                         for i in range(0, len(images), batch_size)])
+  fn = nnx.jit(lambda m, x: tuple(jnp.argmax(logits, -1) for logits in m(x)))
+  shape_pred, colour_pred = [], []
+  for i in range(0, len(images), batch_size):
+    s, c = fn(judge.model, jnp.asarray(images[i:i + batch_size]))
+    shape_pred.append(np.asarray(s))
+    colour_pred.append(np.asarray(c))
+  return (np.asarray(judge.shapes)[np.concatenate(shape_pred)],
+          np.asarray(judge.colours)[np.concatenate(colour_pred)])

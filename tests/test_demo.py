@@ -1,8 +1,9 @@
 """The embedded demo, run as a user runs it (`python -m detailflow_jax.demo --quick`), once for
 this module. What it trained is then measured:
 
-- the GPT's class-conditional samples show their class (a CNN trained on tokenizer
-  reconstructions of held-out labelled images classifies them);
+- a judge CNN trained on clean procedural images only names the shape and the colour of the
+  tokenizer's full-token reconstructions of held-out images and of the GPT's class-conditional
+  samples as the class has them;
 - the tiny tokenizer (configs/detailflow16_tokenizer.py:tiny through the real trainer) learned:
   held-out reconstruction error far below the untrained model's and below the mean image's, and
   coarse to fine: a t-token decode is closer to the image degraded to the resolution t stands
@@ -33,26 +34,32 @@ def demo(tmp_path_factory):
   return workdir, metrics, run
 
 
-def test_demo_samples_show_their_class(demo):
+def test_demo_reconstructions_and_samples_show_their_class(demo):
   _, m, _ = demo
-  # The judge itself must work on the tokenizer's renderings, or its verdict means nothing.
-  # (Measured: 79 % after the quick run, 75-80 % after the full one; chance is 10 %.)
-  assert m["reconstruction_class_accuracy"] >= 0.6, m
-  # Colour alone separates 8 of the 10 classes (1 and 8 are green, 2 and 9 blue), shape the
-  # rest; the tiny tokenizer renders colour first. Measured: 76 % (quick), 86 % (full).
-  assert m["sample_class_accuracy"] >= 0.5, m
-  assert sum(a >= 0.25 for a in m["sample_class_accuracy_per_class"]) >= 7, m
+  assert m["classes"] == ["red disc", "green square", "blue triangle", "yellow ring",
+                          "magenta cross", "cyan diamond"]
+  # The judge itself works (on held-out clean images), or its verdicts mean nothing.
+  assert m["clean_shape_accuracy"] >= 0.95 and m["clean_colour_accuracy"] >= 0.95, m
+  # Chance is 1/6 for either. Measured, shape / colour: reconstructions 96 % / 93 %, samples
+  # 89 % / 94 % (quick run); 100 % / 100 % and 97 % / 100 % (full run). The floors leave room
+  # for another CPU's arithmetic taking training elsewhere.
+  assert m["reconstruction_shape_accuracy"] >= 0.8, m
+  assert m["reconstruction_colour_accuracy"] >= 0.8, m
+  assert m["sample_shape_accuracy"] >= 0.65, m
+  assert m["sample_colour_accuracy"] >= 0.75, m
+  assert sum(a >= 0.5 for a in m["sample_shape_accuracy_per_class"]) >= 4, m
 
 
 def test_demo_writes_pngs_and_reports_progress(demo):
   workdir, m, run = demo
   cell = 2 * 32  # 32 px images shown 2x
   with Image.open(workdir / "samples.png") as im:
-    assert im.size[1] >= 10 * cell and im.size[0] >= m["samples_per_class"] * cell
+    assert im.size[1] >= 6 * cell and im.size[0] >= m["samples_per_class"] * cell
   with Image.open(workdir / "samples_coarse_to_fine.png") as im:
-    assert im.size[1] >= 10 * cell and im.size[0] >= 7 * cell  # 1, 2, 3, 4, 8, 12, 16 tokens
+    assert im.size[1] >= 6 * cell and im.size[0] >= 7 * cell  # 1, 2, 3, 4, 8, 12, 16 tokens
   with Image.open(workdir / "reconstructions_coarse_to_fine.png") as im:
-    assert im.size[0] >= 8 * cell  # the input, then the 7 decodes
+    # One held-out image per class: the input, then the 7 decodes.
+    assert im.size[1] >= 6 * cell and im.size[0] >= 8 * cell
   with Image.open(workdir / "loss_curves.png") as im:
     assert im.size[0] > 300 and np.asarray(im).std() > 10  # not a blank sheet
   for name in ("samples.png", "loss_curves.png", "metrics.json"):
@@ -70,7 +77,7 @@ def test_tiny_tokenizer_learned_coarse_to_fine(demo):
   from detailflow_jax.pretrained import load_tokenizer
   from detailflow_jax.train.tokenizer import tokenizer_config_from
   workdir, m, _ = demo
-  images, _ = labelled_images(10, 32, 256, seed=123)
+  images, _ = labelled_images(6, 32, 256, seed=123, style="plain")
 
   def full_mse(model):
     fns = TokenizerFns(model)

@@ -1,4 +1,4 @@
-"""Small pieces the demo relies on: coarse-to-fine errors, the shape classifier, loss curves."""
+"""Small pieces the demo relies on: coarse-to-fine errors, the shape / colour judge, loss curves."""
 import json
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from configs.detailflow16_tokenizer import get_config
-from detailflow_jax.evaluation import classify, coarse_to_fine_errors, train_shape_classifier
+from detailflow_jax.evaluation import (clean_shape_images, coarse_to_fine_errors, judge_images,
+                                       train_judge)
 from detailflow_jax.inference import TokenizerFns
 from detailflow_jax.models.tokenizer import Tokenizer
 from detailflow_jax.ops.resize import resize_images
@@ -31,14 +32,21 @@ def test_coarse_to_fine_errors_match_a_direct_computation():
     coarse_to_fine_errors(fns, images, counts=[4, 5])
 
 
-def test_shape_classifier_learns_the_procedural_classes():
-  from detailflow_jax.demo import labelled_images
-  images, labels = labelled_images(4, 32, 384, seed=5)
-  model = train_shape_classifier(images[:256], labels[:256], 4, steps=150, seed=0)
-  accuracy = np.mean(classify(model, images[256:]) == labels[256:])
-  assert accuracy >= 0.8, accuracy  # 4 classes: chance 25 %
-  with pytest.raises(ValueError, match="3 images but 2 labels"):
-    train_shape_classifier(images[:3], labels[:2], 4)
+def test_judge_learns_shape_and_colour_from_clean_images():
+  shapes, colours = (0, 1, 2, 4), (0, 2, 5)
+  judge = train_judge(shapes, colours, 32, style="plain", num_images=512, steps=150, seed=0)
+  assert judge.shapes == shapes and judge.colours == colours
+  images, shape_idx, colour_idx = clean_shape_images(shapes, colours, 32, 256, "plain", seed=9)
+  # Shape and colour are drawn independently: every pair occurs, so neither head can lean on
+  # the other factor.
+  assert len(set(zip(shape_idx.tolist(), colour_idx.tolist()))) == len(shapes) * len(colours)
+  shape_pred, colour_pred = judge_images(judge, images)
+  assert np.mean(shape_pred == shape_idx) >= 0.8  # chance 25 %
+  assert np.mean(colour_pred == colour_idx) >= 0.9  # chance 33 %
+  with pytest.raises(ValueError, match="distinct"):
+    train_judge((0, 0), colours, 32, style="plain")
+  with pytest.raises(ValueError, match="shape style 'wavy'"):
+    clean_shape_images(shapes, colours, 32, 4, "wavy", seed=0)
 
 
 def test_loss_curves_png_and_metrics_reading(tmp_path):

@@ -226,13 +226,26 @@ class TokenRecordSource:
 # --- procedural shapes -----------------------------------------------------------------------
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 PALETTE = np.asarray([[230, 40, 40], [40, 200, 60], [40, 90, 230], [240, 200, 30],
                       [200, 50, 220], [30, 210, 220], [250, 130, 20], [245, 245, 245]], np.float32)
+# "textured": small shapes anywhere on dim stripe textures (the tokenizer tests' data).
+# "plain": one large, near-centred shape on a flat dark background (the demo's data: all of a
+#          tiny tokenizer's capacity goes to the shape's outline and colour).
+SHAPE_STYLES = ("textured", "plain")
 
 
 def class_shape_colour(label: int):
-  """Class c = (shape c % 8, colour (c // 8 + c) % 8): distinct pairs for up to 64 classes."""
-  return SHAPES[label % len(SHAPES)], PALETTE[(label // len(SHAPES) + label) % len(PALETTE)]
+  """Class c = (shape c % 8, colour (c // 8 + c) % 8): distinct pairs for up to 64 classes;
+  classes 0-7 are red disc, green square, blue triangle, yellow ring, magenta cross, cyan
+  diamond, orange hbar, white vbar."""
+  shape, colour = class_shape_colour_index(label)
+  return SHAPES[shape], PALETTE[colour]
+
+
+def class_shape_colour_index(label: int):
+  """(index into SHAPES, index into COLOURS / PALETTE) of class `label`."""
+  return label % len(SHAPES), (label // len(SHAPES) + label) % len(PALETTE)
 
 
 def _shape_mask(shape: str, yy, xx, cy, cx, r):
@@ -255,23 +268,14 @@ def _shape_mask(shape: str, yy, xx, cy, cx, r):
   return (np.abs(dx) <= 0.35) & (np.abs(dy) <= 1)
 
 
-class ProceduralShapes:
-  """Coloured shapes of `num_classes` classes on textured backgrounds; item i is a fixed
-  function of (seed, i), at any resolution. Records hold decoded uint8 images."""
-
-  def __init__(self, num_classes: int = 10, image_size: int = 64, size: int = 10000, seed: int = 0):
-    if not 1 <= num_classes <= len(SHAPES) * len(PALETTE):
-      raise ValueError(f"num_classes must be in [1, {len(SHAPES) * len(PALETTE)}]")
-    self.num_classes, self.image_size, self.size, self.seed = num_classes, image_size, size, seed
-
-  def __len__(self) -> int:
-    return self.size
-
-  def render(self, index: int) -> dict:
-    rng = np.random.default_rng([self.seed, index])
-    label = int(rng.integers(self.num_classes))
-    n = self.image_size
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+def render_shape(rng: np.random.Generator, size: int, shape: int, colour: int,
+                 style: str = "textured") -> np.ndarray:
+  """One [size, size, 3] uint8 image of SHAPES[shape] in PALETTE[colour], drawn with `rng`."""
+  if style not in SHAPE_STYLES:
+    raise ValueError(f"shape style {style!r} is not one of {SHAPE_STYLES}")
+  n = size
+  yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+  if style == "textured":
     # Background: a dim two-colour stripe texture at a random angle and frequency.
     base = rng.uniform(20, 90, size=3).astype(np.float32)
     other = base + rng.uniform(-25, 25, size=3).astype(np.float32)
@@ -280,15 +284,43 @@ class ProceduralShapes:
     stripes = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy))
     img = base[None, None] * (1 - stripes[..., None]) + other[None, None] * stripes[..., None]
     img += rng.normal(0, 4, size=img.shape).astype(np.float32)
-    shape, colour = class_shape_colour(label)
     r = n * rng.uniform(0.22, 0.32)
     cy, cx = rng.uniform(r + 1, n - r - 1, size=2)
-    mask = _shape_mask(shape, yy, xx, cy, cx, r)
-    img[mask] = colour * rng.uniform(0.85, 1.0)
-    return {"image": np.clip(img, 0, 255).astype(np.uint8), "label": label, "name": f"shapes[{index}]"}
+  else:
+    img = np.broadcast_to(rng.uniform(15, 45, size=3).astype(np.float32), (n, n, 3)).copy()
+    r = n * rng.uniform(0.34, 0.42)
+    cy, cx = n / 2 + rng.uniform(-0.08, 0.08, size=2) * n
+  mask = _shape_mask(SHAPES[shape], yy, xx, cy, cx, r)
+  img[mask] = PALETTE[colour] * rng.uniform(0.85, 1.0)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class ProceduralShapes:
+  """Coloured shapes of `num_classes` classes (class_shape_colour) in one of SHAPE_STYLES;
+  item i is a fixed function of (seed, i), at any resolution. Records hold decoded uint8 images."""
+
+  def __init__(self, num_classes: int = 10, image_size: int = 64, size: int = 10000, seed: int = 0,
+               style: str = "textured"):
+    if not 1 <= num_classes <= len(SHAPES) * len(PALETTE):
+      raise ValueError(f"num_classes must be in [1, {len(SHAPES) * len(PALETTE)}]")
+    if style not in SHAPE_STYLES:
+      raise ValueError(f"shape style {style!r} is not one of {SHAPE_STYLES}")
+    self.num_classes, self.image_size, self.size, self.seed = num_classes, image_size, size, seed
+    self.style = style
+
+  def __len__(self) -> int:
+    return self.size
+
+  def render(self, index: int) -> dict:
+    rng = np.random.default_rng([self.seed, index])
+    label = int(rng.integers(self.num_classes))
+    shape, colour = class_shape_colour_index(label)
+    image = render_shape(rng, self.image_size, shape, colour, self.style)
+    return {"image": image, "label": label, "name": f"shapes[{index}]"}
 
   def __getitem__(self, index: int) -> dict:
     return self.render(index)
 
   def __repr__(self):
-    return f"ProceduralShapes({self.num_classes} classes, {self.image_size} px, {self.size} images)"
+    return (f"ProceduralShapes({self.num_classes} classes, {self.style}, {self.image_size} px, "
+            f"{self.size} images)")

@@ -52,7 +52,8 @@ def build_image_source(e):
   if e.source == "tfds":
     return sources.TFDSSource(e.get("tfds_name", "imagenet2012"), e.split, e.path or None)
   if e.source == "shapes":
-    return sources.ProceduralShapes(e.num_classes, e.shapes_size, e.num_images, e.seed)
+    return sources.ProceduralShapes(e.num_classes, e.shapes_size, e.num_images, e.seed,
+                                    style=e.shapes_style)
   raise ValueError(f"extract.source={e.source!r} (imagefolder | tfds | shapes)")
 
 
