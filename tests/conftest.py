@@ -65,3 +65,32 @@ def inception_random_dir(tmp_path_factory):
               if not k.endswith("num_batches_tracked")}, pth)
   assert main(["inception", "--checkpoint", str(pth), "--out", str(tmp / "converted")]) == 0
   return tmp / "converted"
+
+
+def run_two_processes(script, *args, timeout=240):
+  """Runs `script PROCESS_ID PORT *args` as two localhost jax.distributed processes and returns
+  the JSON objects they print on `RESULT ` lines (one each, or the test fails with the output)."""
+  import json
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), port, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out)
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
+             if line.startswith("RESULT ")]
+  assert sorted(r["process"] for r in results) == [0, 1], outputs
+  return results

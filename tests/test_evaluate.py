@@ -144,29 +144,9 @@ def test_features_under_two_jax_distributed_processes(inception_random_dir):
   """Two localhost processes x 4 CPU devices: each feeds its half of every padded batch and both
   get all features, equal to torch-fidelity's golden ones."""
   import pathlib
-  import socket
-  import subprocess
-  import sys
+  from conftest import run_two_processes
   script = pathlib.Path(__file__).parent / "scripts" / "two_process_inception.py"
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(inception_random_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outputs.append(out)
-    assert p.returncode == 0, out[-3000:]
-  results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
-             if line.startswith("RESULT ")]
-  assert sorted(r["process"] for r in results) == [0, 1]
+  results = run_two_processes(script, inception_random_dir, timeout=300)
   for r in results:
     assert r["devices"] == 8 and r["processes"] == 2
     assert all(e <= 1e-4 for e in r["relative_errors"].values()), r
