@@ -37,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.tokenizer = t
 
   g = gpt_config(tokens=16, preset="", variant="tiny")
-  g.model.update(dims=dict(dim=128, n_layer=4, n_head=4), vocab_size=256, block_size=16,
+  g.model.update(dim=128, n_layer=4, n_head=4, vocab_size=256, block_size=16,
                  group_size=4, num_classes=NUM_CLASSES, class_dropout_prob=0.1)
   g.data.update(batch_size=64, examples_per_epoch=2 * 8192)
   g.total_steps = 600

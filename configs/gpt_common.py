@@ -6,6 +6,7 @@ from 0.005*lr then cosine to 0.01*lr, global batch 256, 300 epochs, EMA, dropout
 dropout 0.1 (CFG), self-correction with probability 0.3, bf16 compute.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 TEN_CROP_FLIP = 20  # extraction stores 10 crops x (image, flip) per image
@@ -15,10 +16,16 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c = ml_collections.ConfigDict()
   c.task = "ar"
   c.seed = 0
+  # Exactly GPTConfig's fields (models/gpt.py) plus `preset`, which gives dim / n_layer / n_head
+  # unless they are set here; any field may be overridden (--config.model.n_kv_head=4).
   c.model = ml_collections.ConfigDict(dict(
-      preset=preset, vocab_size=8192, block_size=tokens, group_size=8, causal_num=None,
-      num_classes=1000, class_dropout_prob=0.1, cls_token_num=1, token_dropout_p=0.1,
-      resid_dropout_p=0.1, ffn_dropout_p=0.1, drop_path_rate=0.0, dims=None))
+      preset=preset, dim=placeholder(int), n_layer=placeholder(int), n_head=placeholder(int),
+      n_kv_head=placeholder(int), multiple_of=256, ffn_dim_multiplier=placeholder(float),
+      rope_base=10000.0, norm_eps=1e-5, initializer_range=0.02, token_dropout_p=0.1,
+      attn_dropout_p=0.0, resid_dropout_p=0.1, ffn_dropout_p=0.1, drop_path_rate=0.0,
+      num_classes=1000, class_dropout_prob=0.1, vocab_size=8192, cls_token_num=1,
+      block_size=tokens, group_size=8, causal_num=placeholder(int),
+      learnable_tok_embeddings=True))
   c.data = ml_collections.ConfigDict(dict(
       source="token_records", path="", batch_size=256, num_workers=8,
       examples_per_epoch=IMAGENET_TRAIN_IMAGES))
@@ -45,7 +52,7 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
       num_classes=10, shapes_size=64, shapes_style="textured", num_images=0))
 
   if variant == "tiny":
-    c.model.update(preset="", dims=dict(dim=64, n_layer=2, n_head=4), vocab_size=64,
+    c.model.update(preset="", dim=64, n_layer=2, n_head=4, vocab_size=64,
                    block_size=32, group_size=4, num_classes=10)
     c.data.update(batch_size=16, num_workers=0, examples_per_epoch=256)
     c.num_epochs = 1

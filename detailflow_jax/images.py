@@ -1,6 +1,7 @@
-"""Image I/O helpers: [-1, 1] float arrays <-> uint8 PNGs, and grids of images."""
+"""Image I/O helpers: [-1, 1] float arrays <-> uint8 PNGs, grids of images, and the one
+coarse-to-fine strip drawer (samples, reconstructions, the trainers' periodic PNGs, the demo)."""
 import pathlib
-from typing import Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -72,3 +73,33 @@ def save_grid(path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, backgrou
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(canvas).save(path)
   return path
+
+
+def enlarge_nearest(image: np.ndarray, size: int) -> np.ndarray:
+  """Integer-factor-free nearest-neighbour enlargement of an HWC image to size x size."""
+  h, w = image.shape[:2]
+  rows = (np.arange(size) * h) // size
+  cols = (np.arange(size) * w) // size
+  return image[rows][:, cols]
+
+
+def coarse_to_fine_counts(token_list: Sequence[int], num_tokens: int) -> List[int]:
+  """Token counts a strip shows: every boundary of the schedule (1 .. causal_len one by one,
+  then each group) up to `num_tokens`, and `num_tokens` itself."""
+  counts = [t for t in token_list if t <= num_tokens]
+  if not counts or counts[-1] != num_tokens:
+    counts.append(num_tokens)
+  return counts
+
+
+def coarse_to_fine_strips(decode: Callable[[int], np.ndarray], counts: Sequence[int], size: int,
+                          inputs: Optional[np.ndarray] = None) -> List[List[np.ndarray]]:
+  """One row per image: (its input, then) the decode of its first t tokens for every t in
+  `counts`, each decoded at the resolution t stands for and enlarged (nearest) to size x size,
+  so the coarse decodes' pixels stay visible. `decode(t)` decodes the whole batch at once:
+  -> [B, s_t, s_t, 3] in [-1, 1] (clipped here). Rows for save_grid."""
+  columns = [np.clip(np.asarray(decode(t), np.float32), -1, 1) for t in counts]
+  rows = [[enlarge_nearest(c[b], size) for c in columns] for b in range(len(columns[0]))]
+  if inputs is not None:
+    rows = [[enlarge_nearest(np.asarray(x, np.float32), size)] + row for x, row in zip(inputs, rows)]
+  return rows

@@ -39,19 +39,25 @@ def _params_files(directory: pathlib.Path) -> Dict[str, Dict[str, Any]]:
           for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _checkpointer():
+def _checkpointer(process_local: bool = False):
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer()
+  if not process_local:
+    return ocp.StandardCheckpointer()
+  # Written by the calling process alone (host arrays): Orbax must not wait for the others.
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
 
 
 def save_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Module) -> None:
-  """Writes `model`'s state (params and buffers) and its config into an existing directory."""
+  """Writes `model`'s state (params and buffers) and its config into an existing directory,
+  from the calling process alone: the arrays must be addressable here (e.g. host copies)."""
   directory = pathlib.Path(directory).absolute()
   state = nnx.to_pure_dict(nnx.state(model))
   float_dtypes = {str(x.dtype) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
   if len(float_dtypes) > 1:
     raise ValueError(f"mixed parameter dtypes {sorted(float_dtypes)}; convert to one dtype first")
-  ckpt = _checkpointer()
+  ckpt = _checkpointer(process_local=True)
   ckpt.save(directory / PARAMS_DIR, state)
   ckpt.wait_until_finished()
   (directory / CONFIG_FILE).write_text(json.dumps(

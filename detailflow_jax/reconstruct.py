@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import images as image_io
+from .images import enlarge_nearest
 from .hub import WEIGHT_HELP
 
 
@@ -26,14 +27,6 @@ def parse_num_tokens(text: str, max_tokens: int):
   if bad:
     raise ValueError(f"--num-tokens values {bad} are outside [1, {max_tokens}]")
   return values
-
-
-def enlarge_nearest(image: np.ndarray, size: int) -> np.ndarray:
-  """Integer-factor-free nearest-neighbour enlargement of an HWC image to size x size."""
-  h, w = image.shape[:2]
-  rows = (np.arange(size) * h) // size
-  cols = (np.arange(size) * w) // size
-  return image[rows][:, cols]
 
 
 def main(argv=None) -> int:

@@ -33,14 +33,6 @@ def parse_labels(text: str, num_classes: int):
   return labels
 
 
-def progressive_counts(token_list, num_tokens: int):
-  """Token counts to show: the schedule's (1..causal_num, then every group) up to the budget."""
-  counts = [t for t in token_list if t <= num_tokens]
-  if not counts or counts[-1] != num_tokens:
-    counts.append(num_tokens)
-  return counts
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.sample", description=__doc__)
   parser.add_argument("--tokenizer", required=True,
@@ -75,7 +67,6 @@ def main(argv=None) -> int:
   import jax
   from .inference import TokenizerFns
   from .pretrained import load_gpt, load_tokenizer
-  from .reconstruct import enlarge_nearest
   from .sampling import Sampler, SamplingOptions
 
   try:
@@ -122,16 +113,12 @@ def main(argv=None) -> int:
   print(f"wrote {out}")
 
   if args.progressive:
-    counts = progressive_counts(fns.schedule.token_list, num_tokens)
-    size = tokenizer.config.image_size
-    strips = [[] for _ in labels]
-    for i, t in enumerate(counts):
-      partial = np.asarray(fns.decode(tokens, t), dtype=np.float32)
-      for b in range(len(labels)):
-        strips[b].append(enlarge_nearest(partial[b], size))
-      print(f"[{i + 1}/{len(counts)}] t={t}: {partial.shape[1]}px", flush=True)
+    counts = image_io.coarse_to_fine_counts(fns.schedule.token_list, num_tokens)
+    start = time.time()
+    strips = image_io.coarse_to_fine_strips(lambda t: fns.decode(tokens, t), counts,
+                                            tokenizer.config.image_size)
     out = image_io.save_grid(args.progressive, strips)
-    print(f"wrote {out} (columns: t = {', '.join(map(str, counts))})")
+    print(f"wrote {out} in {time.time() - start:.1f}s (columns: t = {', '.join(map(str, counts))})")
   return 0
 
 

@@ -119,3 +119,31 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   labels = jnp.asarray([1, 7], jnp.int32)
   assert_workdir_export_round_trips(tmp_path / "straight", tmp_path / "exported", "gpt", 4,
                                     lambda model: [model(tokens_in, labels)])
+
+
+def test_model_config_maps_onto_gpt_config():
+  from detailflow_jax.models.gpt import GPTConfig
+  import dataclasses
+  c = get_config()
+  # The config section is GPTConfig's fields plus the preset: nothing to translate by hand.
+  assert set(c.model) - {"preset"} == {f.name for f in dataclasses.fields(GPTConfig)}
+  c.model.update(n_kv_head=8, rope_base=500.0, norm_eps=1e-6)
+  cfg = ar.gpt_config_from(c)
+  assert (cfg.dim, cfg.n_layer, cfg.n_head) == (1024, 24, 16)  # GPT-L
+  assert (cfg.n_kv_head, cfg.rope_base, cfg.norm_eps) == (8, 500.0, 1e-6)
+  model = jax.eval_shape(lambda: GPT(cfg, rngs=0))  # the fields reach the model
+  assert model.config.num_kv_heads == 8 and model.config.rope_base == 500.0
+  c.model.dim = 512
+  assert ar.gpt_config_from(c).dim == 512  # a preset's dims are overridable too
+  with c.model.unlocked():
+    c.model.n_kv_heads = 2
+  with pytest.raises(ValueError, match="model.n_kv_heads is not a GPTConfig field"):
+    ar.gpt_config_from(c)
+  bad = get_config("tiny")
+  bad.model.dim = None
+  with pytest.raises(ValueError, match="model.preset is empty: set model.dim"):
+    ar.gpt_config_from(bad)
+  bad = get_config("tiny")
+  bad.model.cls_token_num = 2
+  with pytest.raises(ValueError, match="model.cls_token_num=2"):
+    ar.validate(bad, 8)

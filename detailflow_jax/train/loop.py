@@ -5,9 +5,9 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
-import numpy as np
 
 from .checkpoint import Checkpointer, PreemptionGuard
+from .metrics import MetricWindow
 
 log = logging.getLogger("detailflow_jax")
 
@@ -39,7 +39,8 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
     before anything is saved, so the last good checkpoint stays the newest.
   - Checkpoints go through `checkpointer` (its own interval) with the data iterator state, and
     always at the end or when a preemption (SIGTERM) is requested.
-  - Progress lines every `log_every` steps: loss, steps/s, ETA.
+  - Every `log_every` steps the metrics averaged over those steps (a clu.metrics collection)
+    go to `writer`, and a progress line: loss, steps/s, ETA.
   """
   guard = guard or PreemptionGuard()
   start_step = int(jax.device_get(state.step))
@@ -48,27 +49,30 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
     return state
   t0 = time.time()
   window_start, window_steps = time.time(), 0
+  window = MetricWindow()
   with guard:
     for step in range(start_step, num_steps):
       batch = next(batches)
       state, metrics = step_fn(state, batch)
       done = step + 1
-      loss = float(jax.device_get(metrics["loss"]))
+      metrics = jax.device_get(metrics)  # one host transfer per step, all scalars
+      loss = float(metrics["loss"])
       if not math.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss} at step {done}; stopping without saving "
                                  f"(last checkpoint: {checkpointer.latest_step if checkpointer else None})")
       if loss_history is not None:
         loss_history.append(loss)
       window_steps += 1
+      window.add(metrics)
       if done % log_every == 0 or done == num_steps:
         elapsed = time.time() - window_start
         rate = window_steps / max(elapsed, 1e-9)
-        scalars = {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
+        scalars = window.compute()
         scalars["steps_per_s"] = rate
         if writer is not None:
           writer.write_scalars(done, scalars)
         log.info("step %d/%d %s loss %.4f | %.2f steps/s | elapsed %s | ETA %s", done, num_steps,
-                 progress_bar(done, num_steps), loss, rate, _fmt_seconds(time.time() - t0),
+                 progress_bar(done, num_steps), scalars["loss"], rate, _fmt_seconds(time.time() - t0),
                  _fmt_seconds((num_steps - done) / rate))
         window_start, window_steps = time.time(), 0
       stop = guard.requested(done)

@@ -1,4 +1,5 @@
-"""Metric writers with clu's MetricWriter methods, without TensorFlow.
+"""Per-step metrics averaged over a logging window (clu.metrics), and metric writers with clu's
+MetricWriter methods, without TensorFlow.
 
 `clu.metric_writers` imports TensorFlow when the package is imported (its SummaryWriter), which
 would add ~1.5 GB to every install only to write event files. These writers implement the same
@@ -7,17 +8,65 @@ close) over tensorboardX, which writes the same TensorBoard event format without
 the loop code reads exactly like a clu loop and a clu writer can be dropped in where TF exists.
 Only process 0 writes files; every process may log lines.
 """
+import functools
+import json
 import logging
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from clu import metrics as clu_metrics
+from tensorboardX import SummaryWriter
 
 log = logging.getLogger("detailflow_jax")
 
 
 def _scalar(v) -> float:
   return float(np.asarray(v))
+
+
+@functools.lru_cache(maxsize=None)
+def _collection(names: Tuple[str, ...]):
+  """A clu Collection class averaging the metrics `names` (each read from its own output)."""
+  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+
+
+class MetricWindow:
+  """Accumulates each step's scalar metrics in a clu.metrics Collection and returns their
+  means over the steps since the last `compute()` (the logging window). A metric a step does
+  not report (e.g. the discriminator's before disc_start) is averaged over the steps that do."""
+
+  def __init__(self):
+    self._acc = None
+
+  def add(self, step_metrics: Mapping[str, Any]) -> None:
+    names = tuple(sorted(step_metrics))
+    update = _collection(names).single_from_model_output(
+        **{k: np.asarray(v, np.float32) for k, v in step_metrics.items()})
+    if self._acc is not None and tuple(sorted(self._names(self._acc))) != names:
+      union = tuple(sorted(set(names) | set(self._names(self._acc))))
+      self._acc, update = self._widen(self._acc, union), self._widen(update, union)
+    self._acc = update if self._acc is None else self._acc.merge(update)
+
+  def compute(self) -> Dict[str, float]:
+    """Means since the last compute (empty if nothing was added); starts a new window."""
+    if self._acc is None:
+      return {}
+    means = {k: float(v) for k, v in self._acc.compute().items()}
+    self._acc = None
+    return means
+
+  @staticmethod
+  def _names(collection):
+    return [k for k in collection.__annotations__ if k != "_reduction_counter"]
+
+  @staticmethod
+  def _widen(collection, names):
+    cls = _collection(names)
+    have = set(MetricWindow._names(collection))
+    return cls(_reduction_counter=collection._reduction_counter,
+               **{n: getattr(collection, n) if n in have else cls.__annotations__[n].empty()
+                  for n in names})
 
 
 class LoggingWriter:
@@ -55,7 +104,6 @@ class TensorBoardWriter:
   """TensorBoard event files via tensorboardX."""
 
   def __init__(self, logdir):
-    from tensorboardX import SummaryWriter
     self.logdir = pathlib.Path(logdir)
     self._writer = SummaryWriter(str(self.logdir))
 
@@ -94,14 +142,12 @@ class JsonlWriter:
   """One JSON line per write_scalars call in workdir/metrics.jsonl (easy to diff and plot)."""
 
   def __init__(self, path):
-    import json
-    self._json = json
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._file = open(self.path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self._file.write(self._json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n")
+    self._file.write(json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n")
     self._file.flush()
 
   def write_images(self, step, images):

@@ -69,6 +69,15 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), ema, params)
 
 
+def apply_gradients(params: Any, grads: Any, opt_state: Any,
+                    tx: optax.GradientTransformation) -> Tuple[Any, Any]:
+  """One optimizer update: (params, grads, opt_state, tx) -> (new params, new opt_state).
+  Every trainer's update goes through here (the GPT step, the tokenizer's generator and
+  discriminator)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     state_shardings, mesh: Mesh, *, ema_decay: float = 0.9999,
                     rules=mesh_lib.DEFAULT_RULES):
@@ -89,8 +98,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
       return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (metrics, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_gradients(state.params, grads, state.opt_state, tx)
     ema = state.ema_params
     if ema is not None:
       ema = ema_update(ema, params, ema_decay)

@@ -26,12 +26,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import images as image_io
+from ..data.degradation import DynamicResolution
+from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
 from ..models.quantizer import l2_normalize
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
-from . import gan
-from .state import ema_update
+from . import driver, frozen_nets, gan
 from . import mesh as mesh_lib
+from .driver import total_steps, validate_run
+from .extract import build_image_source
+from .state import ema_update
 
 log = logging.getLogger("detailflow_jax")
 
@@ -396,28 +401,15 @@ def loss_config_from(c: ml_collections.ConfigDict) -> LossConfig:
   return LossConfig(**c.losses.to_dict())
 
 
-def total_steps(c: ml_collections.ConfigDict) -> int:
-  if c.total_steps > 0:
-    return c.total_steps
-  return c.num_epochs * (c.data.examples_per_epoch // c.data.batch_size)
-
-
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   """Catches config mistakes before anything compiles or loads; messages name the field."""
   cfg = tokenizer_config_from(c)  # raises on group/causal/teacher inconsistencies
   loss_config_from(c)
-  data, fsdp, tensor = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
-  if c.data.batch_size % (data * fsdp):
-    raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by the batch mesh axes "
-                     f"data x fsdp = {data} x {fsdp}")
+  validate_run(c, num_devices)
   if c.disc.type not in ("dino", "patchgan", "none"):
     raise ValueError(f"disc.type={c.disc.type!r} (dino | patchgan | none)")
   if not 0.0 <= c.data.degradation_prob <= 1.0:
     raise ValueError(f"data.degradation_prob={c.data.degradation_prob} is not a probability")
-  if total_steps(c) <= 0:
-    raise ValueError("the run has no steps: set total_steps or num_epochs/examples_per_epoch")
-  if c.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"compute_dtype={c.compute_dtype!r} (float32 | bfloat16)")
   needs = []
   if c.losses.perceptual_weight and not c.weights.lpips:
     needs.append("weights.lpips (LPIPS VGG16: torchvision vgg16 .pth + LPIPS vgg.pth)")
@@ -460,51 +452,20 @@ def inference_export(model: Tokenizer) -> Tokenizer:
 # --- reconstructions for people to look at ------------------------------------------------------
 
 def reconstruction_rows(model: Tokenizer, images: np.ndarray) -> list:
-  """Per image: the input, then decodes of the first t tokens for every group boundary t, each
-  at the resolution it stands for (coarse to fine, left to right)."""
-  from ..reconstruct import enlarge_nearest
-  sched = model.schedule
-  counts = [t for t in sched.token_list if t >= model.config.causal_len or t == 1]
+  """Per image: the input, then its coarse-to-fine decodes (images.coarse_to_fine_strips)."""
   enc = model.encode(jnp.asarray(images))
-  size = images.shape[1]
-  rows = [[np.asarray(img)] for img in images]
-  for t in counts:
-    dec = np.asarray(model.decode(enc.quant, t))
-    for i, row in enumerate(rows):
-      row.append(enlarge_nearest(np.clip(dec[i], -1, 1), size))
-  return rows
+  counts = image_io.coarse_to_fine_counts(model.schedule.token_list, model.config.num_latent_tokens)
+  return image_io.coarse_to_fine_strips(lambda t: model.decode(enc.quant, t), counts,
+                                        images.shape[1], inputs=images)
 
 
 def train(c: ml_collections.ConfigDict, workdir) -> Any:
   """Trains the tokenizer on c.data; resumes from the newest checkpoint in workdir; exports the
   final weights to workdir/export (a directory `load_tokenizer` reads)."""
-  import os
-  import signal
-
-  from ..data.degradation import DynamicResolution
-  from ..data.pipeline import ImagePipelineConfig, global_batch, image_iterator
-  from ..images import save_grid
-  from ..model_dir import save_model_dir
-  from .checkpoint import Checkpointer, abstract_with_shardings
-  from .extract import build_image_source
-  from .loop import run_training
-  from .metrics import create_writer
-  from . import frozen_nets
-
-  workdir = pathlib.Path(workdir)
-  mesh_lib.maybe_initialize_distributed(c)
-  cfg = validate(c, jax.device_count())
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-  mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  steps = total_steps(c)
-  dtype = jnp.dtype(c.compute_dtype)
-
+  run = driver.Driver(c, workdir, validate)
+  cfg, mesh, steps = tokenizer_config_from(c), run.mesh, total_steps(c)
   tokenizer = Tokenizer(cfg, rngs=c.seed)
   frozen_nets.load_tokenizer_weights(tokenizer, c.weights)
-  if dtype != jnp.float32:
-    log.info("compute dtype %s: parameters stay float32 (master weights)", dtype)
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
   discriminator = frozen_nets.build_discriminator(c)
   tx, disc_tx = make_optimizers(c, steps)
@@ -514,6 +475,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6 if tree is not None else 0.0
   log.info("tokenizer %.1fM trainable, discriminator %.1fM trainable, frozen %.1fM; mesh %s; %d steps",
            count(state.params), count(state.disc_params), count(trainer.frozen), dict(mesh.shape), steps)
+  driver.log_parameter_overview("tokenizer (trainable)", state.params)
 
   d = c.data
   dynamic = None
@@ -526,61 +488,40 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
       degradation_prob=d.degradation_prob, correction_training=cfg.correction_training,
       dynamic=dynamic, num_workers=d.num_workers)
   data_iter = image_iterator(source, pipeline, tokenizer.schedule, log_every=0)
-
-  ckpt = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.save_every,
-                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
-  if ckpt.latest_step is not None:
-    at, state = ckpt.restore(abstract_with_shardings(state, trainer.state_shardings), data_iter)
-    log.info("resumed from step %d", at)
-  host_step = [int(jax.device_get(state.step))]
+  batches = (global_batch(b, mesh) for b in data_iter)
+  host_step = []  # the step count on the host, read from the (restored) state once
 
   def step_fn(state, batch):
+    if not host_step:
+      host_step.append(int(jax.device_get(state.step)))
     state, metrics = trainer.step(state, batch, host_step[0])
     host_step[0] += 1
     return state, metrics
 
-  batches = (global_batch(b, mesh) for b in data_iter)
-  writer = create_writer(workdir, process_index=jax.process_index())
-  recon_images = None
+  hooks = []
   if c.recon_every:
-    from ..data.pipeline import image_dataset
     eval_cfg = ImagePipelineConfig(image_size=cfg.image_size, batch_size=c.num_recon_images,
                                    train=False, seed=0, num_epochs=1, shard_index=0, shard_count=1)
     recon_images = next(iter(image_dataset(source, eval_cfg)))["image"]
 
-  def write_reconstructions(step, state):
-    if jax.process_index() != 0:
-      return
-    model = trainer.model(jax.device_get(state), ema=True)
-    rows = reconstruction_rows(model, recon_images)
-    path = save_grid(workdir / "reconstructions" / f"step_{step:07d}.png", rows)
-    writer.write_images(step, {"reconstruction": np.clip((rows[0][-1][None] + 1) / 2, 0, 1)})
-    log.info("wrote %s", path)
+    def write_reconstructions(step, state):
+      # Every process takes part in gathering the (sharded) EMA weights; process 0 draws.
+      graphdef, sharded = nnx.split(inference_export(trainer.model(state, ema=True)))
+      host = driver.gather_to_host(sharded, mesh)
+      if jax.process_index() != 0:
+        return
+      rows = reconstruction_rows(nnx.merge(graphdef, host), recon_images)
+      path = image_io.save_grid(run.workdir / "reconstructions" / f"step_{step:07d}.png", rows)
+      run.writer.write_images(step, {"reconstruction": (rows[0][-1][None] + 1) / 2})
+      log.info("wrote %s", path)
 
-  kill_after = int(os.environ.get("DETAILFLOW_TEST_KILL_AFTER_STEP", "0"))
+    hooks.append(driver.Hook(c.recon_every, write_reconstructions))
 
-  def after_step(step, state):
-    if c.recon_every and step % c.recon_every == 0:
-      write_reconstructions(step, state)
-    if kill_after and step == kill_after:  # test hook: hard crash after a durable checkpoint
-      ckpt.wait()
-      os.kill(os.getpid(), signal.SIGKILL)
+  def export(state):
+    model = inference_export(trainer.model(state, ema=True))
+    return "tokenizer", model.config.to_dict(), model
 
-  hooks = bool(kill_after or c.recon_every)
-  loss_history = []
-  state = run_training(state, step_fn, batches, num_steps=steps, checkpointer=ckpt,
-                       data_iterator=data_iter, writer=writer, log_every=c.log_every,
-                       every_n_steps=after_step if hooks else None, callback_every=1 if hooks else 0,
-                       loss_history=loss_history)
-  ckpt.close()
-  if int(jax.device_get(state.step)) >= steps and jax.process_index() == 0:
-    import shutil
-    export_dir = workdir / "export"
-    if export_dir.exists():
-      shutil.rmtree(export_dir)
-    export_dir.mkdir(parents=True)
-    model = inference_export(trainer.model(jax.device_get(state), ema=True))
-    save_model_dir(export_dir, "tokenizer", model.config.to_dict(), model)
-    log.info("exported tokenizer weights to %s (%d programs compiled)", export_dir, trainer.num_programs)
-  writer.close()
+  state = run.run(state=state, state_shardings=trainer.state_shardings, step_fn=step_fn,
+                  data_iterator=data_iter, batches=batches, num_steps=steps, export=export, hooks=hooks)
+  log.info("%d step programs compiled", trainer.num_programs)
   return state
