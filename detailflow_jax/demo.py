@@ -25,6 +25,20 @@ import pathlib
 import sys
 import time
 
+import jax
+import numpy as np
+
+from .data.sources import COLOURS, SHAPES, ProceduralShapes, class_shape_colour_index
+from .evaluation import coarse_to_fine_errors, judge_images, train_judge
+from .images import coarse_to_fine_counts, coarse_to_fine_strips, enlarge_nearest, save_grid
+from .inference import TokenizerFns
+from .plots import read_metrics, save_curves
+from .pretrained import load_gpt, load_tokenizer
+from .sampling import Sampler, SamplingOptions
+from .train import ar as ar_recipe
+from .train import tokenizer as tokenizer_recipe
+from .train.extract import extract
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.py"
 
@@ -43,8 +57,6 @@ def load_demo_config(variant: str = ""):
 
 def labelled_images(num_classes: int, size: int, count: int, seed: int, style: str = "textured"):
   """[count, size, size, 3] float32 in [-1, 1] and int labels from the procedural shapes."""
-  import numpy as np
-  from .data.sources import ProceduralShapes
   source = ProceduralShapes(num_classes, size, count, seed=seed, style=style)
   records = [source[i] for i in range(count)]
   images = np.stack([np.asarray(r["image"], np.float32) / 127.5 - 1.0 for r in records])
@@ -53,15 +65,12 @@ def labelled_images(num_classes: int, size: int, count: int, seed: int, style: s
 
 def class_factors(num_classes: int):
   """(shape index [num_classes], colour index [num_classes]) of each class, into SHAPES / COLOURS."""
-  import numpy as np
-  from .data.sources import class_shape_colour_index
   pairs = np.asarray([class_shape_colour_index(k) for k in range(num_classes)], np.int64)
   return pairs[:, 0], pairs[:, 1]
 
 
 def class_names(num_classes: int):
   """["red disc", "green square", ...]: what each class shows."""
-  from .data.sources import COLOURS, SHAPES
   shape, colour = class_factors(num_classes)
   return [f"{COLOURS[c]} {SHAPES[s]}" for s, c in zip(shape, colour)]
 
@@ -99,20 +108,6 @@ class Stages:
 
 def run(c, workdir: pathlib.Path) -> dict:
   """The whole demo; returns the metrics it also writes to workdir/metrics.json."""
-  import jax
-  import numpy as np
-
-  from .evaluation import coarse_to_fine_errors, judge_images, train_judge
-  from .images import save_grid
-  from .inference import TokenizerFns
-  from .plots import read_metrics, save_curves
-  from .pretrained import load_gpt, load_tokenizer
-  from .reconstruct import enlarge_nearest
-  from .sampling import Sampler, SamplingOptions
-  from .train import ar as ar_recipe
-  from .train import tokenizer as tokenizer_recipe
-  from .train.extract import extract
-
   stages = Stages(["train the tokenizer", "extract codes", "train the GPT", "sample",
                    "evaluate and draw"])
   workdir.mkdir(parents=True, exist_ok=True)
@@ -141,16 +136,15 @@ def run(c, workdir: pathlib.Path) -> dict:
   samples = np.asarray(fns.decode(tokens), np.float32)
   size = samples.shape[1]
   shown = 2 * size  # nearest-enlarged so 32 px images are visible
-  counts = [t for t in fns.schedule.token_list if t <= tokens.shape[1]]
+  counts = coarse_to_fine_counts(fns.schedule.token_list, tokens.shape[1])
   paths = {}
   paths["samples"] = save_grid(workdir / "samples.png", [
       [enlarge_nearest(np.clip(samples[k * per_class + j], -1, 1), shown) for j in range(per_class)]
       for k in range(c.num_classes)])
   firsts = tokens[::per_class]
-  partial = {t: np.asarray(fns.decode(firsts, t), np.float32) for t in counts}
-  paths["samples_coarse_to_fine"] = save_grid(workdir / "samples_coarse_to_fine.png", [
-      [enlarge_nearest(np.clip(partial[t][k], -1, 1), shown) for t in counts]
-      for k in range(c.num_classes)])
+  paths["samples_coarse_to_fine"] = save_grid(workdir / "samples_coarse_to_fine.png",
+                                              coarse_to_fine_strips(lambda t: fns.decode(firsts, t),
+                                                                    counts, shown))
 
   stages.begin("evaluate and draw")
   size_cfg = fns.config.image_size
@@ -173,13 +167,10 @@ def run(c, workdir: pathlib.Path) -> dict:
   # One held-out image of each class (the first), so every class's shape is shown.
   firsts_held = np.asarray([np.flatnonzero(held_labels == k)[0] for k in range(c.num_classes)
                            if np.any(held_labels == k)], np.int32)
-  strip = held_out[firsts_held]
-  strip_decodes = {t: np.asarray(fns.decode(idx[firsts_held], t), np.float32) for t in counts}
   paths["reconstructions_coarse_to_fine"] = save_grid(
       workdir / "reconstructions_coarse_to_fine.png",
-      [[enlarge_nearest(strip[i], shown)] + [
-          enlarge_nearest(np.clip(strip_decodes[t][i], -1, 1), shown) for t in counts]
-       for i in range(len(strip))])
+      coarse_to_fine_strips(lambda t: fns.decode(idx[firsts_held], t), counts, shown,
+                            inputs=held_out[firsts_held]))
   c2f = coarse_to_fine_errors(fns, held_out[:256])
 
   tok_steps, tok_rec = read_metrics(tok_run / "metrics.jsonl", "rec_loss")

@@ -18,6 +18,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags
 from ml_collections import config_flags
 
+from detailflow_jax.train import ar, tokenizer
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :variant", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics, exports")
@@ -30,14 +32,10 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
   c = FLAGS.config
-  if c.task == "ar":
-    from detailflow_jax.train import ar
-    ar.train(c, FLAGS.workdir)
-  elif c.task == "tokenizer":
-    from detailflow_jax.train import tokenizer
-    tokenizer.train(c, FLAGS.workdir)
-  else:
-    raise app.UsageError(f"config task {c.task!r} has no trainer (known: ar, tokenizer)")
+  recipes = {"ar": ar.train, "tokenizer": tokenizer.train}
+  if c.task not in recipes:
+    raise app.UsageError(f"config task {c.task!r} has no trainer (known: {', '.join(recipes)})")
+  recipes[c.task](c, FLAGS.workdir)
 
 
 if __name__ == "__main__":

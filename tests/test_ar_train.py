@@ -147,3 +147,21 @@ def test_model_config_maps_onto_gpt_config():
   bad.model.cls_token_num = 2
   with pytest.raises(ValueError, match="model.cls_token_num=2"):
     ar.validate(bad, 8)
+
+
+def test_sample_every_compiles_the_sampler_once(tmp_path, tokenizer_dir):
+  from detailflow_jax.train.metrics import create_writer
+  c = get_config("tiny")
+  c.sample_every, c.tokenizer_dir = 2, str(tokenizer_dir)
+  cfg = ar.gpt_config_from(c)
+  mesh = mesh_lib.make_mesh(1, 2, 1, devices=jax.devices()[:2])
+  tx = make_optimizer(1e-3, 10, warmup_steps=0)
+  graphdef, state, _ = create_train_state(lambda: GPT(cfg, rngs=0), tx, mesh)
+  write = ar.SampleWriter(c, graphdef, mesh, tmp_path, create_writer(tmp_path, tensorboard=False))
+  write(2, state)
+  # New weights (as after more training steps): the same compiled sampler runs them.
+  state = state.replace(ema_params=jax.tree.map(lambda x: x * 1.01, state.ema_params))
+  write(4, state)
+  assert write.sampler.trace_count == 1
+  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png",
+                                                                      "step_0000004.png"]

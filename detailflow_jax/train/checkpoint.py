@@ -10,6 +10,7 @@ from typing import Any, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -78,7 +79,6 @@ class PreemptionGuard:
     """True once a stop was asked for. On multi-host runs every process must call this at the
     same steps: JAX's coordination service then agrees on one step for all hosts to stop at."""
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           return True

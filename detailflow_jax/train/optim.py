@@ -43,12 +43,3 @@ def make_optimizer(lr: float, total_steps: int, *, weight_decay: float = 0.05, b
   parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
-
-def optimizer_from_config(cfg) -> optax.GradientTransformation:
-  """cfg: an ml_collections ConfigDict with an `optimizer` section and `total_steps`."""
-  o = cfg.optimizer
-  return make_optimizer(o.lr, cfg.total_steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                        eps=o.get("eps", 1e-8), max_grad_norm=o.max_grad_norm,
-                        warmup_steps=o.get("warmup_steps", 0), schedule=o.get("schedule", "cosine"),
-                        end_lr_fraction=o.get("end_lr_fraction", 0.0),
-                        warmup_start_fraction=o.get("warmup_start_fraction", 0.0))

@@ -36,7 +36,7 @@ from . import driver, frozen_nets, gan
 from . import mesh as mesh_lib
 from .driver import total_steps, validate_run
 from .extract import build_image_source
-from .state import ema_update
+from .state import apply_gradients, ema_update
 
 log = logging.getLogger("detailflow_jax")
 
@@ -287,8 +287,7 @@ class TokenizerTrainer:
 
     (loss, (metrics, extras, disc_extras, recon, target)), grads = jax.value_and_grad(
         gen_loss, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_gradients(state.params, grads, state.opt_state, self.tx)
     ema = state.ema_params
     if ema is not None:
       ema = ema_update(ema, params, lc.ema_decay)
@@ -324,9 +323,10 @@ class TokenizerTrainer:
 
       (d_loss, (lecam_ema, disc_extras, d_metrics)), d_grads = jax.value_and_grad(
           disc_loss, has_aux=True)(state.disc_params)
-      d_updates, d_opt = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
-      new = new.replace(disc_params=optax.apply_updates(state.disc_params, d_updates),
-                        disc_opt_state=d_opt, disc_extras=disc_extras, lecam_ema=lecam_ema)
+      disc_params, d_opt = apply_gradients(state.disc_params, d_grads, state.disc_opt_state,
+                                           self.disc_tx)
+      new = new.replace(disc_params=disc_params, disc_opt_state=d_opt, disc_extras=disc_extras,
+                        lecam_ema=lecam_ema)
       metrics.update(d_metrics, disc_loss=d_loss, disc_grad_norm=optax.tree.norm(d_grads))
     return new, metrics
 
