@@ -196,3 +196,136 @@ def test_guidance_needs_a_null_class():
   model = random_gpt(seed=0, class_dropout_prob=0.0)
   with pytest.raises(ValueError, match="null class"):
     Sampler(model).sample(model, np.array([0]), jax.random.key(0), SamplingOptions(cfg_scale=2.0))
+
+
+# --- weights per call, per-row keys, mesh ----------------------------------------------------
+
+NON_GREEDY = SamplingOptions(cfg_scale=2.0, temperature=1.3, top_k=12)
+
+
+@pytest.fixture(scope="module")
+def small_gpt():
+  return random_gpt(seed=3, n_layer=1, block_size=16, causal_num=4)
+
+
+def test_new_weights_do_not_recompile(small_gpt):
+  """The Sampler holds no weights: other params of the same shapes reuse the executable."""
+  sampler = Sampler(nnx.graphdef(small_gpt))
+  params = nnx.state(small_gpt)
+  labels = np.arange(4) % small_gpt.config.num_classes
+  options = SamplingOptions(cfg_scale=2.0, greedy=True)
+  before = np.asarray(sampler.sample(params, labels, jax.random.key(0), options))
+  count = sampler.trace_count
+  shifted = jax.tree.map(lambda x: x + 0.3 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+  after = np.asarray(sampler.sample(shifted, labels, jax.random.key(0), options))
+  again = np.asarray(sampler.sample(small_gpt, labels, jax.random.key(0), options))  # a module
+  assert sampler.trace_count == count
+  assert (before != after).any()
+  np.testing.assert_array_equal(before, again)
+
+
+def test_per_row_keys_make_rows_independent_of_the_batch(small_gpt):
+  """Keys [B]: row b's tokens depend only on keys[b] and labels[b], not on the other rows."""
+  sampler = Sampler(small_gpt)
+  labels = np.arange(8) % small_gpt.config.num_classes
+  keys = jax.random.split(jax.random.key(21), 8)
+  batch = np.asarray(sampler.sample(small_gpt, labels, keys, NON_GREEDY))
+  for row in (0, 5):
+    alone = np.asarray(sampler.sample(small_gpt, labels[row:row + 1], keys[row:row + 1], NON_GREEDY))
+    np.testing.assert_array_equal(alone[0], batch[row])
+  assert len({tuple(r) for r in batch}) > 1  # rows do differ (the keys are used)
+  shuffled = np.asarray(sampler.sample(small_gpt, labels[::-1], keys[::-1], NON_GREEDY))
+  np.testing.assert_array_equal(shuffled, batch[::-1])
+  count = sampler.trace_count
+  sampler.sample(small_gpt, labels, keys, SamplingOptions(cfg_scale=3.0, top_p=0.7))
+  assert sampler.trace_count == count
+  with pytest.raises(ValueError, match="one per row"):
+    sampler.sample(small_gpt, labels, keys[:3], NON_GREEDY)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_mesh_sampler_equals_one_device(small_gpt, fsdp):
+  """8 CPU devices, batch sharded over the data axes: token for token the 1-device result for
+  the same per-row keys (non-greedy), with replicated or FSDP-sharded params."""
+  from detailflow_jax.train.mesh import batch_sharding, make_mesh
+  from detailflow_jax.train.state import shardings_for
+  labels = np.arange(8) % small_gpt.config.num_classes
+  keys = jax.random.split(jax.random.key(5), 8)
+  params = nnx.state(small_gpt)
+  one_device = np.asarray(Sampler(small_gpt).sample(params, labels, keys, NON_GREEDY))
+  mesh = make_mesh(2, 4, 1) if fsdp else make_mesh(8, 1, 1)
+  if fsdp:
+    params = jax.device_put(params, shardings_for(params, mesh))
+    sharded_leaves = [x for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated]
+    assert sharded_leaves
+  sampler = Sampler(nnx.graphdef(small_gpt), mesh=mesh)
+  tokens = sampler.sample(params, labels, keys, NON_GREEDY)
+  assert tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
+  np.testing.assert_array_equal(np.asarray(tokens), one_device)
+  with pytest.raises(ValueError, match="batch shards"):
+    sampler.sample(params, labels[:6], keys[:6], NON_GREEDY)
+
+
+def test_embed_positions_windows_equal_the_whole_sequence():
+  """The sampler's windows (traced start) are slices of the teacher-forced input sequence,
+  and guidance rows interleave (example, null class)."""
+  model = random_gpt(seed=2, group_size=3, block_size=21, causal_num=6, n_layer=1)
+  cfg = model.config
+  tokens = jax.random.randint(jax.random.key(0), (2, cfg.block_size), 0, cfg.vocab_size)
+  labels = jnp.array([1, 4])
+  whole = np.asarray(model.embed_sequence(tokens[:, :-cfg.group_size], labels))
+  window = jax.jit(lambda s, n, guidance: model.embed_positions(tokens, labels, s, n,
+                                                                guidance=guidance),
+                   static_argnums=(1, 2))
+  for start, n in [(0, 1), (3, 1), (6, 3), (9, 3), (18, 3)]:
+    np.testing.assert_array_equal(np.asarray(window(start, n, False)), whole[:, start:start + n])
+  guided = np.asarray(window(6, 3, True))
+  null = np.asarray(model.embed_sequence(tokens[:, :-cfg.group_size],
+                                         jnp.full((2,), cfg.num_classes)))
+  np.testing.assert_array_equal(guided[0::2], whole[:, 6:9])
+  np.testing.assert_array_equal(guided[1::2], null[:, 6:9])
+  np.testing.assert_array_equal(np.asarray(window(0, 1, True))[1::2], null[:, :1])
+
+
+# --- filters at their boundaries -------------------------------------------------------------
+
+def _exact_log(p: float) -> np.float32:
+  """A float32 logit whose jnp.exp is exactly p (searched among the ulps around log p), so the
+  softmax below yields exactly representable probabilities."""
+  x = np.float32(np.log(p))
+  for _ in range(8):
+    got = float(jnp.exp(jnp.float32(x)))
+    if got == p:
+      return x
+    x = np.nextafter(x, np.float32(np.inf if got < p else -np.inf), dtype=np.float32)
+  raise AssertionError(f"no float32 logit with exp == {p}")
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.5, 2), (0.75, 3), (0.875, 4), (0.4, 1)])
+def test_top_p_keeps_the_token_at_the_exact_boundary(top_p, kept):
+  """Probabilities exactly 1/2, 1/4, 1/8, 1/16, 1/16: when the mass above a token equals top_p
+  the reference (cumulative > top_p, shifted right by one) keeps that token."""
+  logits = jnp.array([0.0, _exact_log(0.5), _exact_log(0.25), _exact_log(0.125),
+                      _exact_log(0.125)], jnp.float32)
+  probs = np.asarray(jax.nn.softmax(logits))
+  np.testing.assert_array_equal(probs, [0.5, 0.25, 0.125, 0.0625, 0.0625])  # exact precondition
+  ours = np.isfinite(np.asarray(filter_logits(logits[None], 1.0, 0, top_p)))[0]
+  np.testing.assert_array_equal(ours, np.arange(5) < kept if kept < 4 else np.ones(5, bool))
+  order = np.argsort(-probs, kind="stable")  # the reference's rule on the exact probabilities
+  remove = np.cumsum(probs[order]) > top_p
+  remove[1:], remove[0] = remove[:-1].copy(), False
+  if kept < 4:
+    np.testing.assert_array_equal(ours[order], ~remove)
+
+
+@pytest.mark.parametrize("row,top_k,kept", [
+    ([3.0, 1.0, 1.0, 0.0, -2.0], 2, [1, 1, 1, 0, 0]),   # a tie at the k-th value: both kept
+    ([2.0, 2.0, 0.0, -1.0, -1.0], 1, [1, 1, 0, 0, 0]),  # a tie for the largest, k = 1
+    ([1.0, -1.0, 4.0, 1.0, 2.0], 3, [1, 0, 1, 1, 1]),   # a tie at the k-th, spread out
+    ([0.5, -1.0, 4.0, -3.0, 2.0], 3, [1, 0, 1, 0, 1]),
+])
+def test_top_k_keeps_ties_with_the_kth_largest(row, top_k, kept):
+  logits = np.asarray(row, np.float32)
+  ours = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], 1.0, top_k, 1.0)))[0]
+  np.testing.assert_array_equal(ours, np.asarray(kept, bool))
+  np.testing.assert_array_equal(ours, np.isfinite(_numpy_filter(logits, top_k, 1.0)))
