@@ -130,8 +130,7 @@ class Driver:
     self.writer = create_writer(self.workdir, process_index=jax.process_index())
 
   def run(self, *, state: Any, state_shardings: Any, step_fn: Callable, data_iterator,
-          batches: Iterator, num_steps: int, export: ExportFn, hooks: Sequence[Hook] = (),
-          loss_history: list = None) -> Any:
+          batches: Iterator, num_steps: int, export: ExportFn, hooks: Sequence[Hook] = ()) -> Any:
     """Trains `state` (restored from the newest checkpoint if there is one) to `num_steps`
     with `step_fn(state, batch) -> (state, metrics)`, then exports. Returns the final state."""
     c = self.config
@@ -155,7 +154,7 @@ class Driver:
     state = run_training(state, step_fn, batches, num_steps=num_steps, checkpointer=ckpt,
                          data_iterator=data_iterator, writer=self.writer, log_every=c.log_every,
                          every_n_steps=after_step if callbacks else None,
-                         callback_every=1 if callbacks else 0, loss_history=loss_history)
+                         callback_every=1 if callbacks else 0)
     ckpt.close()
     if int(jax.device_get(state.step)) >= num_steps:
       directory = self.workdir / "export"
