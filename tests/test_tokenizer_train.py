@@ -43,6 +43,36 @@ def test_config_validation_names_the_field():
   assert cfg.teacher.num_layers == 27 and cfg.num_latent_tokens == 128
 
 
+def test_no_config_key_is_silently_ignored():
+  """Unknown model keys, a compute dtype the step would not use, a weight file nothing reads,
+  and GPT knobs without an implementation are errors naming the key."""
+  import dataclasses
+  from detailflow_jax.models.gpt import GPTConfig
+  bad = get_config("tiny")
+  bad.model.enc_pretrained = True  # the reference's checkpoint field: not a model key here
+  with pytest.raises(ValueError, match="unknown key.*enc_pretrained"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.model.encoder.depth = 3
+  with pytest.raises(ValueError, match="model.encoder: unknown key.*depth"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.compute_dtype = "bfloat16"
+  with pytest.raises(ValueError, match="compute_dtype='bfloat16'.*not implemented"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.weights.teacher = "/weights/siglip2"
+  with pytest.raises(ValueError, match="weights.teacher set but unused"):
+    recipe.validate(bad, 8)
+  cfg = TokenizerConfig.from_dict(get_config("tiny").model)
+  with pytest.raises(ValueError, match="teacher is set but nothing uses it"):
+    dataclasses.replace(cfg, teacher=cfg.encoder)
+  with pytest.raises(ValueError, match="cls_token_num=2"):
+    GPTConfig(cls_token_num=2)
+  with pytest.raises(ValueError, match="learnable_tok_embeddings=False"):
+    GPTConfig(learnable_tok_embeddings=False)
+
+
 def test_missing_weight_file_is_a_clear_error(tmp_path):
   from detailflow_jax.train import frozen_nets
   c = get_config("tiny")

@@ -35,6 +35,17 @@ def load_tokenizer_weights(tokenizer, weights: ml_collections.ConfigDict) -> Non
     log.info("SigLIP2 teacher loaded from %s", weights.teacher)
 
 
+def check_weight_files_used(c: ml_collections.ConfigDict, teacher: bool) -> None:
+  """A weight file named in c.weights that this config never reads is an error (a silently
+  ignored file would let a run look configured when it is not)."""
+  readers = {"teacher": teacher, "lpips": bool(c.losses.perceptual_weight),
+             "dino": c.disc.type == "dino"}
+  unused = [f"weights.{k}" for k, used in readers.items() if c.weights.get(k) and not used]
+  if unused:
+    raise ValueError(f"{', '.join(unused)} set but unused by this config (teacher: repa / "
+                     "global_token_loss_weight; lpips: losses.perceptual_weight; dino: disc.type=dino)")
+
+
 def build_perceptual(c: ml_collections.ConfigDict):
   """LPIPS (VGG16) from c.weights.lpips = 'vgg16.pth[,lpips_heads.pth]'."""
   vgg, heads = _split(c.weights.lpips)

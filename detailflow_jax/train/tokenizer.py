@@ -28,7 +28,7 @@ from flax import nnx
 
 from ..models.frozen import TRAINABLE, Frozen
 from ..models.tokenizer import Tokenizer, TokenizerConfig
-from . import gan
+from . import frozen_nets, gan
 from . import mesh as mesh_lib
 from .state import ema_update, shardings_for
 
@@ -324,6 +324,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   if needs:
     raise ValueError("this config needs weight files that are not set: " + "; ".join(needs)
                      + ". Pass them as --config.<field>=PATH (nothing is downloaded at run time).")
+  frozen_nets.check_weight_files_used(c, cfg.teacher is not None)
   return cfg
 
 
@@ -393,7 +394,6 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   from .extract import build_image_source
   from .loop import run_training
   from .metrics import create_writer
-  from . import frozen_nets
 
   workdir = pathlib.Path(workdir)
   mesh_lib.maybe_initialize_distributed(c)
