@@ -37,7 +37,7 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
   import numpy as np
   from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_tokenizer import get_config
-  from detailflow_jax.models.tokenizer import Tokenizer
+  from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   from detailflow_jax.train import frozen_nets, mesh as mesh_lib
   from detailflow_jax.train import tokenizer as recipe
 
@@ -50,9 +50,9 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
   c.disc.type = "dino"
   if quick:
     c.model.global_token_loss_weight = 1.0
-    c.towers.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
+    c.model.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
                             position_grid=4, patch_size=8)
-  cfg = recipe.tokenizer_config_from(c)
+  cfg = TokenizerConfig.from_dict(c.model)
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tokenizer = Tokenizer(cfg, rngs=0)
   small = quick  # reduced-width VGG16 / DINO for --quick

@@ -7,13 +7,21 @@ pretrained), a 12-layer 768-wide decoder from scratch, codebook 8192 x 8 (l2-nor
 degradation probability 0.2 with power 1.5, self-correction, l2 reconstruction + LPIPS (warm-up
 10k steps) + DINO discriminator (hinge, weight 0.2, from step 40k, DiffAugment, LeCam 1e-3,
 consistency 4.0), Adam lr 1e-4 (x batch/256) betas (0.9, 0.95), grad clip 1.0, cosine to 0.1 lr
-after one warm-up epoch, global batch 256, bf16.
+after one warm-up epoch, global batch 256 (the reference: bf16 autocast; here float32 for now).
 
-`model` holds the reference's config.json fields (the same reader builds the converter's config).
+`model` maps field for field onto detailflow_jax.models.tokenizer.TokenizerConfig (encoder /
+decoder / teacher onto ViTConfig); an unknown key is an error naming it. The reference's
+checkpoint formats (builder names, enc_pretrained, ...) are read only by detailflow_jax/convert.
 """
 import ml_collections
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+# SigLIP2-so400m-patch16 (naflex) vision tower sizes: the encoder is its first 12 layers (the
+# reference's siglip2_base builder, pretrained), the teacher all 27.
+SIGLIP2_SO400M = dict(hidden_size=1152, num_heads=16, mlp_dim=4304, position_grid=16, patch_size=16)
+# The reference's siglip2_base decoder from scratch: 12 layers, 768 wide (MLP 4x), no patch embedding.
+DECODER_BASE = dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, position_grid=16,
+                    patch_size=16, patch_embedding=False)
 
 
 def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.ConfigDict:
@@ -21,17 +29,15 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.task = "tokenizer"
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
+      encoder=dict(SIGLIP2_SO400M, num_layers=12), decoder=DECODER_BASE,
+      teacher=dict(SIGLIP2_SO400M, num_layers=27),
       image_size=256, max_image_size=256, min_image_size=256, codebook_size=8192,
       codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True, commit_loss_beta=0.25,
-      entropy_loss_ratio=0.0, vq_loss_ratio=1.0, enc_type="siglip2", dec_type="siglip2",
-      encoder_model="siglip2_base", decoder_model="siglip2_base", enc_pretrained=True,
-      dec_pretrained=False, enc_patch_size=16, dec_patch_size=16, num_latent_tokens=tokens,
+      entropy_loss_ratio=0.0, vq_loss_ratio=1.0, num_latent_tokens=tokens,
       group_size=8, causal_num=None, causal_encoder=True, causal_decoder=False,
-      correction_training=True, degradation_power=1.5, global_token_loss_weight=1.0, repa=False,
-      repa_patch_size=16, repa_proj_dim=1024, repa_layer_indices=1, repa_loss_weight=0.5))
-  # Explicit tower sizes (ViTConfig fields for encoder / decoder / teacher) replace the
-  # builder names above when set: the tiny variant uses them.
-  c.towers = None
+      correction_training=True, degradation_power=1.5, global_token_loss_weight=1.0,
+      global_token_hidden=1024, repa=False, repa_proj_dim=1024, repa_layer_indices=1,
+      repa_loss_weight=0.5))
   # Pretrained / frozen weights the run reads at start (nothing is downloaded):
   c.weights = ml_collections.ConfigDict(dict(
       encoder_init="",        # SigLIP2 (HF safetensors dir/file or big_vision .npz): encoder init
@@ -57,7 +63,9 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
       lr=1e-4, scale_lr_by_batch=True, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
       max_grad_norm=1.0, warmup_epochs=1.0, warmup_steps=-1, schedule="cosine",
       end_lr_fraction=0.1))
-  c.compute_dtype = "bfloat16"
+  # The reference trains under bf16 autocast; here the step computes in float32 until the
+  # mixed-precision policy lands (another dtype is rejected by validate, not silently ignored).
+  c.compute_dtype = "float32"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
   c.log_every = 50
@@ -70,13 +78,14 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
     # From scratch a tiny l2-normalised codebook collapses to a handful of codes within 100
     # steps (measured: 1-13 % usage, the decoder then learns the mean image); the reference's
     # entropy term (LlamaGen's entropy_loss_ratio) keeps >= 95 % of the 256 codes in use.
-    c.model.update(image_size=32, max_image_size=32, min_image_size=32, codebook_size=256,
-                   enc_patch_size=8, dec_patch_size=8, num_latent_tokens=16, group_size=4,
-                   global_token_loss_weight=0.0, enc_pretrained=False, entropy_loss_ratio=0.02)
     tower = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, position_grid=4,
                  patch_size=8)
-    c.towers = ml_collections.ConfigDict(dict(encoder=tower, decoder=dict(tower, patch_embedding=False),
-                                              teacher=None))
+    c.model.update(image_size=32, max_image_size=32, min_image_size=32, codebook_size=256,
+                   num_latent_tokens=16, group_size=4, global_token_loss_weight=0.0,
+                   entropy_loss_ratio=0.02)
+    c.model.encoder = tower
+    c.model.decoder = dict(tower, patch_embedding=False)
+    c.model.teacher = None  # no alignment loss at this size
     # No LPIPS (no VGG weights offline) and no GAN: a PatchGAN switched on after 2500 steps
     # made this model's reconstructions worse within 500 steps (rec loss 0.068 -> 0.09-0.15).
     # `--config.disc.type=patchgan` turns the small one below on (the resume test does).
@@ -87,7 +96,6 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
                   degradation_prob=0.2, num_classes=10, shapes_size=32, num_images=8192)
     c.total_steps = 2500
     c.optimizer.update(lr=2e-3, scale_lr_by_batch=False, warmup_steps=20, end_lr_fraction=0.1)
-    c.compute_dtype = "float32"
     c.checkpoint.update(save_every=500, keep=2)
     c.log_every = 100
     c.recon_every = 1000

@@ -121,10 +121,9 @@ def _abstract_model(c, kind: str):
     from .train.ar import gpt_config_from
     cfg = gpt_config_from(c)
     return nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0)))
-  from .models.tokenizer import Tokenizer
-  from .train.tokenizer import tokenizer_config_from
-  cfg = dataclasses.replace(tokenizer_config_from(c), global_token_loss_weight=0.0, repa=False,
-                            teacher=None)
+  from .models.tokenizer import Tokenizer, TokenizerConfig
+  cfg = dataclasses.replace(TokenizerConfig.from_dict(c.model), global_token_loss_weight=0.0,
+                            repa=False, teacher=None)
   return nnx.eval_shape(lambda: Tokenizer(cfg, rngs=0))
 
 

@@ -47,6 +47,12 @@ def closest_resolution(size: int, resolutions: List[int]) -> int:
   return best
 
 
+def causal_length(group_size: int, causal_num: Optional[int]) -> int:
+  """Tokens predicted (and perturbed) one at a time before group-parallel ones start; the
+  reference's causal_num, which defaults to one group."""
+  return group_size if causal_num is None else causal_num
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolutionSchedule:
   """All token/resolution tables of one tokenizer configuration (the reference's
@@ -74,8 +80,7 @@ class ResolutionSchedule:
 
   @property
   def causal_len(self) -> int:
-    """Tokens predicted one at a time before group-parallel prediction starts."""
-    return self.group_size if self.causal_num is None else self.causal_num
+    return causal_length(self.group_size, self.causal_num)
 
   def _build(self) -> Dict[str, object]:
     g = self.group_size

@@ -73,9 +73,8 @@ def test_demo_writes_pngs_and_reports_progress(demo):
 def test_tiny_tokenizer_learned_coarse_to_fine(demo):
   from detailflow_jax.demo import labelled_images, load_demo_config
   from detailflow_jax.inference import TokenizerFns
-  from detailflow_jax.models.tokenizer import Tokenizer
+  from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   from detailflow_jax.pretrained import load_tokenizer
-  from detailflow_jax.train.tokenizer import tokenizer_config_from
   workdir, m, _ = demo
   images, _ = labelled_images(6, 32, 256, seed=123, style="plain")
 
@@ -85,7 +84,7 @@ def test_tiny_tokenizer_learned_coarse_to_fine(demo):
 
   trained = full_mse(load_tokenizer(workdir / "tokenizer" / "export"))
   c = load_demo_config("quick").tokenizer
-  untrained = full_mse(Tokenizer(tokenizer_config_from(c), rngs=c.seed))
+  untrained = full_mse(Tokenizer(TokenizerConfig.from_dict(c.model), rngs=c.seed))
   mean_image = float(np.mean((images - images.mean(0)) ** 2))
   print(f"held-out MSE: untrained {untrained:.4f}, mean image {mean_image:.4f}, trained {trained:.4f}")
   assert trained <= 0.7 * untrained            # the bar: >= 30 % lower

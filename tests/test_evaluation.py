@@ -9,14 +9,13 @@ from configs.detailflow16_tokenizer import get_config
 from detailflow_jax.evaluation import (clean_shape_images, coarse_to_fine_errors, judge_images,
                                        train_judge)
 from detailflow_jax.inference import TokenizerFns
-from detailflow_jax.models.tokenizer import Tokenizer
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.ops.resize import resize_images
 from detailflow_jax.plots import read_metrics, save_curves
-from detailflow_jax.train.tokenizer import tokenizer_config_from
 
 
 def test_coarse_to_fine_errors_match_a_direct_computation():
-  fns = TokenizerFns(Tokenizer(tokenizer_config_from(get_config("tiny")), rngs=0))
+  fns = TokenizerFns(Tokenizer(TokenizerConfig.from_dict(get_config("tiny").model), rngs=0))
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
   rows = coarse_to_fine_errors(fns, images, batch_size=2)
   assert [r["tokens"] for r in rows] == [1, 2, 3, 4, 8, 12]  # every t below full resolution

@@ -9,7 +9,7 @@ import pytest
 from configs.detailflow16_gpt_l import get_config
 from detailflow_jax.data.sources import ProceduralShapes, TokenRecordSource
 from detailflow_jax.train import ar
-from detailflow_jax.train.extract import extract, ten_crops, views_of
+from detailflow_jax.train.extract import CodeEncoder, extract, ten_crops, views_of
 
 
 def test_ten_crops_layout():
@@ -24,6 +24,29 @@ def test_ten_crops_layout():
   assert views_of(shapes, 64, True, 1.1).shape == (10, 64, 64, 3)
   two = views_of(shapes, 64, False, 1.1)
   np.testing.assert_array_equal(two[1], two[0][:, ::-1])
+
+
+def test_code_encoder_compiles_once_for_every_noise_index(tokenizer, golden_images_nhwc):
+  """Per-image noise indices are traced: many batches, one compile; row b of a per-image call
+  equals row b of a call with that image's index for the whole batch (same key)."""
+  import jax
+  images = np.asarray(golden_images_nhwc)
+  m = tokenizer.config.num_latent_tokens
+  encoder = CodeEncoder(tokenizer, m, self_correction=True)
+  key = jax.random.key(0)
+  per_index = {i: np.asarray(encoder(images, np.full(len(images), i), key)) for i in (0, 2, 4, 8)}
+  mixed = np.asarray(encoder(images, np.array([2, 8]), key))
+  assert encoder.trace_count == 1
+  np.testing.assert_array_equal(mixed[0], per_index[2][0])
+  np.testing.assert_array_equal(mixed[1], per_index[8][1])
+  for i, codes in per_index.items():
+    assert codes.shape == (len(images), m, 3)
+    span = 1 if i < tokenizer.config.causal_len else tokenizer.config.group_size
+    np.testing.assert_array_equal(codes[:, :i + span, 2], codes[:, :i + span, 0])  # targets = clean
+  clean = CodeEncoder(tokenizer, m, self_correction=False)
+  out = np.asarray(clean(images, np.zeros(len(images)), key))
+  np.testing.assert_array_equal(out[..., 0], per_index[0][..., 0])
+  assert out.shape[-1] == 1 and clean.trace_count == 1
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,14 @@ from detailflow_jax.convert.frozen import (MissingWeightsError, dino_discriminat
                                            load_patchgan, load_teacher_from_siglip2, lpips_from_torch,
                                            siglip2_tower_from_file, siglip2_weights)
 from detailflow_jax.models.dino import DinoDiscriminator
+from detailflow_jax.models.frozen import TRAINABLE, Frozen
 from detailflow_jax.models.patchgan import PatchGANDiscriminator
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.models.vit import ViTConfig
 
 TOL = 1e-4
-# The trainer's split: the DINO backbone is frozen by path, heads are trainable Params.
-FROZEN = nnx.PathContains("backbone")
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(FROZEN))
+# The trainer's split: the DINO backbone is frozen by Variable type, heads are trainable Params.
+FROZEN = Frozen
 
 
 def _nchw(x):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from detailflow_jax.train import gan
-from detailflow_jax.train.tokenizer import generator_forward, group_cosine_similarity
+from detailflow_jax.models.tokenizer import group_cosine_similarity
 
 
 def test_gan_losses_hand_computed():
@@ -92,8 +92,8 @@ def test_self_correction_bookkeeping(tokenizer, golden_images_nhwc, noise_idx):
   images = jnp.asarray(golden_images_nhwc)
   m = cfg.num_latent_tokens
   key = jax.random.key(3)
-  out = generator_forward(tokenizer, images, images, key, num_tokens=m, max_tokens=m,
-                          decode_res=images.shape[1], correct=True, noise_idx=jnp.int32(noise_idx))
+  out = tokenizer.train_forward(images, images, key, num_tokens=m, max_tokens=m,
+                                decode_res=images.shape[1], noise_idx=jnp.int32(noise_idx))
   b = images.shape[0]
   assert out.recon.shape[0] == 2 * b and out.target.shape[0] == 2 * b
   span = 1 if noise_idx < cfg.causal_len else cfg.group_size

@@ -91,25 +91,25 @@ def test_refine_path(tokenizer, golden, golden_images_nhwc, case):
   assert noise_num == tokenizer.schedule.noise_span(noise_idx) and noise_end == noise_idx + noise_num
 
 
-def test_encode_noisy_bookkeeping(tokenizer, golden_images_nhwc):
+def test_self_correct_bookkeeping(tokenizer, golden_images_nhwc):
   """The self-correction triple follows the reference's index rules."""
   images = jnp.asarray(golden_images_nhwc)
   clean = tokenizer.encode(images).indices
   for noise_idx in (2, 8):  # inside the causal prefix (1 token), then a whole group
-    out = tokenizer.encode_noisy(images, noise_idx, jax.random.key(noise_idx), top_k=5)
-    end = out["noise_end"]
+    out = tokenizer.self_correct(images, noise_idx, jax.random.key(noise_idx), top_k=5)
+    end = int(out.noise_end)
     assert end == noise_idx + (1 if noise_idx < 4 else 4)
-    np.testing.assert_array_equal(out["clean"], clean)
-    np.testing.assert_array_equal(out["input"][:, :noise_idx], clean[:, :noise_idx])
-    np.testing.assert_array_equal(out["label"][:, :end], clean[:, :end])
-    np.testing.assert_array_equal(out["input"][:, end:], out["label"][:, end:])
+    np.testing.assert_array_equal(out.clean.indices, clean)
+    np.testing.assert_array_equal(out.inputs[:, :noise_idx], clean[:, :noise_idx])
+    np.testing.assert_array_equal(out.targets[:, :end], clean[:, :end])
+    np.testing.assert_array_equal(out.inputs[:, end:], out.targets[:, end:])
     # The noisy span holds codes among the 5 nearest to the clean latents.
     d = tokenizer.quantize(tokenizer.encode(images).latents).distances
     top5 = np.argsort(np.asarray(d), axis=-1)[..., :5]
-    span = np.asarray(out["input"][:, noise_idx:end])
+    span = np.asarray(out.inputs[:, noise_idx:end])
     assert all(span[b, j] in top5[b, noise_idx + j] for b in range(2) for j in range(span.shape[1]))
-    refined = tokenizer.refine(images, tokenizer.quantize.lookup(out["input"][:, :end]))
-    np.testing.assert_array_equal(out["label"][:, end:], refined.indices[:, end:])
+    refined = tokenizer.refine(images, tokenizer.quantize.lookup(out.inputs[:, :end]))
+    np.testing.assert_array_equal(out.targets[:, end:], refined.indices[:, end:])
 
 
 def test_ema_weights(tmp_path, golden, golden_images_nhwc):

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from configs.detailflow16_tokenizer import get_config
+from detailflow_jax.models.tokenizer import TokenizerConfig
 from detailflow_jax.train import tokenizer as recipe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,11 +36,41 @@ def test_config_validation_names_the_field():
   with pytest.raises(ValueError, match="multiple of group_size"):
     recipe.validate(bad, 8)
   assert recipe.total_steps(full) == 250 * (1_281_167 // 256)
-  cfg = recipe.tokenizer_config_from(full)
+  cfg = TokenizerConfig.from_dict(full.model)
   # The released DetailFlow-16 shapes: so400m-wide encoder (12 layers), 768-wide decoder, teacher.
   assert (cfg.encoder.hidden_size, cfg.encoder.num_layers) == (1152, 12)
   assert (cfg.decoder.hidden_size, cfg.decoder.num_layers) == (768, 12)
   assert cfg.teacher.num_layers == 27 and cfg.num_latent_tokens == 128
+
+
+def test_no_config_key_is_silently_ignored():
+  """Unknown model keys, a compute dtype the step would not use, a weight file nothing reads,
+  and GPT knobs without an implementation are errors naming the key."""
+  import dataclasses
+  from detailflow_jax.models.gpt import GPTConfig
+  bad = get_config("tiny")
+  bad.model.enc_pretrained = True  # the reference's checkpoint field: not a model key here
+  with pytest.raises(ValueError, match="unknown key.*enc_pretrained"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.model.encoder.depth = 3
+  with pytest.raises(ValueError, match="model.encoder: unknown key.*depth"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.compute_dtype = "bfloat16"
+  with pytest.raises(ValueError, match="compute_dtype='bfloat16'.*not implemented"):
+    recipe.validate(bad, 8)
+  bad = get_config("tiny")
+  bad.weights.teacher = "/weights/siglip2"
+  with pytest.raises(ValueError, match="weights.teacher set but unused"):
+    recipe.validate(bad, 8)
+  cfg = TokenizerConfig.from_dict(get_config("tiny").model)
+  with pytest.raises(ValueError, match="teacher is set but nothing uses it"):
+    dataclasses.replace(cfg, teacher=cfg.encoder)
+  with pytest.raises(ValueError, match="cls_token_num=2"):
+    GPTConfig(cls_token_num=2)
+  with pytest.raises(ValueError, match="learnable_tok_embeddings=False"):
+    GPTConfig(learnable_tok_embeddings=False)
 
 
 def test_missing_weight_file_is_a_clear_error(tmp_path):
@@ -58,7 +89,7 @@ def _train(workdir, steps, env=None):
           "--config.data.degradation_prob=0.0", "--config.disc.type=patchgan", "--config.losses.disc_start=3",
           "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
           "--config.log_every=1", "--config.recon_every=4", "--config.num_recon_images=2",
-          "--config.towers.encoder.num_layers=1", "--config.towers.decoder.num_layers=1",
+          "--config.model.encoder.num_layers=1", "--config.model.decoder.num_layers=1",
           "--config.losses.ema_decay=0.9"]
   full_env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="",
                   **(env or {}))
@@ -118,7 +149,7 @@ def test_reconstructions_too_small_for_the_discriminator_skip_the_gan_terms():
   c = get_config("tiny")
   c.disc.type = "patchgan"
   c.losses.disc_start = 10
-  cfg = recipe.tokenizer_config_from(c)
+  cfg = TokenizerConfig.from_dict(c.model)
   tx, disc_tx = recipe.make_optimizers(c, 20)
   disc = frozen_nets.build_discriminator(c)
   trainer = recipe.TokenizerTrainer(Tokenizer(cfg, rngs=0), recipe.loss_config_from(c), tx,

@@ -13,9 +13,9 @@ one logit per patch. The reference's details kept here:
     LeakyReLU] averaged as (f(x) + x) / sqrt(2), then Conv1d(C, 1, k=1); spectral norm on every
     conv; norm 'sbn' (SyncBatchNorm, the reference default) or 'bn' (BatchNormLocal).
 
-Frozen vs trainable: the backbone lives under the attribute `backbone`, which the trainer's
-FROZEN filter (path contains "backbone") keeps out of the optimised parameters; the heads are
-nnx.Params; spectral-norm vectors and batch-norm statistics are nnx.BatchStat side state.
+Frozen vs trainable: the backbone's weights are `Frozen` variables (models/frozen.py), which
+trainers keep out of the optimised parameters by type; the heads are nnx.Params; spectral-norm
+vectors and batch-norm statistics are nnx.BatchStat side state.
 """
 import dataclasses
 from typing import List, Optional, Tuple
@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from ..ops.resize import resize_area, resize_bicubic
+from .frozen import freeze
 from .disc_layers import BatchNorm, BatchNormLocal, Conv1d, ensure_channels_last, leaky_relu
 from .vit import EncoderLayer, ViTConfig, dense, patchify
 
@@ -73,6 +74,7 @@ class DinoBackbone(nnx.Module):
     self.cls_token = nnx.Param(init(rngs.params(), (d,)))
     self.pos_embed = nnx.Param(init(rngs.params(), (cfg.grid ** 2 + 1, d)))
     self.layers = nnx.List([EncoderLayer(vit, rngs=rngs) for _ in range(cfg.depth)])
+    freeze(self)  # pretrained DINO: never trained
 
   def prepare(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
     """[-1, 1] NHWC -> ImageNet-normalised [B, S, S, 3] with S = image_size (float32)."""

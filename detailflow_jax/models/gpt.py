@@ -26,6 +26,7 @@ from .attention import cached_attention, dot_product_attention
 from .keys import InitKeys
 from .masks import group_causal_mask
 from .rope import apply_rope, rope_table_2d
+from ..schedule import causal_length
 
 # (n_layer, n_head, dim) of the reference's GPT_models presets.
 PRESETS: Dict[str, Tuple[int, int, int]] = {
@@ -73,7 +74,7 @@ class GPTConfig:
   block_size: int = 256
   group_size: int = 1
   causal_num: Optional[int] = None
-  learnable_tok_embeddings: bool = True  # False freezes tok_embeddings in training
+  learnable_tok_embeddings: bool = True  # only True: frozen token embeddings are not implemented
 
   def __post_init__(self):
     if self.dim % self.n_head:
@@ -87,6 +88,13 @@ class GPTConfig:
     if self.causal_len % self.group_size or not 0 < self.causal_len < self.block_size:
       raise ValueError(f"causal_num={self.causal_num} must be a positive multiple of "
                        f"group_size={self.group_size} below block_size={self.block_size}")
+    if self.cls_token_num != 1:
+      # The class embedding yields one conditioning token; more would shift every RoPE row.
+      raise ValueError(f"cls_token_num={self.cls_token_num}: only 1 is supported (every released "
+                       "DetailFlow GPT uses one class token)")
+    if not self.learnable_tok_embeddings:
+      raise ValueError("learnable_tok_embeddings=False (frozen token embeddings) is not "
+                       "implemented; every released DetailFlow GPT trains them")
     if self.attn_dropout_p:
       raise ValueError("attn_dropout_p > 0 is not supported: the shared attention kernel has no "
                        "dropout (every released DetailFlow config uses 0)")
@@ -101,8 +109,7 @@ class GPTConfig:
 
   @property
   def causal_len(self) -> int:
-    """Tokens predicted one at a time before group-parallel prediction starts."""
-    return self.group_size if self.causal_num is None else self.causal_num
+    return causal_length(self.group_size, self.causal_num)
 
   @property
   def ffn_hidden(self) -> int:

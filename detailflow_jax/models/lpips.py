@@ -5,15 +5,16 @@ distance(x, y) = sum over the five VGG16 taps (relu1_2, relu2_2, relu3_3, relu4_
 where n() divides each pixel's feature vector by its L2 norm (+1e-10) and lin_k is a bias-free
 1x1 conv to one channel. Inputs are scaled as the reference's ScalingLayer does.
 
-Frozen: every weight is an nnx.Param, but the whole module is frozen state for the trainer
-(TokenizerTrainer keeps `nnx.split(perceptual)` beside the optimised tree and only
-differentiates with respect to the images). Nothing here is trained.
+Frozen: every weight is a `Frozen` variable (models/frozen.py); the trainer only differentiates
+with respect to the images. Nothing here is trained.
 """
 from typing import List, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from .frozen import freeze
 
 VGG16_CONVS_PER_STAGE = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
@@ -68,6 +69,7 @@ class LPIPS(nnx.Module):
     rngs = nnx.Rngs(0) if rngs is None else (nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
     self.net = VGG16Features(widths, rngs=rngs)
     self.lins = nnx.List([nnx.Linear(w, 1, use_bias=False, rngs=rngs) for w in widths])
+    freeze(self)
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """x, y: [B, H, W, 3] images in [-1, 1] -> float32 distances [B] (the reference returns

@@ -69,12 +69,14 @@ class VectorQuantizer(nnx.Module):
 
   def losses(self, out: QuantizerOutput, noise_end=0) -> Dict[str, jax.Array]:
     """Codebook, commitment (x beta) and entropy losses; the first two averaged over positions
-    >= noise_end (axis 1). noise_end may be traced (a mask, not a slice), so self-correction
-    batches with different noise positions share one compiled step."""
+    >= noise_end (axis 1). noise_end (a scalar or per image [B]) may be traced (a mask, not a
+    slice), so self-correction batches with different noise positions share one compiled step.
+    `out`: anything with normalized_input / indices / distances (e.g. an EncodeOutput)."""
     z = out.normalized_input
     codes = jnp.take(self.codebook(), out.indices, axis=0)
-    keep = (jnp.arange(z.shape[1]) >= noise_end)[None, :, None].astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(keep) * z.shape[0] * z.shape[-1], 1.0)
+    keep = jnp.arange(z.shape[1])[None] >= jnp.reshape(noise_end, (-1, 1))
+    keep = jnp.broadcast_to(keep, z.shape[:2])[..., None].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(keep) * z.shape[-1], 1.0)
     masked_mean = lambda sq: jnp.sum(sq.astype(jnp.float32) * keep) / count
     vq = masked_mean(jnp.square(codes - jax.lax.stop_gradient(z))) * self.vq_loss_ratio
     commit = self.beta * masked_mean(jnp.square(jax.lax.stop_gradient(codes) - z))

@@ -6,16 +6,18 @@ causal prefix), so every prefix of the sequence is a self-contained code of the 
 decoder renders an image of any side `image_size` from the first `num_tokens` codes.
 """
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..schedule import ResolutionSchedule
+from ..schedule import ResolutionSchedule, causal_length
+from .config_mapping import dataclass_from_mapping
+from .frozen import freeze
 from .keys import InitKeys
 from .masks import patch_latent_mask
-from .quantizer import VectorQuantizer
+from .quantizer import VectorQuantizer, l2_normalize
 from .vit import ViTConfig, VisionTower, dense, unpatchify
 
 
@@ -56,29 +58,71 @@ class TokenizerConfig:
     if self.causal_len % self.group_size or self.causal_len > self.num_latent_tokens:
       raise ValueError(f"causal_num={self.causal_num} must be a multiple of group_size and at "
                        f"most num_latent_tokens")
-    if (self.repa or self.global_token_loss_weight) and self.teacher is None:
+    aligned = self.repa or self.global_token_loss_weight
+    if aligned and self.teacher is None:
       raise ValueError("repa / global_token_loss_weight need a `teacher` ViTConfig")
+    if self.teacher is not None and not aligned:
+      raise ValueError("teacher is set but nothing uses it (repa=False, global_token_loss_weight=0): "
+                       "set teacher=None")
+    if not self.encoder.patch_embedding:
+      raise ValueError("encoder.patch_embedding=False: the encoder embeds image patches")
+    if self.decoder.patch_embedding:
+      raise ValueError("decoder.patch_embedding=True: the decoder reads mask tokens, it has no "
+                       "patch embedding")
 
   @property
   def causal_len(self) -> int:
-    return self.group_size if self.causal_num is None else self.causal_num
+    return causal_length(self.group_size, self.causal_num)
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: Dict[str, Any]) -> "TokenizerConfig":
-    d = dict(d)
-    for key in ("encoder", "decoder", "teacher"):
-      if d.get(key) is not None:
-        d[key] = ViTConfig(**d[key])
-    return cls(**d)
+  def from_dict(cls, d: Mapping[str, Any], where: str = "model") -> "TokenizerConfig":
+    """From a mapping (a run config's `model` section, or a model directory's config.json);
+    an unknown key is an error naming it."""
+    return dataclass_from_mapping(cls, d, where=where,
+                                  nested={"encoder": ViTConfig, "decoder": ViTConfig, "teacher": ViTConfig})
 
 
 class EncodeOutput(NamedTuple):
-  quant: jax.Array    # [B, T, D] l2-normalised code vectors (straight-through)
-  indices: jax.Array  # [B, T] int32
-  latents: jax.Array  # [B, T, D] quant_conv output before quantization
+  quant: jax.Array             # [B, T, D] l2-normalised code vectors (straight-through)
+  indices: jax.Array           # [B, T] int32
+  latents: jax.Array           # [B, T, D] quant_conv output before quantization
+  distances: jax.Array         # [B, T, V] squared distances to every code
+  normalized_input: jax.Array  # [B, T, D] what the codes approximate (the VQ losses read it)
+
+
+class SelfCorrection(NamedTuple):
+  """The reference's encode(..., noise_idx): tokens [noise_idx, noise_end) replaced by random
+  top-k codes, everything after re-encoded from that prefix."""
+  clean: EncodeOutput     # the plain encoding
+  refined: EncodeOutput   # re-encoding from the perturbed prefix (positions >= noise_end count)
+  noise_end: jax.Array    # int32, the shape of noise_idx: first position after the perturbed span
+  quant: jax.Array        # [B, T, D] clean prefix, noisy span, refined rest (what the decoder sees)
+  inputs: jax.Array       # [B, T] the same as indices: what a GPT is fed
+  targets: jax.Array      # [B, T] clean codes up to noise_end, refined after: what it should predict
+
+
+class GeneratorOutput(NamedTuple):
+  recon: jax.Array     # [B or 2B, s, s, 3] float32: clean (and self-correction) reconstructions
+  target: jax.Array    # the matching degraded targets
+  losses: Dict[str, jax.Array]
+  indices: jax.Array   # clean indices [B, m]
+
+
+def group_cosine_similarity(quant: jax.Array, group_size: int) -> jax.Array:
+  """Mean cosine similarity between distinct tokens of the same group (a diagnostic)."""
+  b, m, d = quant.shape
+  g = l2_normalize(quant.reshape(b * m // group_size, group_size, d).astype(jnp.float32), 1e-8)
+  sims = jnp.einsum("ngd,nhd->ngh", g, g)
+  off_diagonal = 1.0 - jnp.eye(group_size)
+  return jnp.mean(jnp.sum(sims * off_diagonal, (1, 2)) / (group_size * (group_size - 1)))
+
+
+def _before(m: int, position: jax.Array) -> jax.Array:
+  """[B or 1, m] bool: index < position, for a scalar or per-image [B] (traced) position."""
+  return jnp.arange(m)[None] < jnp.reshape(position, (-1, 1))
 
 
 def _tokens_param(rngs, shape, axes):
@@ -97,13 +141,13 @@ class Encoder(nnx.Module):
     self.latent_pos_embed = _tokens_param(rngs, shape, (None, "embed"))
 
   def __call__(self, images: jax.Array, num_tokens: Optional[int] = None,
-               noise_token: Optional[jax.Array] = None, noise_len: Optional[jax.Array] = None):
+               prefix_tokens: Optional[jax.Array] = None, prefix_len: Optional[jax.Array] = None):
     """Returns (latent outputs [B, num_tokens, H], patch outputs [B, n, H]).
 
-    With `noise_token` [B, k, H] (refine_conv of a given quantized prefix), the first k latent
-    inputs are those and the rest come from `refined_tokens` instead of `latent_tokens`.
-    With `noise_len` (possibly traced), `noise_token` spans all num_tokens positions and only
-    its first noise_len are used: one compiled program for every prefix length (training).
+    With `prefix_tokens` [B, k, H] (refine_conv of a quantized prefix, k <= num_tokens), latent
+    input i is prefix_tokens[:, i] for i < prefix_len and refined_tokens[i] after (instead of
+    latent_tokens). prefix_len (default k) may be traced, a scalar or per image [B]: every
+    prefix length shares one compiled program.
     """
     cfg = self.cfg
     m = cfg.num_latent_tokens if num_tokens is None else num_tokens
@@ -111,20 +155,15 @@ class Encoder(nnx.Module):
       raise ValueError(f"num_tokens={m} outside [1, {cfg.num_latent_tokens}]")
     x = self.visual_model.embeddings.embed_patches(images)
     b, n, _ = x.shape
-    if noise_token is None:
-      z = jnp.broadcast_to(self.latent_tokens[:m][None], (b, m, x.shape[-1]))
-    elif noise_len is not None:
-      if noise_token.shape[1] != m:
-        raise ValueError(f"with noise_len, noise_token must span num_tokens={m} positions, "
-                         f"got {noise_token.shape[1]}")
-      use_noise = (jnp.arange(m) < noise_len)[None, :, None]
-      z = jnp.where(use_noise, noise_token.astype(x.dtype), self.refined_tokens[:m][None].astype(x.dtype))
+    if prefix_tokens is None:
+      z = jnp.broadcast_to(self.latent_tokens[:m][None].astype(x.dtype), (b, m, x.shape[-1]))
     else:
-      k = noise_token.shape[1]
+      k = prefix_tokens.shape[1]
       if k > m:
         raise ValueError(f"refine prefix of {k} tokens is longer than num_tokens={m}")
-      rest = jnp.broadcast_to(self.refined_tokens[k:m][None], (b, m - k, x.shape[-1]))
-      z = jnp.concatenate([noise_token.astype(x.dtype), rest], axis=1)
+      prefix = jnp.pad(prefix_tokens.astype(x.dtype), ((0, 0), (0, m - k), (0, 0)))
+      z = jnp.where(_before(m, k if prefix_len is None else prefix_len)[..., None], prefix,
+                    self.refined_tokens[:m][None].astype(x.dtype))
     z = z + self.latent_pos_embed[:m][None].astype(x.dtype)
     mask = None
     if cfg.causal_encoder:
@@ -189,10 +228,11 @@ class ProjectionMLP(nnx.Module):
 
 
 class Teacher(nnx.Module):
-  """Frozen SigLIP2 vision tower whose features the global token (and REPA) align to."""
+  """Frozen SigLIP2 vision tower whose features the global token (and REPA) align to (its
+  weights are `Frozen`: loaded from a file, never trained)."""
 
   def __init__(self, vit: ViTConfig, *, rngs: nnx.Rngs):
-    self.visual_model = VisionTower(vit, rngs=rngs)
+    self.visual_model = freeze(VisionTower(vit, rngs=rngs))
 
   def __call__(self, images):
     # The reference takes HF's last_hidden_state (already post-LayerNormed) and applies
@@ -235,58 +275,60 @@ class Tokenizer(nnx.Module):
         enc_patch_size=cfg.encoder.patch_size, dec_patch_size=cfg.decoder.patch_size,
         min_dec_res=cfg.decoder.patch_size)
 
-  def _compute_dtype(self):
+  @property
+  def param_dtype(self):
     return self.quant_conv.kernel.dtype
 
   # --- encoding -------------------------------------------------------------------------
 
+  def _encode(self, images, num_tokens, prefix_tokens=None, prefix_len=None) -> EncodeOutput:
+    latents, _ = self.encoder(images.astype(self.param_dtype), num_tokens, prefix_tokens, prefix_len)
+    h = self.quant_conv(latents)
+    q = self.quantize(h)
+    return EncodeOutput(q.quant, q.indices, h, q.distances, q.normalized_input)
+
   def encode(self, images: jax.Array, num_tokens: Optional[int] = None) -> EncodeOutput:
     """images: NHWC in [-1, 1]. Encodes the first `num_tokens` tokens (default: all)."""
-    latents, _ = self.encoder(images.astype(self._compute_dtype()), num_tokens)
-    h = self.quant_conv(latents)
-    out = self.quantize(h)
-    return EncodeOutput(out.quant, out.indices, h)
+    return self._encode(images, num_tokens)
 
-  def refine(self, images: jax.Array, prefix_quant: jax.Array,
-             num_tokens: Optional[int] = None) -> EncodeOutput:
-    """Self-correction encode: the first k positions are seeded with refine_conv(prefix_quant)
-    ([B, k, D], a possibly perturbed quantized prefix); returns codes for all num_tokens
-    positions (callers keep positions >= k, as the reference does)."""
+  def refine(self, images: jax.Array, prefix_quant: jax.Array, num_tokens: Optional[int] = None,
+             prefix_len: Optional[jax.Array] = None) -> EncodeOutput:
+    """Self-correction encode: the first prefix_len (default k; traced, scalar or [B]) positions
+    are seeded with refine_conv(prefix_quant) ([B, k, D], a possibly perturbed quantized
+    prefix); returns codes for all num_tokens positions (callers keep positions >= prefix_len,
+    as the reference does)."""
     if not self.config.correction_training:
       raise ValueError("this tokenizer has no refine path (correction_training=False)")
-    noise_token = self.refine_conv(prefix_quant.astype(self._compute_dtype()))
-    latents, _ = self.encoder(images.astype(self._compute_dtype()), num_tokens, noise_token)
-    h = self.quant_conv(latents)
-    out = self.quantize(h)
-    return EncodeOutput(out.quant, out.indices, h)
+    return self._encode(images, num_tokens, self.refine_conv(prefix_quant.astype(self.param_dtype)),
+                        prefix_len)
 
-  def encode_noisy(self, images: jax.Array, noise_idx: int, key: jax.Array,
-                   num_tokens: Optional[int] = None, top_k: int = 50):
-    """The reference's encode(..., noise_idx): perturb tokens [noise_idx, noise_end) with
-    random top-k codes, re-encode the rest conditioned on that prefix.
-
-    Returns a dict with `quant` ([B, T, D]: clean prefix, noisy span, refined rest), and the
-    index triple `clean`, `input` (what a GPT sees), `label` (what it should predict).
-    """
-    clean_lat, _ = self.encoder(images.astype(self._compute_dtype()), num_tokens)
-    h = self.quant_conv(clean_lat)
-    clean = self.quantize(h)
-    noise_end = noise_idx + (1 if noise_idx < self.config.causal_len else self.config.group_size)
-    noisy_idx = self.quantize.random_topk_codes(clean, top_k, key)
-    prefix_idx = jnp.concatenate([clean.indices[:, :noise_idx], noisy_idx[:, noise_idx:noise_end]], 1)
+  def self_correct(self, images: jax.Array, noise_idx: jax.Array, key: jax.Array,
+                   num_tokens: Optional[int] = None, top_k: int = 50) -> SelfCorrection:
+    """Perturbs tokens [noise_idx, noise_end) with random top-k codes and re-encodes the rest
+    conditioned on that prefix. noise_idx: int32, a scalar or per image [B], may be traced
+    (one compiled program for every noise index); the span is 1 token inside the causal
+    prefix, a whole group after it."""
+    cfg = self.config
+    clean = self.encode(images, num_tokens)
+    m = clean.indices.shape[1]
+    noise_idx = jnp.asarray(noise_idx, jnp.int32)
+    noise_end = noise_idx + jnp.where(noise_idx < cfg.causal_len, 1, cfg.group_size).astype(jnp.int32)
+    noisy = self.quantize.random_topk_codes(clean, top_k, key)
+    prefix_idx = jnp.where(_before(m, noise_idx), clean.indices, noisy)
     prefix_quant = jax.lax.stop_gradient(self.quantize.lookup(prefix_idx))
-    refined = self.refine(images, prefix_quant, num_tokens)
-    quant = jnp.concatenate([prefix_quant, refined.quant[:, noise_end:]], axis=1)
-    input_idx = jnp.concatenate([prefix_idx, refined.indices[:, noise_end:]], axis=1)
-    label_idx = jnp.concatenate([clean.indices[:, :noise_end], refined.indices[:, noise_end:]], 1)
-    return {"quant": quant, "clean_quant": clean.quant, "clean": clean.indices,
-            "input": input_idx, "label": label_idx, "noise_end": noise_end}
+    refined = self.refine(images, prefix_quant, num_tokens, noise_end)
+    in_prefix = _before(m, noise_end)
+    quant = jnp.where(in_prefix[..., None], prefix_quant.astype(refined.quant.dtype), refined.quant)
+    return SelfCorrection(clean, refined, noise_end, quant,
+                          jnp.where(in_prefix, prefix_idx, refined.indices),
+                          jnp.where(in_prefix, clean.indices, refined.indices))
 
   # --- decoding -------------------------------------------------------------------------
 
   def decode(self, quant: jax.Array, num_tokens: Optional[int] = None,
-             image_size: Optional[int] = None) -> jax.Array:
-    """Renders NHWC pixels (not clipped) of side `image_size` from the first `num_tokens` codes.
+             image_size: Optional[int] = None, capture_layer: Optional[int] = None):
+    """Renders NHWC pixels (not clipped) of side `image_size` from the first `num_tokens` codes
+    (and the decoder's hidden states after `capture_layer` when asked, for REPA).
 
     `image_size` defaults to the resolution those tokens stand for (token2dec_out_res).
     """
@@ -295,8 +337,8 @@ class Tokenizer(nnx.Module):
       raise ValueError(f"num_tokens={t} outside [1, {quant.shape[1]}]")
     if image_size is None:
       image_size = self.schedule.decode_resolution(t)
-    z = self.post_quant_conv(quant[:, :t].astype(self._compute_dtype()))
-    return self.decoder(z, image_size)
+    z = self.post_quant_conv(quant[:, :t].astype(self.param_dtype))
+    return self.decoder(z, image_size, capture_layer)
 
   def decode_indices(self, indices: jax.Array, num_tokens: Optional[int] = None,
                      image_size: Optional[int] = None) -> jax.Array:
@@ -307,3 +349,50 @@ class Tokenizer(nnx.Module):
     """Reconstruction: encode then decode with the same tokens at `image_size` (default: input)."""
     enc = self.encode(images, num_tokens)
     return self.decode(enc.quant, None, image_size or images.shape[1])
+
+
+  # --- training -------------------------------------------------------------------------
+
+  def train_forward(self, images: jax.Array, target: jax.Array, key: jax.Array, *,
+                    num_tokens: int, max_tokens: int, decode_res: int,
+                    noise_idx: Optional[jax.Array] = None, top_k: int = 50) -> GeneratorOutput:
+    """The reference VQModel.forward in training mode: encode `max_tokens` tokens; with a
+    (traced, scalar) noise_idx also the self-correction half (batch doubled, targets repeated);
+    decode the first `num_tokens` at `decode_res`; VQ terms and alignment losses. Updates the
+    codebook-usage window."""
+    cfg = self.config
+    if noise_idx is None:
+      clean = self.encode(images, max_tokens)
+      vq = self.quantize.losses(clean)
+      quant, used = clean.quant, clean.indices.reshape(-1)
+    else:
+      sc = self.self_correct(images, noise_idx, key, max_tokens, top_k)
+      clean = sc.clean
+      vq_clean, vq_refined = self.quantize.losses(clean), self.quantize.losses(sc.refined, sc.noise_end)
+      # Both halves' VQ terms, weighted by how many positions each trains.
+      total = 2 * max_tokens - sc.noise_end
+      w_clean, w_noisy = max_tokens / total, (max_tokens - sc.noise_end) / total
+      vq = {k: vq_clean[k] * w_clean + vq_refined[k] * w_noisy for k in vq_clean}
+      quant = jnp.concatenate([clean.quant, sc.quant], axis=0)
+      target = jnp.concatenate([target, target], axis=0)
+      used = jnp.concatenate([clean.indices.reshape(-1), sc.refined.indices.reshape(-1)])
+    losses = dict(vq, codebook_usage=self.quantize.update_usage(used),
+                  fea_cosine_sim=group_cosine_similarity(jax.lax.stop_gradient(quant), cfg.group_size))
+    align = jnp.float32(0.0)
+    if cfg.repa:
+      recon, hidden = self.decode(quant, num_tokens, decode_res, capture_layer=cfg.repa_layer_indices)
+      teacher = jax.lax.stop_gradient(self.repa_model(target.astype(self.param_dtype)))
+      pred = l2_normalize(self.projection(hidden).astype(jnp.float32))
+      align += cfg.repa_loss_weight * jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
+    else:
+      recon = self.decode(quant, num_tokens, decode_res)
+    if cfg.global_token_loss_weight:
+      # The first (global) token, mapped by an MLP, points the way of the mean SigLIP2 feature
+      # of the full-resolution input.
+      teacher = jax.lax.stop_gradient(self.repa_model(images.astype(self.param_dtype))).astype(jnp.float32)
+      goal = l2_normalize(jnp.mean(teacher, axis=1))
+      pred = l2_normalize(self.global_token_proj(clean.quant[:, 0]).astype(jnp.float32))
+      losses["global_token_loss"] = jnp.mean(-jnp.sum(pred * goal, -1))
+      align += cfg.global_token_loss_weight * losses["global_token_loss"]
+    losses["align_loss"] = align
+    return GeneratorOutput(recon.astype(jnp.float32), target.astype(jnp.float32), losses, clean.indices)

@@ -4,10 +4,10 @@ As the reference's extract_codes_c2i: each image is centre-cropped to crop_range
 resolution and cut into ten crops (4 corners + centre, and their mirror images), or kept
 whole plus its mirror image; every view is encoded with the resolution's best token count.
 With self-correction (`correction_training` tokenizers) each record holds the triple
-(clean codes, codes of the perturbed input, corrected labels) from `encode_noisy`, with one
-noise index drawn per batch (the reference draws one per image; the per-record distribution
-is the same). Work is split by process and written in chunks; a restarted job skips the
-chunks already on disk.
+(clean codes, codes of the perturbed input, corrected targets) from `Tokenizer.self_correct`,
+with one noise index drawn per image and shared by its views (as the reference). The noise
+index is traced and every batch is padded to one size, so a run compiles one program. Work is
+split by process and written in chunks; a restarted job skips the chunks already on disk.
 """
 import json
 import logging
@@ -19,6 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
+
+from ..data import sources
+from ..data.sources import TokenRecordWriter
+from ..data.transforms import center_crop_arr, decode_image, to_float
+from ..pretrained import load_tokenizer
+from .loop import progress_bar
 
 log = logging.getLogger("detailflow_jax")
 
@@ -34,8 +41,6 @@ def ten_crops(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def views_of(image_u8: np.ndarray, size: int, ten_crop: bool, crop_range: float) -> np.ndarray:
-  from PIL import Image
-  from ..data.transforms import center_crop_arr, to_float
   img = Image.fromarray(image_u8)
   if ten_crop:
     big = center_crop_arr(img, int(size * crop_range))
@@ -46,7 +51,6 @@ def views_of(image_u8: np.ndarray, size: int, ten_crop: bool, crop_range: float)
 
 def build_image_source(e):
   """The image source an `extract` config section names."""
-  from ..data import sources
   if e.source == "imagefolder":
     return sources.ImageFolderSource(e.path, e.split)
   if e.source == "tfds":
@@ -57,35 +61,32 @@ def build_image_source(e):
   raise ValueError(f"extract.source={e.source!r} (imagefolder | tfds | shapes)")
 
 
-class _Encoder:
-  """Jitted clean / self-correction encoders (one compile per noise index)."""
+class CodeEncoder:
+  """The jitted encoder of an extraction run: clean codes [N, T, 1], or with self-correction
+  the triple (clean, inputs, targets) [N, T, 3] for per-view noise indices [N]. The noise index
+  is traced, so one batch shape is one compile (`trace_count` counts traces)."""
 
-  def __init__(self, tokenizer, num_tokens: int):
+  def __init__(self, tokenizer, num_tokens: int, self_correction: bool):
     self._graphdef, self._state = nnx.split(tokenizer)
-    self.num_tokens = num_tokens
-    self._noisy = jax.jit(self._noisy_impl, static_argnums=(2,))
-    self._clean = jax.jit(self._clean_impl)
+    self.num_tokens, self.self_correction = num_tokens, self_correction
+    self.trace_count = 0
+    self._jitted = jax.jit(self._codes)
 
-  def _clean_impl(self, state, images):
-    return nnx.merge(self._graphdef, state).encode(images, self.num_tokens).indices
+  def _codes(self, state, images, noise_idx, key):
+    self.trace_count += 1  # runs at trace time only
+    model = nnx.merge(self._graphdef, state)
+    if not self.self_correction:
+      return model.encode(images, self.num_tokens).indices[..., None]
+    out = model.self_correct(images, noise_idx, key, self.num_tokens)
+    return jnp.stack([out.clean.indices, out.inputs, out.targets], axis=-1)
 
-  def _noisy_impl(self, state, images, noise_idx, key):
-    out = nnx.merge(self._graphdef, state).encode_noisy(images, noise_idx, key, self.num_tokens)
-    return jnp.stack([out["clean"], out["input"], out["label"]], axis=-1)
-
-  def __call__(self, images, noise_idx: Optional[int], key):
-    if noise_idx is None:
-      return self._clean(self._state, images)[..., None]
-    return self._noisy(self._state, images, noise_idx, key)
+  def __call__(self, images, noise_idx, key):
+    """images [N, H, W, 3]; noise_idx int32 [N] (ignored without self-correction)."""
+    return self._jitted(self._state, images, jnp.asarray(noise_idx, jnp.int32), key)
 
 
 def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
   """Writes `<workdir>/tokens-pPPPPP-cCCCCC.array_record` shards and `<workdir>/codes.json`."""
-  from ..data.sources import TokenRecordWriter
-  from ..data.transforms import decode_image
-  from ..pretrained import load_tokenizer
-  from .loop import progress_bar
-
   e = c.extract
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -95,13 +96,16 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
   if size not in schedule.decres2besttoken:
     raise ValueError(f"extract.image_size={size} is not one of the tokenizer's resolutions {schedule.best_res}")
   num_tokens = schedule.decres2besttoken[size]
-  correction = bool(tokenizer.config.correction_training and e.self_correction)
+  # A single token has nothing after it to correct (the schedule draws no noise index for t=1).
+  correction = bool(tokenizer.config.correction_training and e.self_correction and num_tokens > 1)
   source = build_image_source(e)
   proc, nproc = jax.process_index(), jax.process_count()
   mine = np.arange(proc, len(source), nproc)
-  encoder = _Encoder(tokenizer, num_tokens)
+  encoder = CodeEncoder(tokenizer, num_tokens, correction)
+  num_views = 10 if e.ten_crop else 2
+  batch_views = min(e.batch_size, e.chunk_size) * num_views  # every batch padded to this
   meta = {"tokenizer": tokenizer.config.to_dict(), "ar_image_size": size, "ar_token_num": num_tokens,
-          "views": 10 if e.ten_crop else 2, "self_correction": correction, "num_images": len(source)}
+          "views": num_views, "self_correction": correction, "num_images": len(source)}
   if proc == 0:
     (workdir / "codes.json").write_text(json.dumps(meta, indent=2))
   start, done, skipped_chunks = time.time(), 0, 0
@@ -129,11 +133,15 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
         if not views:
           continue
         batch = np.concatenate(views)
-        noise_idx = (schedule.sample_noise_index(num_tokens, chunk_rng, 1.0, correction)
-                     if correction else None)
+        noise_idx = np.zeros(batch_views, np.int32)
+        if correction:  # one index per image, shared by its views
+          per_image = [schedule.sample_noise_index(num_tokens, chunk_rng, 1.0) for _ in labels]
+          noise_idx[:len(batch)] = np.repeat(per_image, num_views)
         key = jax.random.key(int(chunk_rng.integers(2 ** 31)))
-        codes = np.asarray(encoder(jnp.asarray(batch), noise_idx, key))
-        codes = codes.reshape(len(labels), -1, num_tokens, codes.shape[-1])
+        padded = np.zeros((batch_views,) + batch.shape[1:], batch.dtype)
+        padded[:len(batch)] = batch
+        codes = np.asarray(encoder(padded, noise_idx, key))[:len(batch)]
+        codes = codes.reshape(len(labels), num_views, num_tokens, codes.shape[-1])
         for tokens, label in zip(codes, labels):
           writer.write(tokens, label)
         done += len(labels)
@@ -143,4 +151,5 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
              progress_bar(chunk_id + 1, len(chunks)), done, rate, remaining / max(rate, 1e-9))
   if skipped_chunks:
     log.info("extract: %d chunk(s) were already on disk and were kept", skipped_chunks)
+  log.info("extract: the encoder compiled %d program(s)", encoder.trace_count)
   return workdir

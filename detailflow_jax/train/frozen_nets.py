@@ -9,6 +9,12 @@ import logging
 
 import ml_collections
 
+from ..convert.frozen import (dino_discriminator_from_torch, init_encoder_from_siglip2,
+                              load_teacher_from_siglip2, lpips_from_torch)
+from ..models.dino import DinoConfig, DinoDiscriminator
+from ..models.lpips import LPIPS, VGG16_WIDTHS
+from ..models.patchgan import PatchGANDiscriminator
+
 log = logging.getLogger("detailflow_jax")
 
 
@@ -21,7 +27,6 @@ def _split(path: str):
 def load_tokenizer_weights(tokenizer, weights: ml_collections.ConfigDict) -> None:
   """Initialises the encoder from SigLIP2 (the reference's enc_pretrained) and fills the frozen
   teacher (global-token / REPA alignment), as configured."""
-  from ..convert.frozen import init_encoder_from_siglip2, load_teacher_from_siglip2
   if weights.get("encoder_init"):
     init_encoder_from_siglip2(tokenizer, weights.encoder_init)
     log.info("encoder initialised from SigLIP2 weights %s", weights.encoder_init)
@@ -30,9 +35,19 @@ def load_tokenizer_weights(tokenizer, weights: ml_collections.ConfigDict) -> Non
     log.info("SigLIP2 teacher loaded from %s", weights.teacher)
 
 
+def check_weight_files_used(c: ml_collections.ConfigDict, teacher: bool) -> None:
+  """A weight file named in c.weights that this config never reads is an error (a silently
+  ignored file would let a run look configured when it is not)."""
+  readers = {"teacher": teacher, "lpips": bool(c.losses.perceptual_weight),
+             "dino": c.disc.type == "dino"}
+  unused = [f"weights.{k}" for k, used in readers.items() if c.weights.get(k) and not used]
+  if unused:
+    raise ValueError(f"{', '.join(unused)} set but unused by this config (teacher: repa / "
+                     "global_token_loss_weight; lpips: losses.perceptual_weight; dino: disc.type=dino)")
+
+
 def build_perceptual(c: ml_collections.ConfigDict):
   """LPIPS (VGG16) from c.weights.lpips = 'vgg16.pth[,lpips_heads.pth]'."""
-  from ..convert.frozen import lpips_from_torch
   vgg, heads = _split(c.weights.lpips)
   return lpips_from_torch(vgg, heads)
 
@@ -43,10 +58,8 @@ def build_discriminator(c: ml_collections.ConfigDict):
   if d.type == "none":
     return None
   if d.type == "patchgan":
-    from ..models.patchgan import PatchGANDiscriminator
     return PatchGANDiscriminator(3, d.patchgan_dim, d.patchgan_layers, rngs=c.seed + 1)
   if d.type == "dino":
-    from ..convert.frozen import dino_discriminator_from_torch
     return dino_discriminator_from_torch(c.weights.dino, key_depths=tuple(d.dino_key_depths),
                                          depth=d.dino_depth, seed=c.seed + 1)
   raise ValueError(f"disc.type={d.type!r} (dino | patchgan | none)")
@@ -54,7 +67,6 @@ def build_discriminator(c: ml_collections.ConfigDict):
 
 def random_perceptual(small: bool = False):
   """LPIPS with random weights: full VGG16 widths, or 1/8 of them when `small`."""
-  from ..models.lpips import LPIPS, VGG16_WIDTHS
   widths = tuple(max(w // 8, 4) for w in VGG16_WIDTHS) if small else VGG16_WIDTHS
   return LPIPS(widths, rngs=0)
 
@@ -65,7 +77,6 @@ def random_discriminator(c: ml_collections.ConfigDict, small: bool = False):
   d = c.disc
   if d.type != "dino":
     return build_discriminator(c)
-  from ..models.dino import DinoConfig, DinoDiscriminator
   cfg = (DinoConfig(hidden_size=64, num_heads=2, mlp_dim=128, depth=2, image_size=64, key_depths=(0, 1))
          if small else DinoConfig(depth=d.dino_depth, key_depths=tuple(d.dino_key_depths)))
   return DinoDiscriminator(cfg, rngs=c.seed + 1)

@@ -15,7 +15,6 @@ outside the optimized state and are not checkpointed: they come from weight file
 """
 import dataclasses
 import logging
-import pathlib
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import flax
@@ -29,95 +28,15 @@ from flax import nnx
 from .. import images as image_io
 from ..data.degradation import DynamicResolution
 from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
-from ..models.quantizer import l2_normalize
+from ..models.frozen import TRAINABLE, Frozen
 from ..models.tokenizer import Tokenizer, TokenizerConfig
-from ..models.vit import ViTConfig
 from . import driver, frozen_nets, gan
 from . import mesh as mesh_lib
 from .driver import total_steps, validate_run
 from .extract import build_image_source
-from .state import apply_gradients, ema_update
+from .state import apply_gradients, ema_update, shardings_for
 
 log = logging.getLogger("detailflow_jax")
-
-# Parameters that are never optimized: the SigLIP2 teacher inside the tokenizer and the
-# pretrained backbone inside a discriminator (DINO).
-FROZEN = nnx.Any(nnx.PathContains("repa_model"), nnx.PathContains("backbone"))
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(FROZEN))
-
-
-# --- the generator forward ---------------------------------------------------------------------
-
-class GeneratorOutput(NamedTuple):
-  recon: jax.Array     # [B or 2B, s, s, 3]: clean (and self-correction) reconstructions
-  target: jax.Array    # the matching degraded targets
-  losses: Dict[str, jax.Array]
-  indices: jax.Array   # clean indices [B, m]
-
-
-def group_cosine_similarity(quant: jax.Array, group_size: int) -> jax.Array:
-  """Mean cosine similarity between distinct tokens of the same group (a diagnostic)."""
-  b, m, d = quant.shape
-  g = l2_normalize(quant.reshape(b * m // group_size, group_size, d).astype(jnp.float32), 1e-8)
-  sims = jnp.einsum("ngd,nhd->ngh", g, g)
-  off_diagonal = 1.0 - jnp.eye(group_size)
-  return jnp.mean(jnp.sum(sims * off_diagonal, (1, 2)) / (group_size * (group_size - 1)))
-
-
-def generator_forward(model: Tokenizer, images: jax.Array, target: jax.Array, key: jax.Array, *,
-                      num_tokens: int, max_tokens: int, decode_res: int, correct: bool,
-                      noise_idx: jax.Array, top_k: int = 50) -> GeneratorOutput:
-  """The reference VQModel.forward in training mode (encode_image + decode + alignment)."""
-  cfg = model.config
-  dtype = model.quant_conv.kernel.dtype
-  x = images.astype(dtype)
-  latents, _ = model.encoder(x, max_tokens)
-  clean = model.quantize(model.quant_conv(latents))
-  vq = model.quantize.losses(clean)
-  usage_indices = [clean.indices]
-  quant = clean.quant
-  if correct:
-    # Self-correction: positions [noise_idx, noise_end) get random top-k codes, the prefix is
-    # fed back through refine_conv and the encoder re-encodes everything after it.
-    noise_end = noise_idx + jnp.where(noise_idx < cfg.causal_len, 1, cfg.group_size)
-    positions = jnp.arange(max_tokens)[None]
-    noisy = model.quantize.random_topk_codes(clean, top_k, key)
-    prefix_idx = jnp.where(positions < noise_idx, clean.indices, noisy)
-    prefix_quant = jax.lax.stop_gradient(model.quantize.lookup(prefix_idx)).astype(dtype)
-    latents2, _ = model.encoder(x, max_tokens, model.refine_conv(prefix_quant), noise_end)
-    refined = model.quantize(model.quant_conv(latents2))
-    vq_refined = model.quantize.losses(refined, noise_end)
-    usage_indices.append(refined.indices)
-    noisy_quant = jnp.where((positions < noise_end)[..., None], prefix_quant, refined.quant)
-    # Both halves' VQ terms, weighted by how many positions each trains.
-    total = 2 * max_tokens - noise_end
-    w_clean, w_noisy = max_tokens / total, (max_tokens - noise_end) / total
-    vq = {k: vq[k] * w_clean + vq_refined[k] * w_noisy for k in vq}
-    quant = jnp.concatenate([clean.quant, noisy_quant], axis=0)
-    target = jnp.concatenate([target, target], axis=0)
-  usage = model.quantize.update_usage(jnp.concatenate([i.reshape(-1) for i in usage_indices]))
-  losses = dict(vq, codebook_usage=usage,
-                fea_cosine_sim=group_cosine_similarity(jax.lax.stop_gradient(quant), cfg.group_size))
-
-  z = model.post_quant_conv(quant[:, :num_tokens])
-  align = jnp.float32(0.0)
-  if cfg.repa:
-    recon, hidden = model.decoder(z, decode_res, capture_layer=cfg.repa_layer_indices)
-    teacher = jax.lax.stop_gradient(model.repa_model(target.astype(dtype)))
-    pred = l2_normalize(model.projection(hidden).astype(jnp.float32))
-    align += cfg.repa_loss_weight * jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
-  else:
-    recon = model.decoder(z, decode_res)
-  if cfg.global_token_loss_weight:
-    # The first (global) token, mapped by an MLP, points the way of the mean SigLIP2 feature
-    # of the full-resolution input.
-    teacher = jax.lax.stop_gradient(model.repa_model(x)).astype(jnp.float32)
-    goal = l2_normalize(jnp.mean(teacher, axis=1))
-    pred = l2_normalize(model.global_token_proj(clean.quant[:, 0]).astype(jnp.float32))
-    losses["global_token_loss"] = jnp.mean(-jnp.sum(pred * goal, -1))
-    align += cfg.global_token_loss_weight * losses["global_token_loss"]
-  losses["align_loss"] = align
-  return GeneratorOutput(recon.astype(jnp.float32), target.astype(jnp.float32), losses, clean.indices)
 
 
 # --- the train state and step ------------------------------------------------------------------
@@ -171,9 +90,9 @@ class StepPrograms(NamedTuple):
   gan: bool            # the discriminator is active (step >= disc_start)
 
 
-def split_tokenizer(model: nnx.Module):
-  """(graphdef, trainable params, frozen params, buffers)."""
-  return nnx.split(model, TRAINABLE, FROZEN, ...)
+def split_trainable(model: nnx.Module):
+  """(graphdef, trainable params, Frozen weights, buffers): frozen by Variable type."""
+  return nnx.split(model, TRAINABLE, Frozen, ...)
 
 
 class TokenizerTrainer:
@@ -185,14 +104,13 @@ class TokenizerTrainer:
                discriminator: Optional[nnx.Module] = None,
                disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
                rules=mesh_lib.DEFAULT_RULES):
-    from .state import shardings_for
     if discriminator is not None and disc_tx is None:
       raise ValueError("a discriminator needs its own optimizer (disc_tx)")
     if losses.perceptual_weight and perceptual is None:
       raise ValueError("perceptual_weight > 0 needs a perceptual network (LPIPS)")
     self.losses, self.tx, self.disc_tx, self.mesh, self.rules = losses, tx, disc_tx, mesh, rules
     self.config = tokenizer.config
-    graphdef, params, frozen, extras = split_tokenizer(tokenizer)
+    graphdef, params, frozen, extras = split_trainable(tokenizer)
     self._graphdef = graphdef
     self._perc = nnx.split(perceptual) if perceptual is not None else None
     self._disc_graphdef = None
@@ -202,8 +120,7 @@ class TokenizerTrainer:
     self._skipped_gan_sizes = set()
     disc_params = disc_frozen = disc_extras = None
     if discriminator is not None:
-      self._disc_graphdef, disc_params, disc_frozen, disc_extras = nnx.split(
-          discriminator, TRAINABLE, FROZEN, ...)
+      self._disc_graphdef, disc_params, disc_frozen, disc_extras = split_trainable(discriminator)
     # Frozen weights: replicated/sharded once, passed to every step, never donated or saved.
     frozen_tree = {"tokenizer": frozen, "disc": disc_frozen,
                    "perceptual": self._perc[1] if self._perc else None}
@@ -216,7 +133,6 @@ class TokenizerTrainer:
   # -- state ------------------------------------------------------------------------------------
 
   def init_state(self) -> TokenizerTrainState:
-    from .state import shardings_for
     params, extras, disc_params, disc_extras = self._init_parts
     ema = self.losses.ema_decay > 0
 
@@ -254,10 +170,10 @@ class TokenizerTrainer:
     def gen_loss(params):
       extras = jax.tree.map(lambda x: x, state.extras)
       model = nnx.merge(self._graphdef, params, frozen["tokenizer"], extras)
-      out = generator_forward(model, batch["image"], batch["target"], k_noise,
-                              num_tokens=prog.num_tokens, max_tokens=prog.max_tokens,
-                              decode_res=prog.decode_res, correct=prog.correct,
-                              noise_idx=batch["noise_idx"])
+      out = model.train_forward(batch["image"], batch["target"], k_noise,
+                                num_tokens=prog.num_tokens, max_tokens=prog.max_tokens,
+                                decode_res=prog.decode_res,
+                                noise_idx=batch["noise_idx"] if prog.correct else None)
       diff = out.recon - out.target
       rec = jnp.mean(jnp.abs(diff)) if lc.reconstruction_loss == "l1" else jnp.mean(jnp.square(diff))
       metrics = {"rec_loss": rec, **out.losses}
@@ -377,39 +293,20 @@ class TokenizerTrainer:
 
 # --- config -> models ---------------------------------------------------------------------------
 
-def tokenizer_config_from(c: ml_collections.ConfigDict) -> TokenizerConfig:
-  """Our TokenizerConfig from the run config: the reference's config.json fields in c.model,
-  with explicit tower sizes from c.towers when given."""
-  from ..convert.tokenizer import config_from_reference
-  m = c.model.to_dict()
-  if c.get("towers"):
-    t = c.towers.to_dict()
-    # Builder names only size the towers; with explicit sizes they are bypassed.
-    base = config_from_reference(dict(m, encoder_model="siglip2_base", decoder_model="siglip2_base",
-                                      enc_pretrained=False, dec_pretrained=False,
-                                      global_token_loss_weight=0.0, repa=False), {})
-    teacher = ViTConfig(**t["teacher"]) if t.get("teacher") else None
-    return dataclasses.replace(
-        base, encoder=ViTConfig(**t["encoder"]), decoder=ViTConfig(**t["decoder"]), teacher=teacher,
-        global_token_loss_weight=m["global_token_loss_weight"], repa=m["repa"])
-  return config_from_reference(m, {"min_image_size": m["min_image_size"],
-                                   "max_image_size": m["max_image_size"],
-                                   "degradation_power": m["degradation_power"]})
-
-
 def loss_config_from(c: ml_collections.ConfigDict) -> LossConfig:
   return LossConfig(**c.losses.to_dict())
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   """Catches config mistakes before anything compiles or loads; messages name the field."""
-  cfg = tokenizer_config_from(c)  # raises on group/causal/teacher inconsistencies
+  cfg = TokenizerConfig.from_dict(c.model)  # raises on unknown keys, group/causal/teacher mistakes
   loss_config_from(c)
   validate_run(c, num_devices)
   if c.disc.type not in ("dino", "patchgan", "none"):
     raise ValueError(f"disc.type={c.disc.type!r} (dino | patchgan | none)")
   if not 0.0 <= c.data.degradation_prob <= 1.0:
     raise ValueError(f"data.degradation_prob={c.data.degradation_prob} is not a probability")
+  check_compute_dtype(c)
   needs = []
   if c.losses.perceptual_weight and not c.weights.lpips:
     needs.append("weights.lpips (LPIPS VGG16: torchvision vgg16 .pth + LPIPS vgg.pth)")
@@ -420,7 +317,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   if needs:
     raise ValueError("this config needs weight files that are not set: " + "; ".join(needs)
                      + ". Pass them as --config.<field>=PATH (nothing is downloaded at run time).")
+  frozen_nets.check_weight_files_used(c, cfg.teacher is not None)
   return cfg
+
+
+def check_compute_dtype(c: ml_collections.ConfigDict) -> None:
+  """The tokenizer step computes in its parameters' dtype (float32): reject a dtype the recipe
+  would only pretend to use."""
+  if c.compute_dtype != "float32":
+    raise ValueError(f"compute_dtype={c.compute_dtype!r}: the tokenizer recipe trains in float32 "
+                     "only; bfloat16 compute is not implemented yet")
 
 
 def make_optimizers(c: ml_collections.ConfigDict, steps: int):
@@ -463,7 +369,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   """Trains the tokenizer on c.data; resumes from the newest checkpoint in workdir; exports the
   final weights to workdir/export (a directory `load_tokenizer` reads)."""
   run = driver.Driver(c, workdir, validate)
-  cfg, mesh, steps = tokenizer_config_from(c), run.mesh, total_steps(c)
+  cfg, mesh, steps = TokenizerConfig.from_dict(c.model), run.mesh, total_steps(c)
   tokenizer = Tokenizer(cfg, rngs=c.seed)
   frozen_nets.load_tokenizer_weights(tokenizer, c.weights)
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
