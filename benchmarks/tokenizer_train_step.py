@@ -38,7 +38,8 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
   from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_tokenizer import get_config
   from detailflow_jax.models.tokenizer import Tokenizer
-  from detailflow_jax.train import frozen_nets, mesh as mesh_lib
+  from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax.train import frozen_nets
   from detailflow_jax.train import tokenizer as recipe
 
   c = get_config("tiny" if quick else "")

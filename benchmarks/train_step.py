@@ -25,7 +25,8 @@ def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: st
   from benchmarks.common import matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_gpt_l import get_config
   from detailflow_jax.models.gpt import GPT
-  from detailflow_jax.train import ar, mesh as mesh_lib
+  from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.train import ar
   from detailflow_jax.train.optim import make_optimizer
   from detailflow_jax.train.state import create_train_state, make_train_step
 

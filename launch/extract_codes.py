@@ -26,9 +26,9 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from detailflow_jax.train import mesh
+  from detailflow_jax import sharding
   from detailflow_jax.train.extract import extract
-  mesh.maybe_initialize_distributed(FLAGS.config)
+  sharding.maybe_initialize_distributed(FLAGS.config)
   out = extract(FLAGS.config, FLAGS.tokenizer, FLAGS.workdir)
   logging.getLogger("detailflow_jax").info("token records in %s", out)
 

@@ -13,7 +13,8 @@ import pytest
 from configs.detailflow16_gpt_l import get_config
 from detailflow_jax.data.sources import TokenRecordWriter
 from detailflow_jax.models.gpt import GPT
-from detailflow_jax.train import ar, mesh as mesh_lib
+from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.train import ar
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
 

@@ -36,7 +36,6 @@ def warmup_steps(c: ml_collections.ConfigDict) -> int:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """Catches config mistakes before anything compiles; each message names the field."""
-  from . import mesh as mesh_lib
   m = c.model
   if m.block_size % m.group_size:
     raise ValueError(f"model.group_size={m.group_size} does not divide model.block_size={m.block_size}")
@@ -45,7 +44,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"model.causal_num={m.causal_num} must be a multiple of group_size below block_size")
   if not 0.0 <= c.correction_prob <= 1.0:
     raise ValueError(f"correction_prob={c.correction_prob} is not a probability")
-  data, fsdp, tensor = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+  data, fsdp, tensor = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
   if c.data.batch_size % (data * fsdp):
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by the batch mesh axes "
                      f"data x fsdp = {data} x {fsdp}")
@@ -104,7 +103,6 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
   from ..data.sources import TokenRecordSource
   from ..model_dir import save_model_dir
-  from . import mesh as mesh_lib
   from .checkpoint import Checkpointer, abstract_with_shardings
   from .loop import run_training
   from .metrics import create_writer
@@ -113,13 +111,13 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
 
   log = logging.getLogger("detailflow_jax")
   workdir = pathlib.Path(workdir)
-  mesh_lib.maybe_initialize_distributed(c)
+  sharding.maybe_initialize_distributed(c)
   validate(c, jax.device_count())
   cfg = gpt_config_from(c)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-  mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   steps = total_steps(c)
   o = c.optimizer
   tx = make_optimizer(o.lr, steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,

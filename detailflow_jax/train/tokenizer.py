@@ -26,12 +26,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import sharding
 from ..models.quantizer import l2_normalize
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
 from . import gan
 from .state import ema_update
-from . import mesh as mesh_lib
 
 log = logging.getLogger("detailflow_jax")
 
@@ -179,8 +179,7 @@ class TokenizerTrainer:
                mesh, *, perceptual: Optional[nnx.Module] = None,
                discriminator: Optional[nnx.Module] = None,
                disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
-               rules=mesh_lib.DEFAULT_RULES):
-    from .state import shardings_for
+               rules=sharding.DEFAULT_RULES):
     if discriminator is not None and disc_tx is None:
       raise ValueError("a discriminator needs its own optimizer (disc_tx)")
     if losses.perceptual_weight and perceptual is None:
@@ -203,7 +202,7 @@ class TokenizerTrainer:
     frozen_tree = {"tokenizer": frozen, "disc": disc_frozen,
                    "perceptual": self._perc[1] if self._perc else None}
     with jax.set_mesh(mesh):
-      self.frozen = jax.device_put(frozen_tree, shardings_for(frozen_tree, mesh, rules))
+      self.frozen = jax.device_put(frozen_tree, sharding.shardings_for(frozen_tree, mesh, rules))
     self._init_parts = (params, extras, disc_params, disc_extras)
     self._seed = seed
     self._jitted: Dict[StepPrograms, Callable] = {}
@@ -211,7 +210,6 @@ class TokenizerTrainer:
   # -- state ------------------------------------------------------------------------------------
 
   def init_state(self) -> TokenizerTrainState:
-    from .state import shardings_for
     params, extras, disc_params, disc_extras = self._init_parts
     ema = self.losses.ema_decay > 0
 
@@ -224,7 +222,8 @@ class TokenizerTrainer:
           lecam_ema=jnp.zeros((2,), jnp.float32), rng=jax.random.key_data(jax.random.key(self._seed)))
 
     abstract = jax.eval_shape(init, params, extras, disc_params, disc_extras)
-    self.state_shardings = shardings_for(abstract, self.mesh, self.rules)
+    self.state_shardings = sharding.shardings_for(abstract, self.mesh, self.rules)
+    sharding.log_replicated_report(abstract.params, self.state_shardings.params, self.mesh)
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(params, extras, disc_params, disc_extras)
 
@@ -356,13 +355,13 @@ class TokenizerTrainer:
     arrays = {"image": batch["image"], "target": batch["target"],
               "noise_idx": jnp.int32(batch["noise_idx"])}
     if prog not in self._jitted:
-      batch_shardings = {k: mesh_lib.batch_sharding(self.mesh, np.ndim(v), self.rules)
-                         if np.ndim(v) else mesh_lib.replicated(self.mesh) for k, v in arrays.items()}
+      batch_shardings = {k: sharding.batch_sharding(self.mesh, np.ndim(v), self.rules)
+                         if np.ndim(v) else sharding.replicated(self.mesh) for k, v in arrays.items()}
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
       fn = lambda state, frozen, batch, prog=prog: self._step(prog, state, frozen, batch)
       self._jitted[prog] = jax.jit(
           fn, in_shardings=(self.state_shardings, frozen_shardings, batch_shardings),
-          out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)), donate_argnums=(0,))
+          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
     return self._jitted[prog], arrays
 
   @property
@@ -406,7 +405,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   """Catches config mistakes before anything compiles or loads; messages name the field."""
   cfg = tokenizer_config_from(c)  # raises on group/causal/teacher inconsistencies
   loss_config_from(c)
-  data, fsdp, tensor = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+  data, fsdp, tensor = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
   if c.data.batch_size % (data * fsdp):
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by the batch mesh axes "
                      f"data x fsdp = {data} x {fsdp}")
@@ -492,12 +491,12 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   from . import frozen_nets
 
   workdir = pathlib.Path(workdir)
-  mesh_lib.maybe_initialize_distributed(c)
+  sharding.maybe_initialize_distributed(c)
   cfg = validate(c, jax.device_count())
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-  mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   steps = total_steps(c)
   dtype = jnp.dtype(c.compute_dtype)
 
