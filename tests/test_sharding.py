@@ -1,5 +1,6 @@
 """The sharding module: rules collisions raise, and what stays replicated is reported."""
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -35,3 +36,27 @@ def test_replicated_report_lists_unsharded_parameters_and_bytes():
   assert total == 72
   one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   assert len(sharding.replicated_report(state, sharding.shardings_for(state, one))[0]) == 3
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2], ids=["mha", "gqa"])
+def test_tensor_parallel_gpt_logits_equal_one_device(n_kv_head):
+  """q/k/v shard on whole kv-head groups over `tensor`: the logits are the 1-device logits."""
+  from gpt_helpers import random_gpt
+  gpt = random_gpt(seed=5, n_kv_head=n_kv_head)
+  cfg = gpt.config
+  graphdef, state = nnx.split(gpt)
+  tokens = jax.random.randint(jax.random.key(1), (8, 15), 0, cfg.vocab_size)
+  labels = jnp.arange(8) % cfg.num_classes
+  forward = lambda s, t, l: nnx.merge(graphdef, s)(t, l)
+  expected = np.asarray(jax.jit(forward)(state, tokens, labels))
+  for shape in [(1, 1, 2), (4, 1, 2), (2, 2, 2)]:
+    mesh = sharding.make_mesh(*shape, devices=jax.devices()[:np.prod(shape)])
+    specs = sharding.shardings_for(state, mesh)
+    qkv_spec = specs["layers"][0]["attention"]["wqkv"]["kernel"].get_value().spec
+    assert qkv_spec[1] == "tensor"  # kv heads split over tensor, nothing else cut
+    sharded = jax.device_put(state, specs)
+    batch = sharding.batch_sharding(mesh, 2)
+    with jax.set_mesh(mesh):
+      got = jax.jit(forward)(sharded, jax.device_put(tokens, batch),
+                             jax.device_put(labels, sharding.batch_sharding(mesh, 1)))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=5e-5, err_msg=str(shape))
