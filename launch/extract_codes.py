@@ -6,10 +6,7 @@
 Resumable (finished chunks are kept), sharded over jax processes, progress in the log.
 """
 import logging
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags
 from ml_collections import config_flags

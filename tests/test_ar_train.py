@@ -82,7 +82,7 @@ def _train(workdir, tokens, steps, env_extra=None):
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config=" + str(ROOT / "configs" / "detailflow16_gpt_l.py") + ":tiny",
          f"--workdir={workdir}", f"--config.data.path={tokens}", f"--config.total_steps={steps}",
          "--config.log_every=1", "--config.checkpoint.save_every=4"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              **(env_extra or {}))
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 
