@@ -3,6 +3,7 @@ target with the working directory elsewhere, its CLIs start, and run configs (fi
 path, as `--config=configs/x.py` does) build on the installed package alone."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -22,9 +23,15 @@ print("demo", len(load_demo_config("quick").to_dict()))
 
 
 def test_installed_package_works_outside_the_checkout(tmp_path):
+  # Build from a copy of what the distribution holds, so the checkout gets no build/ folder.
+  source = tmp_path / "source"
+  shutil.copytree(ROOT / "detailflow_jax", source / "detailflow_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, source / name)
   target = tmp_path / "site"
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                  "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+                  "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
   assert not (target / "tests").exists() and not (target / "configs").exists()
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env.update(PYTHONPATH=str(target), JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from .. import sharding
 from ..models.gpt import GPT, GPTConfig
 
 
