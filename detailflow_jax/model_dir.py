@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
 FORMAT_VERSION = 1
@@ -40,7 +41,6 @@ def _params_files(directory: pathlib.Path) -> Dict[str, Dict[str, Any]]:
 
 
 def _checkpointer():
-  import orbax.checkpoint as ocp
   return ocp.StandardCheckpointer()
 
 
