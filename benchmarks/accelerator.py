@@ -1,6 +1,6 @@
 """Accelerator figures in one run (prepared for one H200; --quick runs tiny shapes on CPU).
 
-python benchmarks/accelerator.py [--quick] [--budget-s 450]
+python -m benchmarks.accelerator [--quick] [--budget-s 450]
                                  [--reference-dir DIR --reference-python PY]
   ->  one JSON object:
   matmul: bf16 and float32 n x n matmul rates on this chip (the MFU denominators);
@@ -29,7 +29,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("chunked", "whole")
 
@@ -129,7 +128,7 @@ def run_job(kind: str, spec: dict, args, timeout: float) -> dict:
            "--reference-dir", args.reference_dir, "--time-generation",
            "--spec", json.dumps(reference_spec(args.quick, spec))]
   else:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--spec", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "benchmarks.accelerator", "--child", kind, "--spec", json.dumps(spec)]
     cmd += ["--quick"] if args.quick else []
   env = dict(os.environ)
   if args.quick:

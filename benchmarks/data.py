@@ -2,7 +2,7 @@
 per-batch degradation (DetailFlow-16 schedule) and self-correction indices, through the real
 ImageFolderSource -> Grain pipeline.
 
-python benchmarks/data.py [--quick] [--degradation-prob P]
+python -m benchmarks.data [--quick] [--degradation-prob P]
 prints one JSON object {"images_per_s": {"0": .., "1": .., "2": ..}, ...}; keys are worker
 processes ("0" = everything in the main process). Rates are steady state: timing starts once the
 workers have filled their prefetch buffers' worth of batches, so start-up and buffered batches do
@@ -12,12 +12,10 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import tempfile
 import time
 from typing import Tuple
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from PIL import Image

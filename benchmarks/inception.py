@@ -1,6 +1,6 @@
 """ADM-Inception feature extraction throughput at 256 px input (random weights, float32).
 
-python benchmarks/inception.py [--quick] [--batch 32]  ->  one JSON object:
+python -m benchmarks.inception [--quick] [--batch 32]  ->  one JSON object:
   images_per_s (resize to 299 + network, device-resident uint8 input, best of --repeats calls),
   flops_fraction (XLA's FLOP count of that call per second, over a jitted 2048^2 matmul measured
   in the same process), compile_s (lower + compile), peak_rss_mb, and the details.
@@ -9,11 +9,8 @@ The network runs at Precision.HIGHEST, as evaluation does. --quick: batch 4, one
 """
 import argparse
 import json
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

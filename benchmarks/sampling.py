@@ -1,6 +1,6 @@
 """KV-cache sampler throughput: GPT-L, 128/256/512 tokens, group size 8, CFG, batch 8 and 32.
 
-python benchmarks/sampling.py [--quick] [--dtype float32|bfloat16] [--cache-attention V]
+python -m benchmarks.sampling [--quick] [--dtype float32|bfloat16] [--cache-attention V]
   ->  one JSON object:
   runs: [{model, tokens, batch, images_per_s, flops_fraction, compile_s, peak_rss_mb, ...}],
   time_ratio_512_over_128 (largest batch; linear in tokens gives ~4, quadratic ~16).
@@ -14,13 +14,10 @@ on 2 CPU cores).
 """
 import argparse
 import json
-import os
-import pathlib
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 TOKENS = (128, 256, 512)
 BATCHES = (8, 32)
@@ -114,7 +111,7 @@ def main(argv=None):
   runs = []
   for batch in BATCHES:
     for tokens in TOKENS:
-      cmd = [sys.executable, os.path.abspath(__file__), "--single", f"{tokens},{batch}",
+      cmd = [sys.executable, "-m", "benchmarks.sampling", "--single", f"{tokens},{batch}",
              "--dtype", args.dtype, "--repeats", str(repeats)] + (["--quick"] if args.quick else [])
       if args.cache_attention:
         cmd += ["--cache-attention", args.cache_attention]

@@ -1,17 +1,14 @@
 """Tokenizer encode/decode throughput at DetailFlow-16 size (random weights).
 
-python benchmarks/tokenizer.py [--quick] [--batch 8]  ->  one JSON object:
+python -m benchmarks.tokenizer [--quick] [--batch 8]  ->  one JSON object:
   encode_images_per_s, decode_images_per_s, flops_fraction (achieved FLOP/s of encode+decode
   over a jitted matmul measured in the same run), compile_s, peak_rss_mb, and the details.
 --quick: same keys, a 4-layer model and batch 2 (finishes in well under 2 minutes on 2 cores).
 """
 import argparse
 import json
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

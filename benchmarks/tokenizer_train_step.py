@@ -1,6 +1,6 @@
 """Tokenizer train-step throughput: one DetailFlow-16-sized step, everything on.
 
-python benchmarks/tokenizer_train_step.py [--quick] [--batch N]  ->  one JSON object:
+python -m benchmarks.tokenizer_train_step [--quick] [--batch N]  ->  one JSON object:
   images_per_s, flops_fraction (XLA's FLOP count of the compiled step per second, over a jitted
   float32 matmul measured in the same run), step_s, compile_s, peak_rss_mb and the details.
 
@@ -12,12 +12,7 @@ updates, DiffAugment, LeCam, consistency). Weights are random; float32 (the fast
 """
 import argparse
 import json
-import pathlib
-import sys
 import time
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None):
@@ -38,7 +33,8 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
   from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_tokenizer import get_config
   from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
-  from detailflow_jax.train import frozen_nets, mesh as mesh_lib
+  from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax.train import frozen_nets
   from detailflow_jax.train import tokenizer as recipe
 
   c = get_config("tiny" if quick else "")

@@ -1,6 +1,6 @@
 """AR train-step throughput: GPT-B-sized DetailFlow GPT (128 tokens, group 8), random tokens.
 
-python benchmarks/train_step.py [--quick]  ->  one JSON object:
+python -m benchmarks.train_step [--quick]  ->  one JSON object:
   tokens_per_s (1 CPU device), flops_fraction (achieved FLOP/s over a jitted matmul measured in
   the same run), tokens_per_s_8_devices (same step on 8 forced CPU devices, mesh data=8, measured
   in a child process because the device count is fixed at start-up), and the details.
@@ -9,13 +9,9 @@ python benchmarks/train_step.py [--quick]  ->  one JSON object:
 import argparse
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import time
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: str = "float32",
@@ -25,7 +21,8 @@ def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: st
   from benchmarks.common import matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_gpt_l import get_config
   from detailflow_jax.models.gpt import GPT
-  from detailflow_jax.train import ar, mesh as mesh_lib
+  from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax.train import ar
   from detailflow_jax.train.optim import make_optimizer
   from detailflow_jax.train.state import create_train_state, make_train_step
 
@@ -96,7 +93,7 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   one = measure(args.quick, 1, args.batch, steps)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, __file__, "--child-devices", "8", "--batch", str(args.batch), "--steps", str(steps)]
+  cmd = [sys.executable, "-m", "benchmarks.train_step", "--child-devices", "8", "--batch", str(args.batch), "--steps", str(steps)]
   if args.quick:
     cmd.append("--quick")
   child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -1,6 +1,6 @@
 """Side by side with the PyTorch reference on this machine: sampler and tokenizer decode.
 
-python benchmarks/vs_reference.py [--quick] --reference-dir DIR --reference-python PY
+python -m benchmarks.vs_reference [--quick] --reference-dir DIR --reference-python PY
   ->  one JSON object: per-round seconds of both sides, per-round ratios (reference / ours),
       the ratio of medians, targets, load averages, and each side's matmul rate.
 
@@ -29,7 +29,6 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TARGETS = {"sampler": 7.8, "decode": 1.0}
 
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
                                "--reference-dir", str(ref_dir), "--out", tmp,
                                "--spec", json.dumps(spec)])
     ref_build_s = time.perf_counter() - start
-    ours = Worker("ours", [sys.executable, os.path.abspath(__file__), "--serve-ours", tmp,
+    ours = Worker("ours", [sys.executable, "-m", "benchmarks.vs_reference", "--serve-ours", tmp,
                            "--spec", json.dumps(spec)])
     try:
       # One untimed call per side and workload: first-call allocations are not the rate.

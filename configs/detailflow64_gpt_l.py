@@ -1,5 +1,5 @@
 """DetailFlow-64 GPT-L: 512 tokens, group size 8 (variants: tiny, gpt_b, gpt_xl)."""
-from configs.gpt_common import gpt_config
+from detailflow_jax.configs.gpt_common import gpt_config
 
 
 def get_config(variant: str = ""):

@@ -1,5 +1,5 @@
 """DetailFlow-64 tokenizer: 512 tokens, group size 8 (variant: tiny)."""
-from configs.tokenizer_common import tokenizer_config
+from detailflow_jax.configs.tokenizer_common import tokenizer_config
 
 
 def get_config(variant: str = ""):

@@ -15,10 +15,9 @@ extraction and sampler the ImageNet recipe uses, then writes:
                                     per-stage wall and CPU seconds
 
 A rerun with the same workdir resumes: finished stages load their exports. The settings are
-configs/demo.py (`--quick` is its reduced variant, the one the test suite runs).
+detailflow_jax/configs/demo.py (`--quick` is its reduced variant, the one the test suite runs).
 """
 import argparse
-import importlib.util
 import json
 import logging
 import pathlib
@@ -39,20 +38,12 @@ from .train import ar as ar_recipe
 from .train import tokenizer as tokenizer_recipe
 from .train.extract import extract
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.py"
+from .configs import demo as demo_settings
 
 
 def load_demo_config(variant: str = ""):
-  """configs/demo.py:get_config(variant); the repository root goes on sys.path for `configs`."""
-  if not DEMO_CONFIG.is_file():
-    raise FileNotFoundError(f"the demo config is missing: {DEMO_CONFIG}")
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-  spec = importlib.util.spec_from_file_location("detailflow_demo_config", DEMO_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  """The demo's settings: detailflow_jax/configs/demo.py:get_config(variant)."""
+  return demo_settings.get_config(variant)
 
 
 def labelled_images(num_classes: int, size: int, count: int, seed: int, style: str = "textured"):

@@ -31,15 +31,31 @@ repa false and global_token_loss_weight 0.
 import argparse
 import dataclasses
 import json
+import logging
 import pathlib
 import sys
 from typing import Any, Dict, List, Optional
 
+import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
 
 from . import __version__
+from .convert import gpt as gpt_format
+from .convert import tokenizer as tokenizer_format
 from .convert.common import ConversionError, state_dict_from_model, write_atomically
 from .hub import DEFAULT_WEIGHTS, SOURCE_FILE
+from .model_dir import is_model_dir, save_model_dir
+from .models.gpt import GPT
+from .models.keys import InitKeys
+from .models.tokenizer import Tokenizer
+from .pretrained import load_model_dir
+
+# kind -> the module that reads and writes the reference's format for it.
+REFERENCE_FORMATS = {"tokenizer": tokenizer_format, "gpt": gpt_format}
 
 TASK_KINDS = {"ar": "gpt", "tokenizer": "tokenizer"}
 
@@ -52,17 +68,7 @@ class ExportSource:
   origin: str                  # where it came from, for the metadata
 
 
-def _mapping(kind: str):
-  if kind == "tokenizer":
-    from .convert.tokenizer import MAPPING
-  else:
-    from .convert.gpt import MAPPING
-  return MAPPING
-
-
 def source_from_model_dir(directory) -> ExportSource:
-  from .model_dir import is_model_dir
-  from .pretrained import load_model_dir
   directory = pathlib.Path(directory).absolute()
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a converted model directory (config.json with a "
@@ -114,14 +120,12 @@ def _pure_like(restored, like, where: str):
 
 def _abstract_model(c, kind: str):
   """The inference model of a run's config, built abstractly (no weights allocated)."""
-  from flax import nnx
+  # Local: the recipes (and the training stack they import) load only for workdir exports.
   if kind == "gpt":
-    from .models.gpt import GPT
-    from .models.keys import InitKeys
     from .train.ar import gpt_config_from
     cfg = gpt_config_from(c)
     return nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0)))
-  from .models.tokenizer import Tokenizer, TokenizerConfig
+  from .models.tokenizer import TokenizerConfig
   cfg = dataclasses.replace(TokenizerConfig.from_dict(c.model), global_token_loss_weight=0.0,
                             repa=False, teacher=None)
   return nnx.eval_shape(lambda: Tokenizer(cfg, rngs=0))
@@ -136,10 +140,6 @@ def _merge_trees(a: dict, b: dict) -> dict:
 
 def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   """The model (and EMA) weights of one saved step of a training run."""
-  import jax
-  import ml_collections
-  import orbax.checkpoint as ocp
-  from flax import nnx
   workdir = pathlib.Path(workdir).absolute()
   if not (workdir / "config.json").is_file():
     raise FileNotFoundError(f"{workdir} is not a training workdir: no config.json")
@@ -156,7 +156,6 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
                      f"{', '.join(map(str, steps))})")
   path = workdir / "checkpoints" / str(step) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
-  import logging
   absl_log = logging.getLogger("absl")
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA" for a manager's item: expected
@@ -218,17 +217,14 @@ def _torch_state(state: Dict[str, np.ndarray]):
 def write_reference(source: ExportSource, out, weights: Optional[str] = None,
                     name: Optional[str] = None) -> pathlib.Path:
   """RUN/config.json, RUN/config.yaml, RUN/checkpoints/NAME.{pt,safetensors} (see above)."""
-  import torch
-  import yaml
+  import torch  # Only needed to write .pt files.
   from safetensors.torch import save_file
-  if source.kind == "tokenizer":
-    from .convert.tokenizer import reference_configs
-  else:
-    from .convert.gpt import reference_configs
-  config_json, config_yaml, extra_files = reference_configs(next(iter(source.weights.values())).config)
+  reference = REFERENCE_FORMATS[source.kind]
+  config_json, config_yaml, extra_files = reference.reference_configs(
+      next(iter(source.weights.values())).config)
   chosen = choose_weights(source, weights)
   name = name or (f"{source.step:07d}" if source.step is not None else "model")
-  mapping = _mapping(source.kind)
+  mapping = reference.MAPPING
   states = {w: _torch_state(state_dict_from_model(m, mapping)) for w, m in source.weights.items()}
   metadata = {"format": "pt", "producer": f"detailflow_jax {__version__}", "kind": source.kind,
               "source": source.origin, "step": "unknown" if source.step is None else str(source.step),
@@ -249,7 +245,6 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
 
 
 def write_model_dir(source: ExportSource, out, weights: Optional[str] = None) -> pathlib.Path:
-  from .model_dir import save_model_dir
   model = source.weights[choose_weights(source, weights)]
   return write_atomically(out, lambda tmp: save_model_dir(tmp, source.kind, model.config.to_dict(), model))
 

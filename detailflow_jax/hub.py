@@ -24,6 +24,7 @@ GPT uses its `ema` weights and the tokenizer its `model` weights when the file h
 `weights=` overrides. Which set was used is printed.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -34,6 +35,9 @@ import uuid
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from . import __version__
+from .convert.common import find_run_dir, weight_sets
+from .convert.gpt import convert_gpt
+from .convert.tokenizer import convert_tokenizer
 from .model_dir import DamagedModelError, file_sha256, is_model_dir, verify_model_dir
 
 CACHE_ENV = "DETAILFLOW_JAX_CACHE"
@@ -79,10 +83,8 @@ def cache_root() -> pathlib.Path:
 
 def _converter(kind: str) -> Callable:
   if kind == "tokenizer":
-    from .convert.tokenizer import convert_tokenizer
     return convert_tokenizer
   if kind == "gpt":
-    from .convert.gpt import convert_gpt
     return convert_gpt
   raise ValueError(f"unknown model kind {kind!r} (tokenizer | gpt)")
 
@@ -188,7 +190,6 @@ def _safe(text: str) -> str:
 def convert_cached(kind: str, checkpoint, label: str, cache_key: Tuple[str, ...],
                    weights: Optional[str] = None) -> pathlib.Path:
   """The converted model directory of a released checkpoint, converting it on first use."""
-  from .convert.common import find_run_dir, weight_sets
   checkpoint = pathlib.Path(checkpoint)
   if weights not in (None, "model", "ema"):
     raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
@@ -253,7 +254,6 @@ def resolve_model_dir(spec, kind: str, weights: Optional[str] = None) -> pathlib
       raise FileNotFoundError(f"{path} is not a converted model directory: no config.json "
                               "with a model kind, and no checkpoints/*.pt of a released run")
     checkpoint = _local_checkpoint(path.absolute())
-    import hashlib
     where = hashlib.sha256(str(checkpoint.parent).encode()).hexdigest()[:12]
     return convert_cached(kind, checkpoint, str(checkpoint), ("local", where), weights)
   hub = parse_hub_id(str(spec))

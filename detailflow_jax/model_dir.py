@@ -14,9 +14,14 @@ from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
-FORMAT_VERSION = 1
+# 2: the GPT's q/k/v kernel is grouped by kv head ([dim, kv_heads, R + 2, head_dim], see
+# models.gpt.Attention); format-1 GPT directories hold the fused [dim, (H + 2K) * hd] kernel.
+FORMAT_VERSION = 2
+# kind -> the oldest format this code reads unchanged.
+_OLDEST_READABLE = {"gpt": 2}
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
@@ -40,7 +45,6 @@ def _params_files(directory: pathlib.Path) -> Dict[str, Dict[str, Any]]:
 
 
 def _checkpointer(process_local: bool = False):
-  import orbax.checkpoint as ocp
   if not process_local:
     return ocp.StandardCheckpointer()
   # Written by the calling process alone (host arrays): Orbax must not wait for the others.
@@ -100,6 +104,11 @@ def _read_meta(directory, kind: str) -> Dict[str, Any]:
                             f"{_redo_hint(directory)}") from None
   if meta.get("kind") != kind:
     raise ValueError(f"{directory} holds a {meta.get('kind')!r} model, not a {kind!r}")
+  version = meta.get("format_version", 1)
+  if version < _OLDEST_READABLE.get(kind, 1):
+    raise DamagedModelError(f"{directory} is an outdated {kind} directory (format {version}, the "
+                            f"parameter layout changed in format {_OLDEST_READABLE[kind]}); "
+                            f"{_redo_hint(directory)}")
   return meta
 
 

@@ -3,17 +3,20 @@
 SRC is a converted directory, a released run directory / checkpoint file, or a Hub id
 (`org/name[@revision][:path/in/repo.pt]`); see `hub.resolve_model_dir`, the one resolver.
 """
+from flax import nnx
+
+from .eval.inception import InceptionV3
 from .hub import resolve_model_dir
 from .model_dir import restore_model_dir
+from .models.gpt import GPT, GPTConfig
+from .models.tokenizer import Tokenizer, TokenizerConfig
 
 
 def build_tokenizer(config):
-  from .models.tokenizer import Tokenizer, TokenizerConfig
   return Tokenizer(TokenizerConfig.from_dict(config))
 
 
 def build_gpt(config):
-  from .models.gpt import GPT, GPTConfig
   return GPT(GPTConfig.from_dict(config), rngs=0)
 
 
@@ -39,7 +42,5 @@ def load_gpt(source, dtype=None, weights=None):
 def load_inception(directory):
   """(InceptionV3, info) from a converted directory (see `python -m detailflow_jax.convert
   inception`); info holds `weights_sha256`, `source_sha256`, `source_file`."""
-  from flax import nnx
-  from .eval.inception import InceptionV3
   model, info = restore_model_dir(directory, "inception", lambda config: InceptionV3(rngs=nnx.Rngs(0)))
   return model, info

@@ -6,10 +6,7 @@
 Resumable (finished chunks are kept), sharded over jax processes, progress in the log.
 """
 import logging
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,9 +23,9 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from detailflow_jax.train import mesh
+  from detailflow_jax import sharding
   from detailflow_jax.train.extract import extract
-  mesh.maybe_initialize_distributed(FLAGS.config)
+  sharding.maybe_initialize_distributed(FLAGS.config)
   out = extract(FLAGS.config, FLAGS.tokenizer, FLAGS.workdir)
   logging.getLogger("detailflow_jax").info("token records in %s", out)
 

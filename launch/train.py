@@ -10,10 +10,7 @@ TPU pods are detected automatically, elsewhere set --config.distributed.coordina
 --config.distributed.num_processes=N and --config.distributed.process_id=I.
 """
 import logging
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -13,7 +13,8 @@ import pytest
 from configs.detailflow16_gpt_l import get_config
 from detailflow_jax.data.sources import TokenRecordWriter
 from detailflow_jax.models.gpt import GPT
-from detailflow_jax.train import ar, mesh as mesh_lib
+from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.train import ar
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
 
@@ -81,7 +82,7 @@ def _train(workdir, tokens, steps, env_extra=None):
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config=" + str(ROOT / "configs" / "detailflow16_gpt_l.py") + ":tiny",
          f"--workdir={workdir}", f"--config.data.path={tokens}", f"--config.total_steps={steps}",
          "--config.log_every=1", "--config.checkpoint.save_every=4"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              **(env_extra or {}))
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 

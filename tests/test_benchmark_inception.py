@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_quick_benchmark_prints_one_json_object():
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inception.py"), "--quick"],
+  run = subprocess.run([sys.executable, "-m", "benchmarks.inception", "--quick"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert run.returncode == 0, run.stderr[-2000:]

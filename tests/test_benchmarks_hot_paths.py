@@ -60,7 +60,7 @@ def test_our_side_runs_converted_reference_checkpoints():
 
 
 def test_accelerator_quick_covers_every_section():
-  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--quick"],
+  out = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--quick"],
                        capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   names = set(result["results"])

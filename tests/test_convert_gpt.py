@@ -174,3 +174,15 @@ def test_full_size_manifest_keys_and_shapes_map(manifest):
   mismatched = {k: (ours[k], expected[k]) for k in expected if ours[k] != expected[k]}
   assert not mismatched
   assert sum(int(np.prod(s)) for s in ours.values()) == data["num_parameters"]
+
+
+def test_gpt_directory_of_the_fused_qkv_format_is_refused(tmp_path):
+  """Format-1 GPT directories hold the fused q/k/v kernel: loading one says to convert again."""
+  import json
+  from detailflow_jax.model_dir import DamagedModelError
+  from detailflow_jax.pretrained import load_model_dir
+  out = convert_gpt(GPT_PT, tmp_path / "old")
+  meta = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps(dict(meta, format_version=1)))
+  with pytest.raises(DamagedModelError, match="outdated gpt directory .*convert again"):
+    load_model_dir(out, "gpt")

@@ -136,7 +136,7 @@ def test_token_shards_are_disjoint():
 
 def test_global_batch_and_progress(caplog):
   import jax
-  from detailflow_jax.train.mesh import make_mesh
+  from detailflow_jax.sharding import make_mesh
   it = image_iterator(SOURCE, _config(), SCHEDULE, log_every=1)
   assert isinstance(it, Progress)
   with caplog.at_level("INFO", logger="detailflow_jax"):

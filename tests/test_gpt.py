@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from detailflow_jax.models.gpt import GPT, GPTConfig, PRESETS, count_params
+from detailflow_jax.models.gpt import GPT, PRESETS, Attention, GPTConfig, count_params
 from detailflow_jax.models.keys import InitKeys
 from detailflow_jax.models.rope import apply_rope, rope_table_2d
 
@@ -83,9 +83,9 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
   for path, var in src:
     value = np.asarray(var[...])
     if path[-1] == "kernel" and "wqkv" in path:
-      q, k, v = np.split(value, [cfg.dim, cfg.dim + cfg.num_kv_heads * hd], axis=1)
+      q, k, v = np.split(Attention.fuse_qkv(value), [cfg.dim, cfg.dim + cfg.num_kv_heads * hd], axis=1)
       repeat = lambda w: np.repeat(w.reshape(cfg.dim, cfg.num_kv_heads, hd), r, axis=1).reshape(cfg.dim, -1)
-      value = np.concatenate([q, repeat(k), repeat(v)], axis=1)
+      value = Attention.group_qkv(np.concatenate([q, repeat(k), repeat(v)], axis=1), cfg.n_head, hd)
     dst[path][...] = value
   tokens = jax.random.randint(jax.random.key(1), (2, 15), 0, cfg.vocab_size)
   labels = jnp.array([1, 4])
@@ -167,7 +167,7 @@ def test_params_carry_logical_axis_names():
           for p, v in nnx.to_flat_state(nnx.state(model))}
   assert axes["tok_embeddings/embedding"] == ("vocab", "embed")
   assert axes["cls_embedding/embedding_table/embedding"] == ("classes", "embed")
-  assert axes["layers/0/attention/wqkv/kernel"] == ("embed", "heads")
+  assert axes["layers/0/attention/wqkv/kernel"] == ("embed", "kv_heads", None, None)
   assert axes["layers/0/feed_forward/w2/kernel"] == ("mlp", "embed")
   assert axes["output/kernel"] == ("embed", "vocab")
   assert all(v is not None for v in axes.values())

@@ -176,7 +176,7 @@ config_flags.DEFINE_config_file("config", None, "", lock_config=True)
 
 def main(_):
   import jax
-  from detailflow_jax.train import mesh
+  from detailflow_jax import sharding as mesh
   mesh.maybe_initialize_distributed(flags.FLAGS.config)
   print("PROBE", jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
   jax.distributed.shutdown()

@@ -247,7 +247,7 @@ def test_per_row_keys_make_rows_independent_of_the_batch(small_gpt):
 def test_mesh_sampler_equals_one_device(small_gpt, fsdp):
   """8 CPU devices, batch sharded over the data axes: token for token the 1-device result for
   the same per-row keys (non-greedy), with replicated or FSDP-sharded params."""
-  from detailflow_jax.train.mesh import batch_sharding, make_mesh
+  from detailflow_jax.sharding import batch_sharding, make_mesh
   from detailflow_jax.train.state import shardings_for
   labels = np.arange(8) % small_gpt.config.num_classes
   keys = jax.random.split(jax.random.key(5), 8)

@@ -145,7 +145,8 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
 
 def test_reconstructions_too_small_for_the_discriminator_skip_the_gan_terms():
   from detailflow_jax.models.tokenizer import Tokenizer
-  from detailflow_jax.train import frozen_nets, mesh as mesh_lib
+  from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax.train import frozen_nets
   c = get_config("tiny")
   c.disc.type = "patchgan"
   c.losses.disc_start = 10

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detailflow_jax.models.tokenizer import Tokenizer
-from detailflow_jax.train import mesh as mesh_lib
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from detailflow_jax.train.loop import NonFiniteLossError, run_training
 from detailflow_jax.train.metrics import create_writer

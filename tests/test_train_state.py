@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.models.vit import ViTConfig
-from detailflow_jax.train import mesh as mesh_lib
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
 

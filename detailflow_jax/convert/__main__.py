@@ -3,6 +3,9 @@ import argparse
 import sys
 
 from .common import ConversionError
+from .gpt import convert_gpt
+from .inception import convert_inception
+from .tokenizer import convert_tokenizer
 
 
 def main(argv=None) -> int:
@@ -31,13 +34,9 @@ def main(argv=None) -> int:
       if given:
         raise ConversionError(f"{', '.join(given)} do(es) not apply to inception (float32 weights, "
                               "no config files)")
-      from .inception import convert_inception
       out = convert_inception(args.checkpoint, args.out)
     else:
-      if args.model == "tokenizer":
-        from .tokenizer import convert_tokenizer as convert
-      else:
-        from .gpt import convert_gpt as convert
+      convert = convert_tokenizer if args.model == "tokenizer" else convert_gpt
       out = convert(args.checkpoint, args.out, weights=args.weights or "model",
                     config_dir=args.config_dir, dtype=args.dtype or "float32")
   except ConversionError as e:

@@ -8,14 +8,24 @@ A model's mapping to the reference is a `KeyMapping`: our parameter path -> the 
 state-dict key and shape. `model_from_state_dict` applies it one way (conversion) and
 `state_dict_from_model` the other way (export), so both directions use the same table.
 """
+import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
+import pickle
 import shutil
 import tempfile
-from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import jax
+import ml_dtypes
 import numpy as np
+import yaml
+from flax import nnx
+from safetensors import safe_open
+
+from ..model_dir import save_model_dir
 
 # Wrappers that DDP/FSDP/torch.compile put in front of parameter names.
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -47,11 +57,9 @@ def _strip_wrappers(key: str) -> str:
 
 
 def _load_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
-  from safetensors import safe_open
   out = {}
   try:
     # The numpy framework cannot represent bfloat16; go through torch when it is there.
-    import importlib.util
     framework = "pt" if importlib.util.find_spec("torch") is not None else "numpy"
     with safe_open(str(path), framework=framework) as f:
       for key in f.keys():
@@ -65,8 +73,7 @@ def _load_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
 
 
 def _load_pt(path: pathlib.Path, weights: str) -> Dict[str, np.ndarray]:
-  import pickle
-  import torch
+  import torch  # Only needed to read .pt files.
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
@@ -178,13 +185,7 @@ class StateDictReader:
       raise ConversionError(f"{self.source}: unexpected key(s) {shown}{more}")
 
 
-class KeyMapping(NamedTuple):
-  """How a model's parameters are named and shaped in the reference's state dict."""
-  name: Callable[[Tuple], str]                          # our path -> reference key
-  shape: Callable[[Tuple, Tuple[int, ...]], Tuple[int, ...]]  # our path, our shape -> theirs
-
-
-def _relayout(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+def relayout(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
   """One array between the two layouts, either way: torch Linear weights are [out, in], flax
   kernels [in, out] (a transpose is its own inverse); every other difference is a reshape
   (leading singleton axes of token tables)."""
@@ -193,19 +194,37 @@ def _relayout(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndar
   return np.ascontiguousarray(value.reshape(shape))
 
 
+class KeyMapping(NamedTuple):
+  """How a model's parameters are named and shaped in the reference's state dict."""
+  name: Callable[[Tuple], str]                          # our path -> reference key
+  shape: Callable[[Tuple, Tuple[int, ...]], Tuple[int, ...]]  # our path, our shape -> theirs
+  # (our path, value in one layout, shape in the other) -> value in the other layout
+  to_ours: Callable[[Tuple, np.ndarray, Tuple[int, ...]], np.ndarray] = relayout
+  to_theirs: Callable[[Tuple, np.ndarray, Tuple[int, ...]], np.ndarray] = relayout
+
+
+def float_dtype(name) -> np.dtype:
+  """--dtype of a converted model: "float32" or "bfloat16" (error names the flag)."""
+  if name in ("float32", np.float32):
+    return np.dtype(np.float32)
+  if name in ("bfloat16", ml_dtypes.bfloat16):
+    return np.dtype(ml_dtypes.bfloat16)
+  raise ConversionError(f"--dtype must be float32 or bfloat16, got {name!r}")
+
+
 def model_from_state_dict(abstract_model, mapping: KeyMapping, state: Mapping[str, np.ndarray],
                           source: str, dtype="float32"):
   """Fills an abstract model (`nnx.eval_shape`) with exactly the weights of `state`: every key
-  used, every parameter and buffer filled, shapes checked. Floating arrays take `dtype`, the
-  others keep the model's dtype."""
-  from flax import nnx
+  used, every parameter and buffer filled, shapes checked. Floating arrays take `dtype`
+  ("float32" / "bfloat16"), the others keep the model's dtype."""
+  dtype = float_dtype(dtype)
   reader = StateDictReader(state, source)
   graphdef, abstract = nnx.split(abstract_model)
   flat = []
   for path, var in nnx.to_flat_state(abstract):
     value = reader.take(mapping.name(path), mapping.shape(path, var.shape))
-    target = np.dtype(dtype) if np.issubdtype(var.dtype, np.floating) else var.dtype
-    flat.append((path, var.replace(_relayout(path, value, var.shape).astype(target))))
+    target = dtype if np.issubdtype(var.dtype, np.floating) else var.dtype
+    flat.append((path, var.replace(mapping.to_ours(path, value, var.shape).astype(target))))
   reader.finish()
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -216,8 +235,6 @@ def state_dict_from_model(model, mapping: KeyMapping) -> Dict[str, np.ndarray]:
   The reference's state dicts hold floating tensors only (its integer-valued codebook-usage
   buffer is a float tensor), so integer arrays are written as float32; floating arrays keep
   their dtype."""
-  from flax import nnx
-  import jax
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model)):
     value = np.asarray(jax.device_get(var[...]))
@@ -226,31 +243,43 @@ def state_dict_from_model(model, mapping: KeyMapping) -> Dict[str, np.ndarray]:
     key = mapping.name(path)
     if key in out:
       raise ConversionError(f"two parameters map to the reference key {key!r}")
-    out[key] = _relayout(path, value, mapping.shape(path, value.shape))
+    out[key] = mapping.to_theirs(path, value, mapping.shape(path, value.shape))
   return out
 
 
-def linear_kernel(weight: np.ndarray) -> np.ndarray:
-  """torch Linear weight [out, in] -> flax kernel [in, out]."""
-  return np.ascontiguousarray(weight.T)
+@dataclasses.dataclass(frozen=True)
+class ReferenceFormat:
+  """One model kind's released-checkpoint format: everything the generic conversion needs.
 
+  kind: the model directory's kind ("gpt", "tokenizer"); build(cfg): the model (called only
+  under nnx.eval_shape); read_config(run_dir): our config from the run's files."""
+  kind: str
+  build: Callable[[Any], Any]
+  mapping: KeyMapping
+  read_config: Callable[[pathlib.Path], Any]
 
-def fill_params(abstract_params: Mapping[Tuple, object], values: Mapping[Tuple, np.ndarray],
-                source: str) -> Dict[Tuple, np.ndarray]:
-  """Checks `values` against the model's abstract parameters: same paths, same shapes."""
-  missing = [p for p in abstract_params if p not in values]
-  if missing:
-    raise ConversionError(f"{source}: no value for model parameter(s) "
-                          + ", ".join("/".join(map(str, p)) for p in missing[:10]))
-  extra = [p for p in values if p not in abstract_params]
-  if extra:
-    raise ConversionError(f"{source}: values for unknown parameter(s) "
-                          + ", ".join("/".join(map(str, p)) for p in extra[:10]))
-  for path, abstract in abstract_params.items():
-    if tuple(abstract.shape) != tuple(values[path].shape):
-      raise ConversionError(f"{source}: parameter {'/'.join(map(str, path))} needs shape "
-                            f"{tuple(abstract.shape)}, got {tuple(values[path].shape)}")
-  return dict(values)
+  def abstract_model(self, cfg):
+    return nnx.eval_shape(lambda: self.build(cfg))
+
+  def expected_torch_keys(self, cfg) -> Dict[str, Tuple[int, ...]]:
+    """The state-dict keys (and shapes) a reference checkpoint of `cfg` holds (abstract
+    shapes: no weights allocated)."""
+    return {self.mapping.name(p): self.mapping.shape(p, v.shape)
+            for p, v in nnx.to_flat_state(nnx.state(self.abstract_model(cfg)))}
+
+  def convert_state_dict(self, cfg, state: Dict[str, np.ndarray], source: str, dtype="float32"):
+    """A model holding exactly the weights of `state`: every key used, every parameter
+    filled, shapes checked (errors name the key and both shapes)."""
+    return model_from_state_dict(self.abstract_model(cfg), self.mapping, state, source, dtype)
+
+  def convert(self, checkpoint, out, weights="model", config_dir=None, dtype="float32"):
+    """`python -m detailflow_jax.convert KIND`: .pt/.safetensors + the run's configs -> an
+    Orbax model directory at `out` (written atomically)."""
+    float_dtype(dtype)  # a bad flag fails before any file is read
+    state = load_state_dict(checkpoint, weights)
+    cfg = self.read_config(find_run_dir(checkpoint, config_dir))
+    model = self.convert_state_dict(cfg, state, source=str(checkpoint), dtype=dtype)
+    return write_atomically(out, lambda tmp: save_model_dir(tmp, self.kind, cfg.to_dict(), model))
 
 
 def write_atomically(out_dir, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
@@ -284,7 +313,6 @@ def read_json(path) -> dict:
 
 def read_run_configs(run_dir) -> Tuple[dict, dict]:
   """A released run's RUN/config.json (model arguments) and RUN/config.yaml (training args)."""
-  import yaml
   run_dir = pathlib.Path(run_dir)
   config_json = read_json(run_dir / "config.json")
   yaml_path = run_dir / "config.yaml"

@@ -5,17 +5,15 @@ RUN/config.yaml (training args; its `gpt_model` preset name decides dim/n_layer/
 the reference's load_ar_model). The GPT has no buffers: RoPE tables and the mask come from the
 config.
 """
+import dataclasses
 import pathlib
 from typing import Dict, Tuple
 
 import numpy as np
-from flax import nnx
 
-from ..model_dir import save_model_dir
-from ..models.gpt import GPT, GPTConfig
+from ..models.gpt import GPT, PRESETS, Attention, GPTConfig
 from ..models.keys import InitKeys
-from .common import (ConversionError, KeyMapping, find_run_dir, load_state_dict,
-                     model_from_state_dict, read_run_configs, write_atomically)
+from .common import ConversionError, KeyMapping, ReferenceFormat, read_run_configs, relayout
 
 
 def load_reference_config(run_dir) -> GPTConfig:
@@ -40,8 +38,6 @@ def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict, Dict]:
   unchanged); other sizes get `gpt_model: GPT-custom` plus `gpt_model_dims`, which our converter
   reads and the reference reads once that name is registered in its GPT_models. Checked by
   reading it back."""
-  import dataclasses
-  from ..models.gpt import PRESETS
   config_json = dict(dataclasses.asdict(cfg), **_REFERENCE_ONLY_FIELDS)
   dims = (cfg.n_layer, cfg.n_head, cfg.dim)
   name = next((n for n, d in PRESETS.items() if d == dims), CUSTOM_PRESET)
@@ -65,40 +61,32 @@ def torch_name(path: Tuple) -> str:
   return ".".join(parts)
 
 
+def _is_qkv(path: Tuple) -> bool:
+  return len(path) >= 2 and path[-2:] == ("wqkv", "kernel")
+
+
 def torch_shape(path: Tuple, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  if _is_qkv(path):  # ours [dim, K, R + 2, hd] (see models.gpt.Attention) -> [(H + 2K) hd, dim]
+    dim, kv, groups, hd = shape
+    return (kv * groups * hd, dim)
   return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
 
 
-MAPPING = KeyMapping(torch_name, torch_shape)
+def _to_ours(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  if _is_qkv(path):
+    return np.ascontiguousarray(Attention.group_qkv(value.T, shape[1], shape[3]))
+  return relayout(path, value, shape)
 
 
-def abstract_state(cfg: GPTConfig):
-  """Flat (path, abstract Variable) pairs of a GPT of `cfg`, without allocating weights."""
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0)))
-  return nnx.to_flat_state(nnx.state(model))
+def _to_theirs(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  if _is_qkv(path):
+    return np.ascontiguousarray(Attention.fuse_qkv(value).T)
+  return relayout(path, value, shape)
 
 
-def expected_torch_keys(cfg: GPTConfig) -> Dict[str, Tuple[int, ...]]:
-  """The state-dict keys (and shapes) a reference checkpoint of this config holds."""
-  return {torch_name(p): torch_shape(p, v.shape) for p, v in abstract_state(cfg)}
-
-
-def convert_state_dict(cfg: GPTConfig, state: Dict[str, np.ndarray], source: str,
-                       dtype="float32") -> GPT:
-  """A GPT holding exactly the weights of `state`: every key used, every parameter filled,
-  shapes checked (errors name the key and both shapes)."""
-  return model_from_state_dict(nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0))), MAPPING, state,
-                               source, dtype)
-
-
-def convert_gpt(checkpoint, out, weights="model", config_dir=None, dtype="float32"):
-  """`python -m detailflow_jax.convert gpt`: .pt/.safetensors + configs -> Orbax DIR."""
-  if dtype not in ("float32", "bfloat16"):
-    raise ConversionError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-  cfg = load_reference_config(find_run_dir(checkpoint, config_dir))
-  state = load_state_dict(checkpoint, weights)
-  if dtype == "bfloat16":
-    import ml_dtypes
-    dtype = ml_dtypes.bfloat16
-  model = convert_state_dict(cfg, state, source=str(checkpoint), dtype=dtype)
-  return write_atomically(out, lambda tmp: save_model_dir(tmp, "gpt", cfg.to_dict(), model))
+MAPPING = KeyMapping(torch_name, torch_shape, to_ours=_to_ours, to_theirs=_to_theirs)
+FORMAT = ReferenceFormat("gpt", lambda cfg: GPT(cfg, rngs=InitKeys(0)), MAPPING,
+                         load_reference_config)
+expected_torch_keys = FORMAT.expected_torch_keys
+convert_state_dict = FORMAT.convert_state_dict
+convert_gpt = FORMAT.convert

@@ -7,14 +7,9 @@ import pathlib
 import re
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
-from flax import nnx
-
-from ..model_dir import save_model_dir
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
-from .common import (ConversionError, KeyMapping, find_run_dir, load_state_dict,
-                     model_from_state_dict, read_json, read_run_configs, write_atomically)
+from .common import ConversionError, KeyMapping, ReferenceFormat, read_json, read_run_configs
 
 # The public SigLIP2-so400m-patch16-naflex vision tower the released models were built from.
 SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
@@ -227,28 +222,7 @@ def torch_shape(path: Tuple, shape: Tuple[int, ...]) -> Tuple[int, ...]:
 
 
 MAPPING = KeyMapping(torch_name, torch_shape)
-
-
-def abstract_state(cfg: TokenizerConfig):
-  model = nnx.eval_shape(lambda: Tokenizer(cfg))
-  return nnx.to_flat_state(nnx.state(model))
-
-
-def expected_torch_keys(cfg: TokenizerConfig) -> Dict[str, Tuple[int, ...]]:
-  """The state-dict keys (and shapes) a reference checkpoint of this config must hold."""
-  return {torch_name(p): torch_shape(p, v.shape) for p, v in abstract_state(cfg)}
-
-
-def convert_state_dict(cfg: TokenizerConfig, state: Dict[str, np.ndarray], source: str,
-                       dtype="float32") -> Tokenizer:
-  """Builds a Tokenizer holding exactly the weights of `state` (every key used, every
-  parameter filled, shapes checked)."""
-  return model_from_state_dict(nnx.eval_shape(lambda: Tokenizer(cfg)), MAPPING, state, source, dtype)
-
-
-def convert_tokenizer(checkpoint, out, weights="model", config_dir=None, dtype="float32"):
-  """`python -m detailflow_jax.convert tokenizer`: .pt/.safetensors + configs -> Orbax DIR."""
-  state = load_state_dict(checkpoint, weights)
-  cfg = load_reference_config(find_run_dir(checkpoint, config_dir))
-  model = convert_state_dict(cfg, state, source=str(checkpoint), dtype=dtype)
-  return write_atomically(out, lambda tmp: save_model_dir(tmp, "tokenizer", cfg.to_dict(), model))
+FORMAT = ReferenceFormat("tokenizer", Tokenizer, MAPPING, load_reference_config)
+expected_torch_keys = FORMAT.expected_torch_keys
+convert_state_dict = FORMAT.convert_state_dict
+convert_tokenizer = FORMAT.convert

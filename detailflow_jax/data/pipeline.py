@@ -262,13 +262,14 @@ def global_batch(local: Dict[str, Any], mesh) -> Dict[str, Any]:
   """Assembles every process's local batch into global jax.Arrays sharded over the mesh's batch
   axes (jax.make_array_from_process_local_data). Per-batch scalars (t, decode_res, noise_idx…)
   are equal on all processes by construction and stay host numpy values: they select programs."""
+  # Local: data/ stays importable without jax, so Grain's worker processes do not load it.
   import jax
-  from ..train.mesh import batch_sharding
+  from .. import sharding
   out = {}
   for key, value in local.items():
     value = np.asarray(value)
     if value.ndim == 0:
       out[key] = value
     else:
-      out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+      out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
   return out

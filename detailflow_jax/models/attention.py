@@ -1,8 +1,8 @@
 """Scaled dot-product attention shared by the tokenizer ViT and the GPT.
 
 Both models reduce to the same math once q/k/v exist: softmax(q k^T / sqrt(d) masked) v. The
-modules differ only in how they make q/k/v (separate biased projections vs. a fused one with
-RoPE and grouped kv heads), so this function is the one place the attention itself lives.
+modules differ only in how they make q/k/v (separate biased projections vs. one kernel grouped
+by kv head, with RoPE), so this function is the one place the attention itself lives.
 """
 from typing import Optional
 

@@ -225,14 +225,50 @@ class FeedForward(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Fused q/k/v projection (no bias), grouped kv heads, 2D RoPE, optional KV cache."""
+  """q/k/v projection (no bias) grouped by kv head, grouped kv heads, 2D RoPE, optional KV cache.
+
+  The projection kernel is [dim, kv_heads, R + 2, head_dim] (R = n_head / kv_heads): for kv head
+  j, its R query heads j*R .. j*R+R-1, then its key, then its value. One matmul makes all three,
+  and sharding the kv_heads axis over `tensor` gives every shard whole query groups with their
+  own keys and values, so tensor parallelism never splits a head or crosses the q|k|v boundary.
+  The reference's fused [dim, (n_head + 2 kv_heads) * head_dim] layout maps to it with
+  `group_qkv` / `fuse_qkv` (same values, reordered columns).
+  """
 
   def __init__(self, cfg: GPTConfig, *, rngs):
     self.cfg = cfg
     init = nnx.initializers.normal(cfg.initializer_range)
-    qkv_dim = (cfg.n_head + 2 * cfg.num_kv_heads) * cfg.head_dim
-    self.wqkv = _linear(rngs, cfg.dim, qkv_dim, ("embed", "heads"), init)
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    fused_dim = (cfg.n_head + 2 * kv) * hd
+
+    def grouped_init(key, shape, dtype=jnp.float32):
+      # Draw the reference's fused layout and regroup it: the same values as a fused kernel.
+      return Attention.group_qkv(init(key, (cfg.dim, fused_dim), dtype), kv, hd)
+
+    self.wqkv = nnx.Einsum("bnd,dkgh->bnkgh", (cfg.dim, kv, cfg.n_head // kv + 2, hd), rngs=rngs,
+                           kernel_init=nnx.with_partitioning(
+                               grouped_init, ("embed", "kv_heads", None, None)))
     self.wo = _linear(rngs, cfg.dim, cfg.dim, ("heads", "embed"), init)
+
+  @staticmethod
+  def group_qkv(fused, num_kv_heads: int, head_dim: int):
+    """Fused [dim, (H + 2K) * hd] (q heads | k heads | v heads) -> grouped [dim, K, H/K + 2, hd].
+    numpy in, numpy out; jax in, jax out."""
+    cat = np.concatenate if isinstance(fused, np.ndarray) else jnp.concatenate
+    dim, k, hd = fused.shape[0], num_kv_heads, head_dim
+    q_dim = fused.shape[1] - 2 * k * hd
+    q = fused[:, :q_dim].reshape(dim, k, q_dim // (k * hd), hd)
+    keys = fused[:, q_dim:q_dim + k * hd].reshape(dim, k, 1, hd)
+    values = fused[:, q_dim + k * hd:].reshape(dim, k, 1, hd)
+    return cat([q, keys, values], axis=2)
+
+  @staticmethod
+  def fuse_qkv(grouped):
+    """Grouped [dim, K, R + 2, hd] -> the reference's fused [dim, (K*R + 2K) * hd]."""
+    cat = np.concatenate if isinstance(grouped, np.ndarray) else jnp.concatenate
+    dim, k, g, hd = grouped.shape
+    return cat([grouped[:, :, :g - 2].reshape(dim, -1), grouped[:, :, g - 2].reshape(dim, -1),
+                grouped[:, :, g - 1].reshape(dim, -1)], axis=1)
 
   def __call__(self, x: jax.Array, rope: jax.Array, mask: jax.Array,
                cache: Optional[Tuple[jax.Array, jax.Array]] = None,
@@ -247,11 +283,11 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     b, n, _ = x.shape
-    kv_dim = cfg.num_kv_heads * cfg.head_dim
-    qkv = self.wqkv(x)
-    q = qkv[..., :cfg.dim].reshape(b, n, cfg.n_head, cfg.head_dim)
-    k = qkv[..., cfg.dim:cfg.dim + kv_dim].reshape(b, n, cfg.num_kv_heads, cfg.head_dim)
-    v = qkv[..., cfg.dim + kv_dim:].reshape(b, n, cfg.num_kv_heads, cfg.head_dim)
+    r = cfg.n_head // cfg.num_kv_heads
+    qkv = self.wqkv(x)                                            # [B, n, K, R + 2, hd]
+    q = qkv[:, :, :, :r].reshape(b, n, cfg.n_head, cfg.head_dim)  # head j*R + i: kv head j's
+    k = qkv[:, :, :, r]                                           # [B, n, K, hd]
+    v = qkv[:, :, :, r + 1]
     q = apply_rope(q, rope)
     k = apply_rope(k, rope)
     if cache is not None:

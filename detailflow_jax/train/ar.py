@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from .. import images
+from .. import images, sharding
 from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
 from ..data.sources import TokenRecordSource
 from ..inference import TokenizerFns

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from ..convert.common import write_atomically
 from ..model_dir import save_model_dir
-from . import mesh as mesh_lib
+from .. import sharding
 from .checkpoint import Checkpointer, abstract_with_shardings
 from .loop import run_training
 from .metrics import create_writer
@@ -50,7 +50,7 @@ def total_steps(c: ml_collections.ConfigDict) -> int:
 
 def validate_run(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """The checks every recipe's config needs (mesh and batch, steps, compute dtype)."""
-  data, fsdp, _ = mesh_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+  data, fsdp, _ = sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
   if c.data.batch_size % (data * fsdp):
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by the batch mesh axes "
                      f"data x fsdp = {data} x {fsdp}")
@@ -77,7 +77,7 @@ def gather_to_host(tree: Any, mesh) -> Any:
   process must call it: one jitted reshard to replicated, then each process reads its own
   replica (`jax.device_get` alone cannot fetch shards that live on other hosts)."""
   with jax.set_mesh(mesh):
-    replicated = jax.jit(_identity, out_shardings=mesh_lib.replicated(mesh))(tree)
+    replicated = jax.jit(_identity, out_shardings=sharding.replicated(mesh))(tree)
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), replicated)
 
 
@@ -118,7 +118,7 @@ class Driver:
   trains and exports. `validate(c, num_devices)` raises on config mistakes (naming the key)."""
 
   def __init__(self, c: ml_collections.ConfigDict, workdir, validate: Callable):
-    mesh_lib.maybe_initialize_distributed(c)
+    sharding.maybe_initialize_distributed(c)
     validate(c, jax.device_count())
     self.config = c
     self.workdir = pathlib.Path(workdir)
@@ -126,7 +126,7 @@ class Driver:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     barrier("workdir")
-    self.mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.writer = create_writer(self.workdir, process_index=jax.process_index())
 
   def run(self, *, state: Any, state_shardings: Any, step_fn: Callable, data_iterator,

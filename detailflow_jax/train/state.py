@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from . import mesh as mesh_lib
+from .. import sharding
 
 
 @flax.struct.dataclass
@@ -31,22 +31,9 @@ def split_model(model: nnx.Module):
   return graphdef, params, extras
 
 
-def shardings_for(tree: Any, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> Any:
-  """NamedShardings for every array of `tree`: nnx Variables by their logical axis names,
-  everything else (step, rng, optimizer counters) replicated."""
-  def one(leaf):
-    if isinstance(leaf, nnx.Variable):
-      shape = leaf.shape
-      logical = leaf.get_metadata().get("out_sharding") or (None,) * len(shape)
-      spec = mesh_lib.logical_to_spec(logical, shape, mesh, rules)
-      return leaf.replace(NamedSharding(mesh, spec))
-    return mesh_lib.replicated(mesh)
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                        mesh: Mesh, *, seed: int = 0, use_ema: bool = True,
-                       rules=mesh_lib.DEFAULT_RULES) -> Tuple[Any, TrainState, Any]:
+                       rules=sharding.DEFAULT_RULES) -> Tuple[Any, TrainState, Any]:
   """Returns (graphdef, sharded TrainState, its shardings). `build_model` creates the model
   with freshly initialised parameters; it runs only inside jit/eval_shape."""
   def init():
@@ -58,7 +45,8 @@ def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.Gradient
 
   graphdef = split_model(nnx.eval_shape(build_model))[0]
   abstract = jax.eval_shape(init)
-  shardings = shardings_for(abstract, mesh, rules)
+  shardings = sharding.shardings_for(abstract, mesh, rules)
+  sharding.log_replicated_report(abstract.params, shardings.params, mesh)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)()
   return graphdef, state, shardings
@@ -80,7 +68,7 @@ def apply_gradients(params: Any, grads: Any, opt_state: Any,
 
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     state_shardings, mesh: Mesh, *, ema_decay: float = 0.9999,
-                    rules=mesh_lib.DEFAULT_RULES):
+                    rules=sharding.DEFAULT_RULES):
   """A jitted `step(state, batch) -> (state, metrics)` with a donated state.
 
   loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics). Buffers the model
@@ -108,7 +96,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     return new_state, metrics
 
   def batch_shardings(batch):
-    return jax.tree.map(lambda x: mesh_lib.batch_sharding(mesh, x.ndim, rules), batch)
+    return jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, rules), batch)
 
   jitted = {}
 
@@ -116,7 +104,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     key = jax.tree.structure(batch)
     if key not in jitted:
       jitted[key] = jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch)),
-                            out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                            out_shardings=(state_shardings, sharding.replicated(mesh)),
                             donate_argnums=(0,))
     with jax.set_mesh(mesh):
       return jitted[key](state, batch)

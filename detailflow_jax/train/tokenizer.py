@@ -26,15 +26,15 @@ import optax
 from flax import nnx
 
 from .. import images as image_io
+from .. import sharding
 from ..data.degradation import DynamicResolution
 from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
 from ..models.frozen import TRAINABLE, Frozen
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from . import driver, frozen_nets, gan
-from . import mesh as mesh_lib
 from .driver import total_steps, validate_run
 from .extract import build_image_source
-from .state import apply_gradients, ema_update, shardings_for
+from .state import apply_gradients, ema_update
 
 log = logging.getLogger("detailflow_jax")
 
@@ -103,7 +103,7 @@ class TokenizerTrainer:
                mesh, *, perceptual: Optional[nnx.Module] = None,
                discriminator: Optional[nnx.Module] = None,
                disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
-               rules=mesh_lib.DEFAULT_RULES):
+               rules=sharding.DEFAULT_RULES):
     if discriminator is not None and disc_tx is None:
       raise ValueError("a discriminator needs its own optimizer (disc_tx)")
     if losses.perceptual_weight and perceptual is None:
@@ -125,7 +125,7 @@ class TokenizerTrainer:
     frozen_tree = {"tokenizer": frozen, "disc": disc_frozen,
                    "perceptual": self._perc[1] if self._perc else None}
     with jax.set_mesh(mesh):
-      self.frozen = jax.device_put(frozen_tree, shardings_for(frozen_tree, mesh, rules))
+      self.frozen = jax.device_put(frozen_tree, sharding.shardings_for(frozen_tree, mesh, rules))
     self._init_parts = (params, extras, disc_params, disc_extras)
     self._seed = seed
     self._jitted: Dict[StepPrograms, Callable] = {}
@@ -145,7 +145,8 @@ class TokenizerTrainer:
           lecam_ema=jnp.zeros((2,), jnp.float32), rng=jax.random.key_data(jax.random.key(self._seed)))
 
     abstract = jax.eval_shape(init, params, extras, disc_params, disc_extras)
-    self.state_shardings = shardings_for(abstract, self.mesh, self.rules)
+    self.state_shardings = sharding.shardings_for(abstract, self.mesh, self.rules)
+    sharding.log_replicated_report(abstract.params, self.state_shardings.params, self.mesh)
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(params, extras, disc_params, disc_extras)
 
@@ -277,13 +278,13 @@ class TokenizerTrainer:
     arrays = {"image": batch["image"], "target": batch["target"],
               "noise_idx": jnp.int32(batch["noise_idx"])}
     if prog not in self._jitted:
-      batch_shardings = {k: mesh_lib.batch_sharding(self.mesh, np.ndim(v), self.rules)
-                         if np.ndim(v) else mesh_lib.replicated(self.mesh) for k, v in arrays.items()}
+      batch_shardings = {k: sharding.batch_sharding(self.mesh, np.ndim(v), self.rules)
+                         if np.ndim(v) else sharding.replicated(self.mesh) for k, v in arrays.items()}
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
       fn = lambda state, frozen, batch, prog=prog: self._step(prog, state, frozen, batch)
       self._jitted[prog] = jax.jit(
           fn, in_shardings=(self.state_shardings, frozen_shardings, batch_shardings),
-          out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)), donate_argnums=(0,))
+          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
     return self._jitted[prog], arrays
 
   @property

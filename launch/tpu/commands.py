@@ -144,6 +144,7 @@ class Slice:
                    "--index-url https://download.pytorch.org/whl/cpu")
     steps += [f"{self.python} -m pip install -q -r {home_dir}/requirements.txt "
               + shlex.quote(f"jax[tpu]=={jax_version}"),
+              f"{self.python} -m pip install -q --no-deps -e {home_dir}",
               f"{self.python} -c 'import jax; print(\"jax\", jax.__version__, \"ready on\", "
               f"__import__(\"socket\").gethostname())'"]
     pack = ["tar", "-czf", TARBALL, "--exclude=.git", "--exclude=.venv", "--exclude=__pycache__",

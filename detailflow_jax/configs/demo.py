@@ -18,8 +18,8 @@ Variant `quick` (the test suite's run) cuts every step count.
 """
 import ml_collections
 
-from configs.gpt_common import gpt_config
-from configs.tokenizer_common import tokenizer_config
+from .gpt_common import gpt_config
+from .tokenizer_common import tokenizer_config
 
 NUM_CLASSES = 6
 SHAPES_STYLE = "plain"
