@@ -6,8 +6,8 @@ commands (--num-latent-tokens 128/256/512 --group-size 8 --epochs 250
 pretrained), a 12-layer 768-wide decoder from scratch, codebook 8192 x 8 (l2-normalised),
 degradation probability 0.2 with power 1.5, self-correction, l2 reconstruction + LPIPS (warm-up
 10k steps) + DINO discriminator (hinge, weight 0.2, from step 40k, DiffAugment, LeCam 1e-3,
-consistency 4.0), Adam lr 1e-4 (x batch/256) betas (0.9, 0.95), grad clip 1.0, cosine to 0.1 lr
-after one warm-up epoch, global batch 256, bf16.
+consistency 4.0), Adam lr 1e-4 (x batch/256) betas (0.9, 0.95), grad clip 1.0, timm's cosine over
+all steps to 0.1 lr with one warm-up epoch from 1e-5 laid over it, global batch 256, bf16.
 
 `model` holds the reference's config.json fields (the same reader builds the converter's config).
 """
@@ -35,6 +35,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   # Pretrained / frozen weights the run reads at start (nothing is downloaded):
   c.weights = ml_collections.ConfigDict(dict(
       encoder_init="",        # SigLIP2 (HF safetensors dir/file or big_vision .npz): encoder init
+      encoder_from_scratch=False,  # True: model.enc_pretrained without encoder_init is on purpose
       teacher="",             # the same SigLIP2, full depth: global-token / REPA teacher
       lpips="",               # LPIPS VGG16 (torchvision vgg16 .pth + LPIPS vgg.pth, or one file)
       dino="",                # DINO ViT-S/16 (dino_deitsmall16_pretrain.pth) for the discriminator
@@ -56,6 +57,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, scale_lr_by_batch=True, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
       max_grad_norm=1.0, warmup_epochs=1.0, warmup_steps=-1, schedule="cosine",
+      warmup_lr=1e-5,         # timm's warmup_lr_init: the absolute lr the warm-up starts from
       end_lr_fraction=0.1))
   c.compute_dtype = "bfloat16"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
