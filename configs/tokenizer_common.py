@@ -61,7 +61,10 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
       end_lr_fraction=0.1))
   c.compute_dtype = "bfloat16"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
+  # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
+  # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
+                                                async_save=True))
   c.log_every = 50
   c.recon_every = 5000       # steps between reconstruction PNGs (0: off)
   c.num_recon_images = 4
@@ -90,7 +93,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
     c.total_steps = 2500
     c.optimizer.update(lr=2e-3, scale_lr_by_batch=False, warmup_steps=20, end_lr_fraction=0.1)
     c.compute_dtype = "float32"
-    c.checkpoint.update(save_every=500, keep=2)
+    c.checkpoint.update(save_every=500, keep=2, milestone_every=0)
     c.log_every = 100
     c.recon_every = 1000
   elif variant:

@@ -136,7 +136,8 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
                      shard_count=jax.process_count())
   data_iter = to_iterator(ds, c.data.num_workers)
   ckpt = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.save_every,
-                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
+                      milestone_every=c.checkpoint.milestone_every)
   if ckpt.latest_step is not None:
     at, state = ckpt.restore(abstract_with_shardings(state, shardings), data_iter)
     log.info("resumed from step %d", at)

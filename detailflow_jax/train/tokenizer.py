@@ -567,7 +567,8 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   data_iter = image_iterator(source, pipeline, tokenizer.schedule, log_every=0)
 
   ckpt = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.save_every,
-                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
+                      milestone_every=c.checkpoint.milestone_every)
   if ckpt.latest_step is not None:
     at, state = ckpt.restore(abstract_with_shardings(state, trainer.state_shardings), data_iter)
     log.info("resumed from step %d", at)
