@@ -58,6 +58,14 @@ def test_tokenizer_lr_schedule_is_the_references_timm_cosine():
   # The warm-up starts at the absolute 1e-5 (above this lr), the cosine already left the peak
   # when it ends, and past the last step the lr stays at min_lr.
   assert want[0] == 1e-5 and want[5] < lr and want[21] == 0.1 * lr
+  c.optimizer.schedule = "constant"   # the same warm-up, then flat (warmup_steps=0: timm's 'none')
+  tx, _ = recipe.make_optimizers(c, steps)
+  flat = [timm_cosine_lr(t, lr, 20, 5, 1e-5, lr) for t in range(22)]
+  np.testing.assert_allclose(applied_learning_rates(tx, 22), flat, rtol=1e-5)
+  assert flat[5:] == [lr] * 17
+  c.optimizer.schedule = "linear"
+  with pytest.raises(ValueError, match="optimizer.schedule='linear'"):
+    recipe.make_optimizers(c, steps)
 
 
 def test_released_recipe_schedule_at_its_landmarks():
