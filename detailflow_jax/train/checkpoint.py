@@ -73,12 +73,21 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     damaged = []
     for candidate in reversed(steps):
+      error = None
       try:
         state = self._restore(candidate, abstract_state, data_iterator)
       except Exception as e:  # Orbax / TensorStore / JSON errors all mean "this step is unreadable"
+        error = _first_line(e)
+      if jax.process_count() > 1:
+        # A shard only some processes read may be the damaged one: all agree to skip the step.
+        from jax.experimental import multihost_utils
+        failed = multihost_utils.process_allgather(jax.numpy.int32(error is not None))
+        if error is None and int(failed.max()):
+          error = "unreadable on another process"
+      if error is not None:
         log.error("checkpoint step %d in %s is damaged (%s); trying the next older step",
-                  candidate, self.directory, _first_line(e))
-        damaged.append((candidate, _first_line(e)))
+                  candidate, self.directory, error)
+        damaged.append((candidate, error))
         continue
       if damaged:
         self._move_aside([s for s, _ in damaged])
