@@ -114,8 +114,11 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   for step in range(1, 7):
     assert got[step] == want[step], step  # bit-identical on CPU (data, noise, GAN, LeCam EMA)
   rows = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-  # The discriminator trains from disc_start (step counter 3 -> the 4th update) on.
-  assert "disc_loss" not in rows[2] and "disc_loss" in rows[3] and "generator_adv_loss" in rows[5]
+  # The discriminator runs every step; its terms weigh in from global_step = disc_start (3: the
+  # 3rd update), as the reference's adopt_weight(disc_weight, train_steps + 1, disc_start).
+  assert [r["disc_weight"] for r in rows[:2]] == [0.0, 0.0] and rows[1]["disc_loss"] == 0.0
+  assert rows[2]["disc_weight"] == pytest.approx(0.1) and rows[2]["disc_loss"] != 0.0
+  assert "generator_adv_loss" in rows[5]
 
   png = tmp_path / "straight" / "reconstructions" / "step_0000004.png"
   with Image.open(png) as im:
@@ -158,6 +161,6 @@ def test_reconstructions_too_small_for_the_discriminator_skip_the_gan_terms():
                                     discriminator=disc, disc_tx=disc_tx)
   assert trainer.disc_min_size == disc.min_input_size == 12  # 2 layers: 3 * 2^2
   batch = lambda t, res: {"t": t, "max_tokens": 16, "decode_res": res, "noise_idx": 0}
-  assert not trainer.programs(batch(4, 16), 9).gan            # before disc_start
-  assert trainer.programs(batch(4, 16), 10).gan
+  # The discriminator runs from step 1 (its terms weigh 0 before disc_start): one program.
+  assert trainer.programs(batch(4, 16), 0).gan and trainer.programs(batch(4, 16), 10).gan
   assert not trainer.programs(batch(2, 8), 10).gan            # 8 px: no PatchGAN logits

@@ -39,7 +39,10 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.ema_decay = 0.9999
   c.compute_dtype = "bfloat16"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
+  # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
+  # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
+                                                async_save=True))
   c.log_every = 50
   c.sample_every = 0          # steps between sample PNGs (0: off); needs tokenizer_dir
   c.tokenizer_dir = ""
@@ -60,7 +63,7 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
     c.optimizer.update(lr=3e-3, warmup_steps=10, weight_decay=0.0)
     c.compute_dtype = "float32"
     c.ema_decay = 0.99
-    c.checkpoint.update(save_every=50, keep=2)
+    c.checkpoint.update(save_every=50, keep=2, milestone_every=0)
     c.log_every = 20
     c.extract.update(source="shapes", num_images=512, shapes_size=64, batch_size=16,
                      chunk_size=256, ten_crop=False)

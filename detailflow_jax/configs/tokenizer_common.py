@@ -6,8 +6,8 @@ commands (--num-latent-tokens 128/256/512 --group-size 8 --epochs 250
 pretrained), a 12-layer 768-wide decoder from scratch, codebook 8192 x 8 (l2-normalised),
 degradation probability 0.2 with power 1.5, self-correction, l2 reconstruction + LPIPS (warm-up
 10k steps) + DINO discriminator (hinge, weight 0.2, from step 40k, DiffAugment, LeCam 1e-3,
-consistency 4.0), Adam lr 1e-4 (x batch/256) betas (0.9, 0.95), grad clip 1.0, cosine to 0.1 lr
-after one warm-up epoch, global batch 256 (the reference: bf16 autocast; here float32 for now).
+consistency 4.0), Adam lr 1e-4 (x batch/256) betas (0.9, 0.95), grad clip 1.0, timm's cosine over
+all steps to 0.1 lr with one warm-up epoch from 1e-5 laid over it, global batch 256, bf16.
 
 `model` maps field for field onto detailflow_jax.models.tokenizer.TokenizerConfig (encoder /
 decoder / teacher onto ViTConfig); an unknown key is an error naming it. The reference's
@@ -41,6 +41,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   # Pretrained / frozen weights the run reads at start (nothing is downloaded):
   c.weights = ml_collections.ConfigDict(dict(
       encoder_init="",        # SigLIP2 (HF safetensors dir/file or big_vision .npz): encoder init
+      encoder_from_scratch=False,  # True: model.enc_pretrained without encoder_init is on purpose
       teacher="",             # the same SigLIP2, full depth: global-token / REPA teacher
       lpips="",               # LPIPS VGG16 (torchvision vgg16 .pth + LPIPS vgg.pth, or one file)
       dino="",                # DINO ViT-S/16 (dino_deitsmall16_pretrain.pth) for the discriminator
@@ -62,12 +63,16 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, scale_lr_by_batch=True, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
       max_grad_norm=1.0, warmup_epochs=1.0, warmup_steps=-1, schedule="cosine",
+      warmup_lr=1e-5,         # timm's warmup_lr_init: the absolute lr the warm-up starts from
       end_lr_fraction=0.1))
   # The reference trains under bf16 autocast; here the step computes in float32 until the
   # mixed-precision policy lands (another dtype is rejected by validate, not silently ignored).
   c.compute_dtype = "float32"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
+  # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
+  # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
+                                                async_save=True))
   c.log_every = 50
   c.recon_every = 5000       # steps between reconstruction PNGs (0: off)
   c.num_recon_images = 4
@@ -96,7 +101,8 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
                   degradation_prob=0.2, num_classes=10, shapes_size=32, num_images=8192)
     c.total_steps = 2500
     c.optimizer.update(lr=2e-3, scale_lr_by_batch=False, warmup_steps=20, end_lr_fraction=0.1)
-    c.checkpoint.update(save_every=500, keep=2)
+    c.compute_dtype = "float32"
+    c.checkpoint.update(save_every=500, keep=2, milestone_every=0)
     c.log_every = 100
     c.recon_every = 1000
   elif variant:

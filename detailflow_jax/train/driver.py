@@ -135,7 +135,8 @@ class Driver:
     with `step_fn(state, batch) -> (state, metrics)`, then exports. Returns the final state."""
     c = self.config
     ckpt = Checkpointer(self.workdir / "checkpoints", save_every=c.checkpoint.save_every,
-                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
+                        milestone_every=c.checkpoint.milestone_every)
     if ckpt.latest_step is not None:
       at, state = ckpt.restore(abstract_with_shardings(state, state_shardings), data_iterator)
       log.info("resumed from step %d", at)

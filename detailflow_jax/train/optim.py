@@ -1,8 +1,10 @@
 """AdamW as the reference trains both models: betas (0.9, 0.95), decay on >= 2-D weights only,
-global-norm clipping, linear warm-up then cosine or constant."""
+global-norm clipping; the GPT's LambdaLR warm-up + cosine and the tokenizer's timm cosine."""
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -25,6 +27,33 @@ def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+def timm_cosine_schedule(lr: float, total_steps: int, warmup_steps: int, warmup_lr: float,
+                         min_lr: float) -> optax.Schedule:
+  """timm's CosineLRScheduler as the reference's tokenizer trainer builds it (create_scheduler_v2
+  with step_on_epochs=False: t_initial = all steps, warmup_prefix=False, one cycle, no noise).
+
+  Unlike `learning_rate_schedule`, the warm-up starts from an absolute `warmup_lr` and is laid
+  over the cosine, which runs over ALL steps from step 0 (so it has already left the peak when
+  the warm-up ends):
+    t <  warmup_steps: warmup_lr + t * (lr - warmup_lr) / warmup_steps
+    t <  total_steps:  min_lr + (lr - min_lr) * (1 + cos(pi * t / total_steps)) / 2
+    otherwise:         min_lr
+  `t` is the number of updates already made, as both timm's step_update and optax count.
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps={total_steps} must be positive")
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    cosine = min_lr + 0.5 * (lr - min_lr) * (1.0 + jnp.cos(math.pi * t / total_steps))
+    lr_t = jnp.where(t < total_steps, cosine, min_lr)
+    if warmup_steps > 0:
+      lr_t = jnp.where(t < warmup_steps, warmup_lr + t * ((lr - warmup_lr) / warmup_steps), lr_t)
+    return lr_t
+
+  return schedule
+
+
 def decay_mask(params: Any) -> Any:
   """Weight decay only on matrices (and larger): no decay on biases, norms, 1-D tables."""
   return jax.tree.map(lambda x: x.ndim >= 2, params)
@@ -37,6 +66,13 @@ def make_optimizer(lr: float, total_steps: int, *, weight_decay: float = 0.05, b
                    warmup_start_fraction: float = 0.0) -> optax.GradientTransformation:
   sched = learning_rate_schedule(lr, total_steps, warmup_steps, schedule, end_lr_fraction,
                                  warmup_start_fraction)
+  return clipped_adamw(sched, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
+                       max_grad_norm=max_grad_norm)
+
+
+def clipped_adamw(sched: optax.ScalarOrSchedule, *, weight_decay: float, b1: float, b2: float,
+                  eps: float, max_grad_norm: float) -> optax.GradientTransformation:
+  """Global-norm clipping (when max_grad_norm > 0), then AdamW with the decay mask."""
   parts = []
   if max_grad_norm and max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(max_grad_norm))

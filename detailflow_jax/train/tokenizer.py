@@ -5,9 +5,11 @@ One step (the reference's train_tokenizer.py loop body + VQLoss):
   1. generator: encode the full-resolution batch with cur_max_token_num tokens; with a noise
      index, also re-encode from a perturbed prefix (self-correction) and train both halves;
      decode the first t tokens at the batch's decode resolution; loss = reconstruction +
-     perceptual (warm-up) + VQ terms + alignment + adversarial (after disc_start).
-  2. discriminator (after disc_start): hinge on the degraded target vs the reconstruction (from
-     the same forward, pre-update), DiffAugment, LeCam with its EMA, consistency regularisation.
+     perceptual (warm-up) + VQ terms + alignment + adversarial (weight 0 before disc_start).
+  2. discriminator, every step as the reference: hinge on the degraded target vs the
+     reconstruction (from the same forward, pre-update), DiffAugment, LeCam with its EMA,
+     consistency regularisation; before disc_start its terms weigh 0, so its optimizer steps on
+     zero gradients while the LeCam EMA and its batch statistics follow the logits.
 
 The batch's t / decode resolution / token count select the program (shapes); the noise index is
 a traced value. Frozen networks (LPIPS VGG16, the DINO backbone, the SigLIP2 teacher) are held
@@ -87,7 +89,7 @@ class StepPrograms(NamedTuple):
   max_tokens: int      # cur_max_token_num: tokens the encoder produces
   decode_res: int
   correct: bool        # self-correction this batch (noise_idx >= 0)
-  gan: bool            # the discriminator is active (step >= disc_start)
+  gan: bool            # the discriminator runs on this batch (its terms weigh 0 before disc_start)
 
 
 def split_trainable(model: nnx.Module):
@@ -167,6 +169,11 @@ class TokenizerTrainer:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_noise, k_gaug, k_daug, k_dfake, k_dreal, k_cr = jax.random.split(rng, 6)
     step = state.step + 1  # the reference counts global_step from 1
+    # The reference runs the discriminator every step and weights its terms by
+    # adopt_weight(disc_weight, global_step, disc_start): before disc_start the logits still
+    # move the LeCam EMA and the discriminator's batch statistics / spectral-norm vectors, and
+    # its optimizer steps on zero gradients (count, bias correction and schedule advance).
+    gan_weight = gan.adopt_weight(lc.disc_weight, step, lc.disc_start)
 
     def gen_loss(params):
       extras = jax.tree.map(lambda x: x, state.extras)
@@ -196,8 +203,8 @@ class TokenizerTrainer:
           fake = gan.diff_augment(fake, k_gaug, "color,translation,cutout_0.2", 0.5)
         logits_fake, disc_extras = self._disc_apply(frozen, state.disc_params, state.disc_extras, fake, k_dfake)
         g_adv = gan.G_LOSSES[lc.gen_loss](logits_fake)
-        loss += lc.disc_weight * g_adv
-        metrics["generator_adv_loss"] = g_adv
+        loss += gan_weight * g_adv
+        metrics.update(generator_adv_loss=g_adv, disc_weight=gan_weight)
       metrics["loss"] = loss
       new_extras = nnx.state(model, nnx.Not(nnx.Param))
       return loss, (metrics, new_extras, disc_extras, out.recon, out.target)
@@ -225,7 +232,7 @@ class TokenizerTrainer:
         logits_fake, extras = self._disc_apply(frozen, disc_params, extras, f, k_dfake)
         d_loss, lecam_ema, d_metrics = gan.discriminator_losses(
             logits_real, logits_fake, state.lecam_ema, d_loss=lc.disc_loss,
-            disc_weight=jnp.float32(lc.disc_weight), lecam_weight=lc.lecam_loss_weight, lecam_decay=lc.lecam_decay)
+            disc_weight=gan_weight, lecam_weight=lc.lecam_loss_weight, lecam_decay=lc.lecam_decay)
         if lc.disc_cr_loss_weight:
           # Consistency: logits on strongly augmented inputs match the plain ones.
           rs = gan.diff_augment(real, jax.random.fold_in(k_cr, 0), "color,translation,cutout_0.5", 1.0)
@@ -234,7 +241,7 @@ class TokenizerTrainer:
           logits_fs, extras = self._disc_apply(frozen, disc_params, extras, fs, k_dfake)
           cr = jnp.mean(jnp.square(jnp.concatenate([logits_real, logits_fake])
                                    - jnp.concatenate([logits_rs, logits_fs])))
-          d_loss += lc.disc_cr_loss_weight * cr
+          d_loss += jnp.where(step >= lc.disc_start, lc.disc_cr_loss_weight, 0.0) * cr
           d_metrics["disc_cr_loss"] = cr
         return d_loss, (lecam_ema, extras, d_metrics)
 
@@ -245,11 +252,20 @@ class TokenizerTrainer:
       new = new.replace(disc_params=disc_params, disc_opt_state=d_opt, disc_extras=disc_extras,
                         lecam_ema=lecam_ema)
       metrics.update(d_metrics, disc_loss=d_loss, disc_grad_norm=optax.tree.norm(d_grads))
+    elif state.disc_params is not None:
+      # No logits at this resolution (see programs): the optimizer still takes its step, on
+      # zero gradients, so its count and schedule stay at the step's position.
+      zeros = jax.tree.map(jnp.zeros_like, state.disc_params)
+      d_updates, d_opt = self.disc_tx.update(zeros, state.disc_opt_state, state.disc_params)
+      new = new.replace(disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt)
     return new, metrics
 
   def programs(self, batch, step: int) -> StepPrograms:
+    """`step` (updates done so far) no longer selects a program: the GAN weight is traced from
+    it (kept in the signature for the callers)."""
+    del step
     decode_res = int(batch["decode_res"])
-    gan_on = self._disc_graphdef is not None and step >= self.losses.disc_start
+    gan_on = self._disc_graphdef is not None
     if gan_on and decode_res < self.disc_min_size:
       gan_on = False
       if decode_res not in self._skipped_gan_sizes:
@@ -298,6 +314,21 @@ def loss_config_from(c: ml_collections.ConfigDict) -> LossConfig:
   return LossConfig(**c.losses.to_dict())
 
 
+def check_encoder_init(c: ml_collections.ConfigDict) -> None:
+  """A pretrained-encoder architecture (model.enc_pretrained, the released recipes) with no
+  SigLIP2 file would otherwise train its encoder from random weights without a word; from
+  scratch has to be asked for."""
+  w = c.weights
+  if w.encoder_from_scratch and w.encoder_init:
+    raise ValueError(f"weights.encoder_from_scratch=True and weights.encoder_init={w.encoder_init!r} "
+                     "contradict each other: set one of them")
+  if c.model.enc_pretrained and not w.encoder_init and not w.encoder_from_scratch:
+    raise ValueError("model.enc_pretrained=True but weights.encoder_init is empty: the encoder would "
+                     "train from random weights. Pass the SigLIP2 weights as "
+                     "--config.weights.encoder_init=PATH, or set --config.weights.encoder_from_scratch=True "
+                     "to train it from scratch on purpose.")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   """Catches config mistakes before anything compiles or loads; messages name the field."""
   cfg = TokenizerConfig.from_dict(c.model)  # raises on unknown keys, group/causal/teacher mistakes
@@ -319,6 +350,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
     raise ValueError("this config needs weight files that are not set: " + "; ".join(needs)
                      + ". Pass them as --config.<field>=PATH (nothing is downloaded at run time).")
   frozen_nets.check_weight_files_used(c, cfg.teacher is not None)
+  check_encoder_init(c)
   return cfg
 
 
@@ -332,15 +364,22 @@ def check_compute_dtype(c: ml_collections.ConfigDict) -> None:
 
 def make_optimizers(c: ml_collections.ConfigDict, steps: int):
   """Adam (decoupled weight decay 0 = the reference's Adam) for the tokenizer and the
-  discriminator, the same schedule for both."""
-  from .optim import make_optimizer
+  discriminator, the same schedule for both: the reference's timm scheduler (lr_scheduler
+  cosine: warm-up from the absolute warmup_lr, cosine over all steps to end_lr_fraction * lr),
+  or a warm-up to a constant lr. lr is scaled by batch/256 as the reference does."""
+  from .optim import clipped_adamw, timm_cosine_schedule
   o = c.optimizer
   lr = o.lr * (c.data.batch_size / 256 if o.scale_lr_by_batch else 1.0)
   warmup = o.warmup_steps if o.warmup_steps >= 0 else int(
       o.warmup_epochs * c.data.examples_per_epoch // c.data.batch_size)
-  make = lambda: make_optimizer(lr, steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                                max_grad_norm=o.max_grad_norm, warmup_steps=warmup,
-                                schedule=o.schedule, end_lr_fraction=o.end_lr_fraction)
+  if o.schedule == "cosine":
+    sched = timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, o.end_lr_fraction * lr)
+  elif o.schedule == "constant":
+    sched = timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, lr)  # min_lr = lr: flat
+  else:
+    raise ValueError(f"optimizer.schedule={o.schedule!r} (cosine | constant)")
+  make = lambda: clipped_adamw(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                               max_grad_norm=o.max_grad_norm)
   return make(), make()
 
 
