@@ -66,6 +66,19 @@ class SamplingOptions:
   def guidance(self) -> bool:
     return bool(self.cfg_scale > 1.0)
 
+  def check(self) -> "SamplingOptions":
+    """Raises ValueError naming the first out-of-range field (host values only)."""
+    rules = [("cfg_scale", self.cfg_scale >= 0, ">= 0"),
+             ("temperature", self.temperature > 0, "> 0"),
+             ("top_k", self.top_k >= 0 and int(self.top_k) == self.top_k, "an integer >= 0 (0 = off)"),
+             ("top_p", 0 <= self.top_p <= 1, "in [0, 1] (1 = off)"),
+             ("cfg_interval", self.cfg_interval >= -1 and int(self.cfg_interval) == self.cfg_interval,
+              "an integer >= -1 (-1 = off)")]
+    for name, ok, expected in rules:
+      if not ok:
+        raise ValueError(f"SamplingOptions.{name} must be {expected}, got {getattr(self, name)!r}")
+    return self
+
   def as_arrays(self) -> "SamplingOptions":
     """The same options as fixed-dtype scalars (so a Python int vs float never retraces)."""
     return SamplingOptions(
@@ -88,10 +101,6 @@ class SamplingState:
   tokens: jax.Array
   caches: KVCache
   logits: Optional[jax.Array] = None
-
-  @property
-  def batch(self) -> int:
-    return self.tokens.shape[0]
 
   def write(self, start, chosen: jax.Array, logits: jax.Array) -> "SamplingState":
     """Stores tokens [B, n] (and their logits [B, n, V]) at positions start .. start+n-1."""
@@ -126,7 +135,9 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
   top-k keeps x iff fewer than k logits exceed x (= x >= the k-th largest, ties kept, as the
   reference). top-p keeps x iff the probability mass of the logits above x is <= top_p (the
-  reference's sorted-cumsum rule, shifted to keep the first token past the threshold). Both
+  reference's sorted-cumsum rule, shifted to keep the first token past the threshold: mass
+  exactly top_p keeps it). Tokens tied with the last one kept are all kept, where the
+  reference keeps those its sort order puts first. Both
   thresholds are found by bisection instead of a sort (XLA's CPU sort is ~20x slower) and k, p
   are traced values; with neither filter on, the work is skipped.
   """
@@ -328,7 +339,7 @@ class Sampler:
 
   def _call(self, params, labels, key, options, num_tokens, forced, record_logits, *,
             lower=False):
-    guidance = options.guidance
+    guidance = options.check().guidance
     labels = self._labels(labels, guidance)
     key_data, key_impl = self._key(key, labels.shape[0])
     if forced is not None:

@@ -7,6 +7,8 @@ from flax import nnx
 
 from detailflow_jax.sampling import (CACHE_ATTENTION_DEFAULTS, Sampler, SamplingOptions,
                                      default_cache_attention, filter_logits)
+from detailflow_jax.train.mesh import batch_sharding, make_mesh
+from detailflow_jax.train.state import shardings_for
 
 from gpt_helpers import fixture_sampler, forward, loaded_gpt, random_gpt
 
@@ -247,8 +249,6 @@ def test_per_row_keys_make_rows_independent_of_the_batch(small_gpt):
 def test_mesh_sampler_equals_one_device(small_gpt, fsdp):
   """8 CPU devices, batch sharded over the data axes: token for token the 1-device result for
   the same per-row keys (non-greedy), with replicated or FSDP-sharded params."""
-  from detailflow_jax.train.mesh import batch_sharding, make_mesh
-  from detailflow_jax.train.state import shardings_for
   labels = np.arange(8) % small_gpt.config.num_classes
   keys = jax.random.split(jax.random.key(5), 8)
   params = nnx.state(small_gpt)
@@ -329,3 +329,11 @@ def test_top_k_keeps_ties_with_the_kth_largest(row, top_k, kept):
   ours = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], 1.0, top_k, 1.0)))[0]
   np.testing.assert_array_equal(ours, np.asarray(kept, bool))
   np.testing.assert_array_equal(ours, np.isfinite(_numpy_filter(logits, top_k, 1.0)))
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 0.0), ("top_k", -1), ("top_k", 2.5),
+                                         ("top_p", 1.5), ("cfg_interval", -2), ("cfg_scale", -1.0)])
+def test_out_of_range_options_name_the_field(small_gpt, field, value):
+  options = SamplingOptions(cfg_scale=1.0).replace(**{field: value})
+  with pytest.raises(ValueError, match=f"SamplingOptions.{field} must be"):
+    Sampler(small_gpt).sample(small_gpt, np.array([0]), jax.random.key(0), options)
