@@ -276,12 +276,13 @@ class Sampler:
       return x
     return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
 
-  def _put_batch(self, x: np.ndarray) -> jax.Array:
-    """A host array every process holds in full -> batch-sharded (or local) jax.Array."""
+  def _put(self, x: np.ndarray, batch: bool = True) -> jax.Array:
+    """A host array every process holds in full -> a batch-sharded (or replicated) array on
+    the mesh, built shard by shard so it also works across processes; off a mesh, local."""
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.make_array_from_callback(x.shape, batch_sharding(self.mesh, x.ndim),
-                                        lambda index: x[index])
+    sharding = batch_sharding(self.mesh, x.ndim) if batch else replicated(self.mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   def _params(self, params):
     if isinstance(params, nnx.Module):
@@ -292,7 +293,7 @@ class Sampler:
     on_mesh = lambda x: not isinstance(x, jax.Array) or set(x.sharding.device_set) == devices
     if all(on_mesh(x) for x in jax.tree.leaves(params)):
       return params
-    return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated(self.mesh)),
+    return jax.tree.map(lambda x: x if on_mesh(x) else self._put(np.asarray(x), batch=False),
                         params)
 
   def _labels(self, labels, guidance):
@@ -313,7 +314,7 @@ class Sampler:
       if labels.size % shards:
         raise ValueError(f"batch of {labels.size} labels does not divide over the mesh's "
                          f"{shards} batch shards")
-    return self._put_batch(labels)
+    return self._put(labels)
 
   def _key(self, key, batch: int):
     """(uint32 key data, impl): one key (shape ()) or per-row keys (shape [batch])."""
@@ -323,11 +324,9 @@ class Sampler:
     if key.shape not in ((), (batch,)):
       raise ValueError(f"key must be one PRNG key or one per row (shape [{batch}]), "
                        f"got shape {key.shape}")
-    data = np.asarray(jax.random.key_data(key)) if key.shape else jax.random.key_data(key)
-    if key.shape and self.mesh is not None:
-      data = self._put_batch(data)
-    elif self.mesh is not None:
-      data = jax.device_put(data, replicated(self.mesh))
+    data = jax.random.key_data(key)
+    if self.mesh is not None and data.is_fully_addressable:  # else: already global
+      data = self._put(np.asarray(data), batch=bool(key.shape))
     return data, jax.random.key_impl(key)
 
   def _num_tokens(self, num_tokens) -> int:
@@ -343,7 +342,7 @@ class Sampler:
     labels = self._labels(labels, guidance)
     key_data, key_impl = self._key(key, labels.shape[0])
     if forced is not None:
-      forced = self._put_batch(np.asarray(forced, np.int32))
+      forced = self._put(np.asarray(forced, np.int32))
     args = (self._params(params), labels, key_data, options.as_arrays(), jnp.int32(num_tokens),
             forced)
     kwargs = dict(guidance=guidance, record_logits=record_logits, key_impl=key_impl)

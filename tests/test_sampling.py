@@ -262,6 +262,10 @@ def test_mesh_sampler_equals_one_device(small_gpt, fsdp):
   tokens = sampler.sample(params, labels, keys, NON_GREEDY)
   assert tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
   np.testing.assert_array_equal(np.asarray(tokens), one_device)
+  if not fsdp:  # one key for the whole batch: the same draws, however the batch is split
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(np.asarray(sampler.sample(params, labels, key, NON_GREEDY)),
+                                  np.asarray(Sampler(small_gpt).sample(params, labels, key, NON_GREEDY)))
   with pytest.raises(ValueError, match="batch shards"):
     sampler.sample(params, labels[:6], keys[:6], NON_GREEDY)
 
