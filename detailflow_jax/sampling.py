@@ -235,7 +235,8 @@ def _config_of(graphdef) -> GPTConfig:
 
 class Sampler:
   """Jitted generation for one GPT architecture. Holds no weights: every call takes `params`,
-  the GPT's nnx.State (nnx.state(gpt); a GPT module is also accepted). Compiles once per
+  the GPT's nnx.State (nnx.state(gpt)), or the tuple of states a filtered nnx.split gave with
+  this graphdef (e.g. (params, extras)); a GPT module is also accepted. Compiles once per
   (batch size, guidance on/off, one key or per-row keys, record_logits/forced); `trace_count`
   counts traces so tests can assert reuse.
 
@@ -264,7 +265,8 @@ class Sampler:
             record_logits, key_impl):
     self.trace_count += 1  # Python side effect: runs only while tracing
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    state = _generate(nnx.merge(self.graphdef, params), labels, key, opts, num_tokens,
+    states = params if isinstance(params, tuple) else (params,)
+    state = _generate(nnx.merge(self.graphdef, *states), labels, key, opts, num_tokens,
                       forced_tokens, guidance=guidance, record_logits=record_logits,
                       cache_attention=self.cache_attention, constrain=self._constrain)
     return state.tokens, state.logits

@@ -222,6 +222,9 @@ def test_new_weights_do_not_recompile(small_gpt):
   after = np.asarray(sampler.sample(shifted, labels, jax.random.key(0), options))
   again = np.asarray(sampler.sample(small_gpt, labels, jax.random.key(0), options))  # a module
   assert sampler.trace_count == count
+  graphdef, weights, rest = nnx.split(small_gpt, nnx.Param, ...)  # a filtered split's states
+  split = np.asarray(Sampler(graphdef).sample((weights, rest), labels, jax.random.key(0), options))
+  np.testing.assert_array_equal(before, split)
   assert (before != after).any()
   np.testing.assert_array_equal(before, again)
 
