@@ -19,12 +19,20 @@ import sys
 import time
 
 
+import jax  # noqa: E402  (after the path insert)
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.common import matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb  # noqa: E402
+from detailflow_jax.models.gpt import GPT, GPTConfig  # noqa: E402
+from detailflow_jax.models.keys import InitKeys  # noqa: E402
+from detailflow_jax.sampling import Sampler, SamplingOptions, sampling_flops  # noqa: E402
+
 TOKENS = (128, 256, 512)
 BATCHES = (8, 32)
 
 
 def model_config(quick: bool, tokens: int):
-  from detailflow_jax.models.gpt import GPTConfig
   common = dict(vocab_size=8192, num_classes=1000, block_size=tokens, group_size=8)
   if quick:
     return "GPT-quick(dim256,4L,4H,vocab4096)", GPTConfig(
@@ -34,11 +42,6 @@ def model_config(quick: bool, tokens: int):
 
 def random_model(cfg, dtype):
   """A GPT with random weights everywhere (the output layer too, so logits are not flat)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from detailflow_jax.models.gpt import GPT
-  from detailflow_jax.models.keys import InitKeys
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=InitKeys(0))))
   flat = []
   for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
@@ -53,11 +56,6 @@ def random_model(cfg, dtype):
 
 def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int,
             cache_attention=None, matmul_n: int = 2048):
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from benchmarks.common import matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb
-  from detailflow_jax.sampling import Sampler, SamplingOptions, sampling_flops
 
   dtype = jnp.dtype(dtype_name)
   name, cfg = model_config(quick, tokens)

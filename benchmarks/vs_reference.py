@@ -30,6 +30,17 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+import jax  # noqa: E402  (after the path insert)
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.common import matmul_flops_per_s  # noqa: E402
+from detailflow_jax.convert import gpt as gpt_convert, tokenizer as tok_convert  # noqa: E402
+from detailflow_jax.convert.common import load_state_dict  # noqa: E402
+from detailflow_jax.inference import TokenizerFns  # noqa: E402
+from detailflow_jax.models.gpt import GPTConfig  # noqa: E402
+from detailflow_jax.sampling import Sampler, SamplingOptions, sampling_flops  # noqa: E402
+
 TARGETS = {"sampler": 7.8, "decode": 1.0}
 
 
@@ -58,13 +69,6 @@ class OurSide:
   """Our models converted from the reference's run directories, jitted and warmed up."""
 
   def __init__(self, runs: pathlib.Path, spec: dict):
-    import jax
-    import numpy as np
-    from flax import nnx
-    from detailflow_jax.convert import gpt as gpt_convert, tokenizer as tok_convert
-    from detailflow_jax.convert.common import load_state_dict
-    from detailflow_jax.inference import TokenizerFns
-    from detailflow_jax.sampling import Sampler, SamplingOptions
 
     s, d = spec["sampler"], spec["decode"]
     gpt_cfg = gpt_convert.load_reference_config(runs / "gpt")
@@ -91,7 +95,6 @@ class OurSide:
     self.decode_flops = decode_flops(tok_cfg, d["batch"], self.codes.shape[1], self.image_size)
 
   def sampler_call(self):
-    import jax
     self.round += 1
     return self.sampler.sample(self.params, self.labels, jax.random.key(self.round), self.options,
                                num_tokens=self.tokens)
@@ -100,7 +103,6 @@ class OurSide:
     return self.fns.decode(self.codes, image_size=self.image_size)
 
   def run(self, name: str) -> dict:
-    import jax
     call = {"sampler": self.sampler_call, "decode": self.decode_call}[name]
     start, cpu = time.perf_counter(), time.process_time()
     out = jax.block_until_ready(call())
@@ -121,8 +123,6 @@ def decode_flops(cfg, batch: int, codes: int, image_size: int) -> float:
 
 def serve_ours(runs: str, spec: dict) -> None:
   """Our worker process: builds OurSide, then answers one JSON line per stdin command."""
-  import jax
-  from benchmarks.common import matmul_flops_per_s
   protocol = sys.stdout
   sys.stdout = sys.stderr
   side = OurSide(pathlib.Path(runs), spec)
@@ -262,8 +262,6 @@ def main(argv=None) -> int:
         w.close()
   torch_matmul = torch_matmul_gflops(args.reference_python)
 
-  from detailflow_jax.models.gpt import GPTConfig
-  from detailflow_jax.sampling import sampling_flops
   s = spec["sampler"]
   dims = s.get("gpt_dims") or {}
   gpt_cfg = (GPTConfig.preset(s["gpt_model"], vocab_size=s["vocab_size"], block_size=s["tokens"],

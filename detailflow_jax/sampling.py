@@ -66,6 +66,19 @@ class SamplingOptions:
   def guidance(self) -> bool:
     return bool(self.cfg_scale > 1.0)
 
+  def check(self) -> "SamplingOptions":
+    """Raises ValueError naming the first out-of-range field (host values only)."""
+    rules = [("cfg_scale", self.cfg_scale >= 0, ">= 0"),
+             ("temperature", self.temperature > 0, "> 0"),
+             ("top_k", self.top_k >= 0 and int(self.top_k) == self.top_k, "an integer >= 0 (0 = off)"),
+             ("top_p", 0 <= self.top_p <= 1, "in [0, 1] (1 = off)"),
+             ("cfg_interval", self.cfg_interval >= -1 and int(self.cfg_interval) == self.cfg_interval,
+              "an integer >= -1 (-1 = off)")]
+    for name, ok, expected in rules:
+      if not ok:
+        raise ValueError(f"SamplingOptions.{name} must be {expected}, got {getattr(self, name)!r}")
+    return self
+
   def as_arrays(self) -> "SamplingOptions":
     """The same options as fixed-dtype scalars (so a Python int vs float never retraces)."""
     return SamplingOptions(
@@ -88,10 +101,6 @@ class SamplingState:
   tokens: jax.Array
   caches: KVCache
   logits: Optional[jax.Array] = None
-
-  @property
-  def batch(self) -> int:
-    return self.tokens.shape[0]
 
   def write(self, start, chosen: jax.Array, logits: jax.Array) -> "SamplingState":
     """Stores tokens [B, n] (and their logits [B, n, V]) at positions start .. start+n-1."""
@@ -126,7 +135,9 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
   top-k keeps x iff fewer than k logits exceed x (= x >= the k-th largest, ties kept, as the
   reference). top-p keeps x iff the probability mass of the logits above x is <= top_p (the
-  reference's sorted-cumsum rule, shifted to keep the first token past the threshold). Both
+  reference's sorted-cumsum rule, shifted to keep the first token past the threshold: mass
+  exactly top_p keeps it). Tokens tied with the last one kept are all kept, where the
+  reference keeps those its sort order puts first. Both
   thresholds are found by bisection instead of a sort (XLA's CPU sort is ~20x slower) and k, p
   are traced values; with neither filter on, the work is skipped.
   """
@@ -224,7 +235,8 @@ def _config_of(graphdef) -> GPTConfig:
 
 class Sampler:
   """Jitted generation for one GPT architecture. Holds no weights: every call takes `params`,
-  the GPT's nnx.State (nnx.state(gpt); a GPT module is also accepted). Compiles once per
+  the GPT's nnx.State (nnx.state(gpt)), or the tuple of states a filtered nnx.split gave with
+  this graphdef (e.g. (params, extras)); a GPT module is also accepted. Compiles once per
   (batch size, guidance on/off, one key or per-row keys, record_logits/forced); `trace_count`
   counts traces so tests can assert reuse.
 
@@ -253,7 +265,8 @@ class Sampler:
             record_logits, key_impl):
     self.trace_count += 1  # Python side effect: runs only while tracing
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    state = _generate(nnx.merge(self.graphdef, params), labels, key, opts, num_tokens,
+    states = params if isinstance(params, tuple) else (params,)
+    state = _generate(nnx.merge(self.graphdef, *states), labels, key, opts, num_tokens,
                       forced_tokens, guidance=guidance, record_logits=record_logits,
                       cache_attention=self.cache_attention, constrain=self._constrain)
     return state.tokens, state.logits
@@ -265,12 +278,13 @@ class Sampler:
       return x
     return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
 
-  def _put_batch(self, x: np.ndarray) -> jax.Array:
-    """A host array every process holds in full -> batch-sharded (or local) jax.Array."""
+  def _put(self, x: np.ndarray, batch: bool = True) -> jax.Array:
+    """A host array every process holds in full -> a batch-sharded (or replicated) array on
+    the mesh, built shard by shard so it also works across processes; off a mesh, local."""
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.make_array_from_callback(x.shape, batch_sharding(self.mesh, x.ndim),
-                                        lambda index: x[index])
+    sharding = batch_sharding(self.mesh, x.ndim) if batch else replicated(self.mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   def _params(self, params):
     if isinstance(params, nnx.Module):
@@ -281,7 +295,7 @@ class Sampler:
     on_mesh = lambda x: not isinstance(x, jax.Array) or set(x.sharding.device_set) == devices
     if all(on_mesh(x) for x in jax.tree.leaves(params)):
       return params
-    return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated(self.mesh)),
+    return jax.tree.map(lambda x: x if on_mesh(x) else self._put(np.asarray(x), batch=False),
                         params)
 
   def _labels(self, labels, guidance):
@@ -302,7 +316,7 @@ class Sampler:
       if labels.size % shards:
         raise ValueError(f"batch of {labels.size} labels does not divide over the mesh's "
                          f"{shards} batch shards")
-    return self._put_batch(labels)
+    return self._put(labels)
 
   def _key(self, key, batch: int):
     """(uint32 key data, impl): one key (shape ()) or per-row keys (shape [batch])."""
@@ -312,11 +326,9 @@ class Sampler:
     if key.shape not in ((), (batch,)):
       raise ValueError(f"key must be one PRNG key or one per row (shape [{batch}]), "
                        f"got shape {key.shape}")
-    data = np.asarray(jax.random.key_data(key)) if key.shape else jax.random.key_data(key)
-    if key.shape and self.mesh is not None:
-      data = self._put_batch(data)
-    elif self.mesh is not None:
-      data = jax.device_put(data, replicated(self.mesh))
+    data = jax.random.key_data(key)
+    if self.mesh is not None and data.is_fully_addressable:  # else: already global
+      data = self._put(np.asarray(data), batch=bool(key.shape))
     return data, jax.random.key_impl(key)
 
   def _num_tokens(self, num_tokens) -> int:
@@ -328,11 +340,11 @@ class Sampler:
 
   def _call(self, params, labels, key, options, num_tokens, forced, record_logits, *,
             lower=False):
-    guidance = options.guidance
+    guidance = options.check().guidance
     labels = self._labels(labels, guidance)
     key_data, key_impl = self._key(key, labels.shape[0])
     if forced is not None:
-      forced = self._put_batch(np.asarray(forced, np.int32))
+      forced = self._put(np.asarray(forced, np.int32))
     args = (self._params(params), labels, key_data, options.as_arrays(), jnp.int32(num_tokens),
             forced)
     kwargs = dict(guidance=guidance, record_logits=record_logits, key_impl=key_impl)

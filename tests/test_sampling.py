@@ -7,6 +7,7 @@ from flax import nnx
 
 from detailflow_jax.sampling import (CACHE_ATTENTION_DEFAULTS, Sampler, SamplingOptions,
                                      default_cache_attention, filter_logits)
+from detailflow_jax.sharding import batch_sharding, make_mesh, shardings_for
 
 from gpt_helpers import fixture_sampler, forward, loaded_gpt, random_gpt
 
@@ -220,6 +221,9 @@ def test_new_weights_do_not_recompile(small_gpt):
   after = np.asarray(sampler.sample(shifted, labels, jax.random.key(0), options))
   again = np.asarray(sampler.sample(small_gpt, labels, jax.random.key(0), options))  # a module
   assert sampler.trace_count == count
+  graphdef, weights, rest = nnx.split(small_gpt, nnx.Param, ...)  # a filtered split's states
+  split = np.asarray(Sampler(graphdef).sample((weights, rest), labels, jax.random.key(0), options))
+  np.testing.assert_array_equal(before, split)
   assert (before != after).any()
   np.testing.assert_array_equal(before, again)
 
@@ -247,8 +251,6 @@ def test_per_row_keys_make_rows_independent_of_the_batch(small_gpt):
 def test_mesh_sampler_equals_one_device(small_gpt, fsdp):
   """8 CPU devices, batch sharded over the data axes: token for token the 1-device result for
   the same per-row keys (non-greedy), with replicated or FSDP-sharded params."""
-  from detailflow_jax.sharding import batch_sharding, make_mesh
-  from detailflow_jax.train.state import shardings_for
   labels = np.arange(8) % small_gpt.config.num_classes
   keys = jax.random.split(jax.random.key(5), 8)
   params = nnx.state(small_gpt)
@@ -262,6 +264,10 @@ def test_mesh_sampler_equals_one_device(small_gpt, fsdp):
   tokens = sampler.sample(params, labels, keys, NON_GREEDY)
   assert tokens.sharding.is_equivalent_to(batch_sharding(mesh, 2), 2)
   np.testing.assert_array_equal(np.asarray(tokens), one_device)
+  if not fsdp:  # one key for the whole batch: the same draws, however the batch is split
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(np.asarray(sampler.sample(params, labels, key, NON_GREEDY)),
+                                  np.asarray(Sampler(small_gpt).sample(params, labels, key, NON_GREEDY)))
   with pytest.raises(ValueError, match="batch shards"):
     sampler.sample(params, labels[:6], keys[:6], NON_GREEDY)
 
@@ -329,3 +335,11 @@ def test_top_k_keeps_ties_with_the_kth_largest(row, top_k, kept):
   ours = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], 1.0, top_k, 1.0)))[0]
   np.testing.assert_array_equal(ours, np.asarray(kept, bool))
   np.testing.assert_array_equal(ours, np.isfinite(_numpy_filter(logits, top_k, 1.0)))
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 0.0), ("top_k", -1), ("top_k", 2.5),
+                                         ("top_p", 1.5), ("cfg_interval", -2), ("cfg_scale", -1.0)])
+def test_out_of_range_options_name_the_field(small_gpt, field, value):
+  options = SamplingOptions(cfg_scale=1.0).replace(**{field: value})
+  with pytest.raises(ValueError, match=f"SamplingOptions.{field} must be"):
+    Sampler(small_gpt).sample(small_gpt, np.array([0]), jax.random.key(0), options)
