@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
 from detailflow_jax import export
-from detailflow_jax.train import mesh as mesh_lib
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.checkpoint import Checkpointer, DamagedCheckpointError, abstract_with_shardings
 
