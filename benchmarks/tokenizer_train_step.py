@@ -33,7 +33,7 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
   from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_tokenizer import get_config
   from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
-  from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax import sharding
   from detailflow_jax.train import frozen_nets
   from detailflow_jax.train import tokenizer as recipe
 
@@ -49,7 +49,7 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
     c.model.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
                             position_grid=4, patch_size=8)
   cfg = TokenizerConfig.from_dict(c.model)
-  mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tokenizer = Tokenizer(cfg, rngs=0)
   small = quick  # reduced-width VGG16 / DINO for --quick
   tx, disc_tx = recipe.make_optimizers(c, 1000)

@@ -21,7 +21,7 @@ def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: st
   from benchmarks.common import matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_gpt_l import get_config
   from detailflow_jax.models.gpt import GPT
-  from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax import sharding
   from detailflow_jax.train import ar
   from detailflow_jax.train.optim import make_optimizer
   from detailflow_jax.train.state import create_train_state, make_train_step
@@ -31,7 +31,7 @@ def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: st
     c.model.update(preset="", dims=dict(dim=256, n_layer=4, n_head=4))
   c.data.batch_size = batch
   cfg = ar.gpt_config_from(c)
-  mesh = mesh_lib.make_mesh(devices, 1, 1, devices=jax.devices()[:devices])
+  mesh = sharding.make_mesh(devices, 1, 1, devices=jax.devices()[:devices])
   tx = make_optimizer(1e-4, 1000, warmup_steps=10)
   graphdef, state, shardings = create_train_state(lambda: GPT(cfg, rngs=0), tx, mesh)
   # float32 compute by default: on CPU bf16 matmuls are no faster; the roofline below is
