@@ -27,7 +27,7 @@ def test_gpt_recipe_on_two_processes(tmp_path, tokenizer_dir):
       SCRIPT, workdir, "configs/detailflow16_gpt_l.py:tiny", f"--config.data.path={tokens}",
       "--config.total_steps=4", "--config.sample_every=2", f"--config.tokenizer_dir={tokenizer_dir}",
       "--config.log_every=2", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
-      timeout=600)
+      timeout=900)
   assert sorted(r["pngs_written"] for r in results) == [0, 2]  # process 0 only, steps 2 and 4
   for step in (2, 4):
     with Image.open(workdir / "samples" / f"step_{step:07d}.png") as im:
@@ -45,7 +45,7 @@ def test_tokenizer_recipe_on_two_processes(tmp_path):
       "--config.data.batch_size=8", "--config.recon_every=2", "--config.num_recon_images=2",
       "--config.log_every=2", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
       "--config.towers.encoder.num_layers=1", "--config.towers.decoder.num_layers=1",
-      timeout=600)
+      timeout=900)
   assert sorted(r["pngs_written"] for r in results) == [0, 2]
   assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == [
       "step_0000002.png", "step_0000004.png"]
