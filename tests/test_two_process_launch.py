@@ -27,7 +27,7 @@ def test_gpt_recipe_on_two_processes(tmp_path, tokenizer_dir):
       SCRIPT, workdir, "configs/detailflow16_gpt_l.py:tiny", f"--config.data.path={tokens}",
       "--config.total_steps=4", "--config.sample_every=2", f"--config.tokenizer_dir={tokenizer_dir}",
       "--config.log_every=2", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
-      timeout=600)
+      timeout=900)
   assert sorted(r["pngs_written"] for r in results) == [0, 2]  # process 0 only, steps 2 and 4
   for step in (2, 4):
     with Image.open(workdir / "samples" / f"step_{step:07d}.png") as im:
@@ -41,14 +41,13 @@ def test_gpt_recipe_on_two_processes(tmp_path, tokenizer_dir):
 def test_tokenizer_recipe_on_two_processes(tmp_path):
   workdir = tmp_path / "run"
   results = run_two_processes(
-      SCRIPT, workdir, "configs/detailflow16_tokenizer.py:tiny", "--config.total_steps=4",
+      SCRIPT, workdir, "configs/detailflow16_tokenizer.py:tiny", "--config.total_steps=2",
       "--config.data.batch_size=8", "--config.recon_every=2", "--config.num_recon_images=2",
       "--config.log_every=2", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
       "--config.towers.encoder.num_layers=1", "--config.towers.decoder.num_layers=1",
-      timeout=600)
-  assert sorted(r["pngs_written"] for r in results) == [0, 2]
-  assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == [
-      "step_0000002.png", "step_0000004.png"]
+      timeout=900)
+  assert sorted(r["pngs_written"] for r in results) == [0, 1]  # process 0 only, step 2
+  assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == ["step_0000002.png"]
   tok = load_tokenizer(workdir / "export")
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   out = tok.decode(tok.encode(images).quant, 16)

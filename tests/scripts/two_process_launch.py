@@ -19,7 +19,7 @@ cmd = [sys.executable, str(root / "launch" / "train.py"), f"--config={root / con
        *overrides]
 env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
            PYTHONPATH=str(root))
-run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 print(run.stderr[-6000:])
 pngs = sum(1 for line in run.stderr.splitlines() if " wrote " in line and line.endswith(".png"))
 print("RESULT " + json.dumps({"process": int(process_id), "returncode": run.returncode,
