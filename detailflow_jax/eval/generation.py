@@ -1,0 +1,251 @@
+"""The generation job: N class-conditional samples as an ADM batch file, sharded and resumable.
+
+Every device of the mesh (all hosts) samples its slice of each global batch; sample i's label
+and key come from `protocol` (pure functions of (seed, i)) and each device always runs the same
+per-device batch, so the images do not depend on the device count. The tokens are decoded right
+after sampling on the same devices; the pixels are gathered, turned into uint8 on the host as
+the reference's samplers do (`images.to_uint8`), and written chunk by chunk (`chunks.ChunkStore`,
+process 0 writes, a restart skips the finished chunks). The final `arr_0` uint8 [N, H, W, 3] /
+`arr_1` int32 [N] file is assembled from the chunks, one chunk in memory at a time.
+
+Shapes: indices / labels / keys [B], tokens [B, T], pixels [B, H, W, 3]; B = per_device_batch x
+devices.
+"""
+import dataclasses
+import functools
+import logging
+import math
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..images import to_uint8
+from ..sampling import SamplingOptions, _generate, default_cache_attention
+from ..train import mesh as mesh_lib
+from ..train.loop import progress_bar
+from ..train.state import shardings_for
+from . import protocol
+from .chunks import ChunkStore, write_npz_streaming
+
+log = logging.getLogger("detailflow_jax")
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PARAM_LAYOUTS = ("replicated", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """What a generation run is; every field is part of the protocol its chunks are tied to,
+  except the ones that cannot change a single pixel (per_device_batch, chunk_size is kept as
+  the chunk layout)."""
+  num_samples: int = 50_000
+  seed: int = 0
+  label_mode: str = "uniform"
+  cfg_scale: float = 1.5
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  precision: str = "float32"
+  per_device_batch: int = 4      # the reference's per-rank batch
+  chunk_size: int = 1000
+  param_layout: str = "replicated"
+
+  def __post_init__(self):
+    protocol.check_label_mode(self.label_mode)
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+    if self.param_layout not in PARAM_LAYOUTS:
+      raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {self.param_layout!r}")
+    for name in ("num_samples", "per_device_batch", "chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def options(self) -> SamplingOptions:
+    return SamplingOptions(cfg_scale=self.cfg_scale, temperature=self.temperature,
+                           top_k=self.top_k, top_p=self.top_p)
+
+  def protocol(self) -> Dict:
+    d = dataclasses.asdict(self)
+    d.pop("per_device_batch")  # the images do not depend on it
+    return d
+
+
+def precision_record(precision: str) -> Dict:
+  """What `precision` means in this job, for the output metadata."""
+  if precision == "float32":
+    return {"name": "float32", "gpt": "float32 weights and activations",
+            "tokenizer_decode": "float32 weights and activations"}
+  return {"name": "bfloat16",
+          "gpt": "weights cast to bfloat16 at load (GPT EMA weights as the reference's bf16 "
+                 "eval); activations bfloat16, logits float32",
+          "tokenizer_decode": "decoder weights cast to bfloat16 at load and run in bfloat16 "
+                              "(the reference decodes under bf16 autocast); XLA accumulates "
+                              "bfloat16 matmuls in float32; pixels float32 before uint8"}
+
+
+# ---------------------------------------------------------------------------------------------
+# LOCAL SAMPLER ADAPTER — the one place that stands in for the contract's
+#   Sampler(graphdef, mesh=mesh).sample(params, labels, keys[B], options)
+# (branch i-sampler, not merged when this was written). It runs the existing `_generate` once
+# per row under vmap, so row b draws only from keys[b]. The lead replaces this function's body
+# with the Sampler API call at merge.
+@functools.partial(jax.jit, static_argnames=("graphdef", "guidance", "cache_attention"))
+def _adapter_sample(graphdef, params, labels, keys, opts, *, guidance: bool, cache_attention: str):
+  model = nnx.merge(graphdef, params)
+  block = model.config.block_size
+
+  def one(label, key):
+    tokens, _ = _generate(model, label[None], key, opts, jnp.int32(block), None,
+                          guidance=guidance, record_logits=False, cache_attention=cache_attention)
+    return tokens[0]
+
+  return jax.vmap(one)(labels, keys)
+
+
+def sample_tokens(graphdef, params, labels, keys, options: SamplingOptions) -> jax.Array:
+  """int32 tokens [B, block_size] for labels [B] and per-row keys [B] (batch-sharded in, out)."""
+  return _adapter_sample(graphdef, params, labels, keys, options.as_arrays(),
+                         guidance=options.cfg_scale > 1.0, cache_attention=default_cache_attention())
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "mode"))
+def _rows(seed, indices, *, num_classes: int, mode: str):
+  return protocol.row_labels(seed, indices, num_classes, mode), protocol.row_keys(seed, indices)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "image_size"))
+def _decode(graphdef, state, tokens, *, num_tokens: int, image_size: int):
+  pixels = nnx.merge(graphdef, state).decode_indices(tokens, num_tokens, image_size)
+  return pixels.astype(jnp.float32)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _cast(state, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+class GenerationJob:
+  """Samples, decodes and stores `settings.num_samples` images of one GPT + tokenizer pair.
+
+  gpt / tokenizer: loaded modules (their weights are cast to `settings.precision`).
+  mesh: a (data, fsdp, tensor) mesh over the devices to use (default: all devices).
+  """
+
+  def __init__(self, gpt, tokenizer, settings: GenerationSettings, mesh=None):
+    self.settings = settings
+    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    if settings.param_layout == "fsdp" and self.mesh.shape["fsdp"] == 1:
+      raise ValueError("param_layout 'fsdp' needs a mesh with fsdp > 1 (mesh.fsdp in the config)")
+    dtype = PRECISIONS[settings.precision]
+    self.gpt_config, self.tok_config = gpt.config, tokenizer.config
+    if settings.cfg_scale > 1.0 and not gpt.config.has_null_class:
+      raise ValueError("cfg_scale > 1 needs a GPT with a null class (class_dropout_prob > 0)")
+    if gpt.config.block_size != tokenizer.config.num_latent_tokens:
+      raise ValueError(f"the GPT makes {gpt.config.block_size} tokens, the tokenizer decodes "
+                       f"{tokenizer.config.num_latent_tokens}")
+    self.gpt_graphdef, gpt_state = nnx.split(gpt)
+    self.tok_graphdef, tok_state = nnx.split(tokenizer)
+    gpt_state, tok_state = _cast(gpt_state, dtype), _cast(tok_state, dtype)
+    rep = mesh_lib.replicated(self.mesh)
+    if settings.param_layout == "fsdp":
+      self.gpt_params = jax.device_put(gpt_state, shardings_for(gpt_state, self.mesh))
+    else:
+      self.gpt_params = jax.device_put(gpt_state, rep)
+    self.tok_params = jax.device_put(tok_state, rep)
+    self.batch = settings.per_device_batch * self.mesh.size
+    self.image_size = tokenizer.config.image_size
+    self._rows = mesh_lib.batch_sharding(self.mesh, 1)
+    # This process's rows of every global batch: the span of its devices' shards.
+    shards = self._rows.addressable_devices_indices_map((self.batch,))
+    self._lo = min(ix[0].start or 0 for ix in shards.values())
+    self._hi = max(self.batch if ix[0].stop is None else ix[0].stop for ix in shards.values())
+
+  def images(self, start: int, stop: int) -> np.ndarray:
+    """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""
+    out = []
+    s = self.settings
+    for first in range(start, stop, self.batch):
+      indices = np.arange(first, first + self.batch, dtype=np.int32)  # rows past `stop` dropped
+      idx = jax.make_array_from_process_local_data(self._rows, indices[self._lo:self._hi], (self.batch,))
+      labels, keys = _rows(jnp.uint32(s.seed), idx, num_classes=self.gpt_config.num_classes,
+                           mode=s.label_mode)
+      tokens = sample_tokens(self.gpt_graphdef, self.gpt_params, labels, keys, s.options)
+      pixels = _decode(self.tok_graphdef, self.tok_params, tokens,
+                       num_tokens=self.gpt_config.block_size, image_size=self.image_size)
+      out.append(to_uint8(_to_host(pixels))[:stop - first])
+    return np.concatenate(out)
+
+  def labels(self, start: int, stop: int) -> np.ndarray:
+    s = self.settings
+    return protocol.labels_for(s.seed, start, stop, self.gpt_config.num_classes, s.label_mode)
+
+  def run(self, workdir, out, protocol_extra: Optional[Dict] = None, png_dir=None,
+          log_every_s: float = 10.0) -> Dict:
+    """Writes the chunks under `workdir` (skipping finished ones) and assembles `out`.
+    Returns a summary (images/s, chunks made / reused, seconds)."""
+    s = self.settings
+    size = self.image_size
+    writer = jax.process_index() == 0
+    store = ChunkStore(workdir, dict(s.protocol(), **(protocol_extra or {})), s.num_samples,
+                       s.chunk_size, {"arr_0": ((size, size, 3), "uint8"), "arr_1": ((), "int32")},
+                       writer=writer)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("generation: manifest read")
+    pending = store.pending()
+    todo = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
+    log.info("generation: %d samples, %d chunks of %d (%d to make, %d done), global batch %d on %d devices",
+             s.num_samples, store.num_chunks, s.chunk_size, len(pending),
+             store.num_chunks - len(pending), self.batch, self.mesh.size)
+    t0, made, last = time.time(), 0, 0.0
+    for k in pending:
+      start, stop = store.rows(k)
+      images = self.images(start, stop)
+      store.write(k, arr_0=images, arr_1=self.labels(start, stop))
+      if png_dir is not None and writer:
+        _write_pngs(png_dir, start, images)
+      made += stop - start
+      now = time.time()
+      if now - last >= log_every_s or made == todo:
+        rate = made / max(now - t0, 1e-9)
+        log.info("generation: %s chunk %d/%d, %d/%d new images, %.2f img/s, ETA %.0fs",
+                 progress_bar(made, todo), k + 1, store.num_chunks, made, todo, rate,
+                 (todo - made) / max(rate, 1e-9))
+        last = now
+    seconds = time.time() - t0
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("generation: chunks written")
+    if writer:
+      write_npz_streaming(out, {"arr_0": store.member("arr_0"), "arr_1": store.member("arr_1")})
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("generation: assembled")
+    summary = {"images_made": made, "chunks_made": len(pending),
+               "chunks_reused": store.num_chunks - len(pending), "seconds": seconds,
+               "images_per_second": made / seconds if made else None, "devices": self.mesh.size,
+               "processes": jax.process_count(), "global_batch": self.batch}
+    log.info("generation done: %d images in %s (%d new in %.1fs, %s img/s, %d chunks reused)",
+             s.num_samples, out, made, seconds,
+             f"{summary['images_per_second']:.2f}" if made else "-", summary["chunks_reused"])
+    return summary
+
+
+def _write_pngs(directory, start: int, images: np.ndarray) -> None:
+  import pathlib
+  from PIL import Image
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  for j, img in enumerate(images):  # the reference's names: {index:06d}.png
+    Image.fromarray(img).save(directory / f"{start + j:06d}.png")
