@@ -159,7 +159,7 @@ def write_npz_streaming(path, members: Mapping[str, Tuple[Sequence[int], np.dtyp
             block = np.ascontiguousarray(block, dtype=dtype)
             if block.shape[1:] != shape[1:]:
               raise ValueError(f"{path}: a block of {key!r} has shape {block.shape}, rows of {shape[1:]} expected")
-            f.write(block.tobytes())
+            f.write(memoryview(block.reshape(-1).view(np.uint8)))  # no copy
             rows += len(block)
           if rows != shape[0]:
             raise ValueError(f"{path}: {key!r} got {rows} rows, {shape[0]} expected")

@@ -30,9 +30,9 @@ from ..train.loop import progress_bar
 from ..train.state import shardings_for
 from . import protocol
 from .chunks import ChunkStore, write_npz_streaming
+from .device import GlobalBatch, barrier, cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARAM_LAYOUTS = ("replicated", "fsdp")
 
 
@@ -55,8 +55,7 @@ class GenerationSettings:
 
   def __post_init__(self):
     protocol.check_label_mode(self.label_mode)
-    if self.precision not in PRECISIONS:
-      raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+    check_precision(self.precision)
     if self.param_layout not in PARAM_LAYOUTS:
       raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {self.param_layout!r}")
     for name in ("num_samples", "per_device_batch", "chunk_size"):
@@ -118,23 +117,6 @@ def _rows(seed, indices, *, num_classes: int, mode: str):
   return protocol.row_labels(seed, indices, num_classes, mode), protocol.row_keys(seed, indices)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "image_size"))
-def _decode(graphdef, state, tokens, *, num_tokens: int, image_size: int):
-  pixels = nnx.merge(graphdef, state).decode_indices(tokens, num_tokens, image_size)
-  return pixels.astype(jnp.float32)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def _cast(state, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-
-
 class GenerationJob:
   """Samples, decodes and stores `settings.num_samples` images of one GPT + tokenizer pair.
 
@@ -147,7 +129,7 @@ class GenerationJob:
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     if settings.param_layout == "fsdp" and self.mesh.shape["fsdp"] == 1:
       raise ValueError("param_layout 'fsdp' needs a mesh with fsdp > 1 (mesh.fsdp in the config)")
-    dtype = PRECISIONS[settings.precision]
+    dtype = check_precision(settings.precision)
     self.gpt_config, self.tok_config = gpt.config, tokenizer.config
     if settings.cfg_scale > 1.0 and not gpt.config.has_null_class:
       raise ValueError("cfg_scale > 1 needs a GPT with a null class (class_dropout_prob > 0)")
@@ -156,20 +138,16 @@ class GenerationJob:
                        f"{tokenizer.config.num_latent_tokens}")
     self.gpt_graphdef, gpt_state = nnx.split(gpt)
     self.tok_graphdef, tok_state = nnx.split(tokenizer)
-    gpt_state, tok_state = _cast(gpt_state, dtype), _cast(tok_state, dtype)
+    gpt_state, tok_state = cast_floating(gpt_state, dtype), cast_floating(tok_state, dtype)
     rep = mesh_lib.replicated(self.mesh)
     if settings.param_layout == "fsdp":
       self.gpt_params = jax.device_put(gpt_state, shardings_for(gpt_state, self.mesh))
     else:
       self.gpt_params = jax.device_put(gpt_state, rep)
     self.tok_params = jax.device_put(tok_state, rep)
-    self.batch = settings.per_device_batch * self.mesh.size
+    self.batch = settings.per_device_batch * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.image_size = tokenizer.config.image_size
-    self._rows = mesh_lib.batch_sharding(self.mesh, 1)
-    # This process's rows of every global batch: the span of its devices' shards.
-    shards = self._rows.addressable_devices_indices_map((self.batch,))
-    self._lo = min(ix[0].start or 0 for ix in shards.values())
-    self._hi = max(self.batch if ix[0].stop is None else ix[0].stop for ix in shards.values())
+    self._global = GlobalBatch(self.mesh, self.batch)
 
   def images(self, start: int, stop: int) -> np.ndarray:
     """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""
@@ -177,13 +155,13 @@ class GenerationJob:
     s = self.settings
     for first in range(start, stop, self.batch):
       indices = np.arange(first, first + self.batch, dtype=np.int32)  # rows past `stop` dropped
-      idx = jax.make_array_from_process_local_data(self._rows, indices[self._lo:self._hi], (self.batch,))
+      idx = self._global.put(indices)
       labels, keys = _rows(jnp.uint32(s.seed), idx, num_classes=self.gpt_config.num_classes,
                            mode=s.label_mode)
       tokens = sample_tokens(self.gpt_graphdef, self.gpt_params, labels, keys, s.options)
-      pixels = _decode(self.tok_graphdef, self.tok_params, tokens,
+      pixels = decode_tokens(self.tok_graphdef, self.tok_params, tokens,
                        num_tokens=self.gpt_config.block_size, image_size=self.image_size)
-      out.append(to_uint8(_to_host(pixels))[:stop - first])
+      out.append(to_uint8(to_host(pixels))[:stop - first])
     return np.concatenate(out)
 
   def labels(self, start: int, stop: int) -> np.ndarray:
@@ -200,9 +178,7 @@ class GenerationJob:
     store = ChunkStore(workdir, dict(s.protocol(), **(protocol_extra or {})), s.num_samples,
                        s.chunk_size, {"arr_0": ((size, size, 3), "uint8"), "arr_1": ((), "int32")},
                        writer=writer)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("generation: manifest read")
+    barrier("generation: manifest read")
     pending = store.pending()
     todo = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     log.info("generation: %d samples, %d chunks of %d (%d to make, %d done), global batch %d on %d devices",
@@ -224,14 +200,10 @@ class GenerationJob:
                  (todo - made) / max(rate, 1e-9))
         last = now
     seconds = time.time() - t0
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("generation: chunks written")
+    barrier("generation: chunks written")
     if writer:
       write_npz_streaming(out, {"arr_0": store.member("arr_0"), "arr_1": store.member("arr_1")})
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("generation: assembled")
+    barrier("generation: assembled")
     summary = {"images_made": made, "chunks_made": len(pending),
                "chunks_reused": store.num_chunks - len(pending), "seconds": seconds,
                "images_per_second": made / seconds if made else None, "devices": self.mesh.size,
@@ -249,3 +221,129 @@ def _write_pngs(directory, start: int, images: np.ndarray) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   for j, img in enumerate(images):  # the reference's names: {index:06d}.png
     Image.fromarray(img).save(directory / f"{start + j:06d}.png")
+
+
+# ------------------------------------------------------------------------- run + results.json --
+
+def package_versions() -> Dict[str, str]:
+  import importlib.metadata
+  import platform
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "numpy", "scipy", "orbax-checkpoint", "ml_collections"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def model_record(directory, kind: str) -> Dict:
+  """A converted model directory and the hash of its weights (over its files' SHA-256s)."""
+  import hashlib
+  import json
+  from ..model_dir import verify_model_dir
+  meta = verify_model_dir(directory, kind)
+  files = meta.get("files") or {}
+  digest = hashlib.sha256(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}).encode())
+  return {"path": str(directory), "weights_sha256": digest.hexdigest(),
+          "param_dtype": meta.get("param_dtype", "float32"), "source": meta.get("source")}
+
+
+def resolve_models(tokenizer_src, gpt_src, gpt_weights: Optional[str], tokenizer_weights: Optional[str] = None):
+  """(tokenizer dir, gpt dir): converted directories, released runs or Hub ids resolved; the
+  weight choice ('ema' / 'model') applies to released checkpoints only (a converted directory
+  holds one set, recorded at conversion)."""
+  import pathlib
+  from ..hub import resolve_model_dir
+  from ..model_dir import is_model_dir
+
+  def one(src, kind, weights):
+    path = pathlib.Path(str(src)).expanduser()
+    if path.is_dir() and is_model_dir(path):
+      weights = None
+    return resolve_model_dir(src, kind, weights or None)
+
+  return one(tokenizer_src, "tokenizer", tokenizer_weights), one(gpt_src, "gpt", gpt_weights)
+
+
+def _mean_std(values):
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+          "values": v.tolist()}
+
+
+def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seeds=None,
+                   workdir, out, reference=None, inception=None, gpt_weights: Optional[str] = "ema",
+                   png_dir=None, mesh=None, inception_batch: int = 256,
+                   results_path=None) -> Dict:
+  """The whole generation job for one or more seeds: samples (resumable, per seed
+  `out` with `{seed}` filled in, or OUT-seedS.npz for several seeds), scores with
+  `reference` + `inception`, and results.json (protocol, hashes, scores, mean +- std)."""
+  import json
+  import pathlib
+  from ..pretrained import load_model_dir
+  from .chunks import _write_json_atomically
+  seeds = list(seeds) if seeds else [settings.seed]
+  if (reference is None) != (inception is None):
+    raise ValueError("scoring needs both --reference and --inception (or neither)")
+  tok_dir, gpt_dir = resolve_models(tokenizer_src, gpt_src, gpt_weights)
+  tokenizer, gpt = load_model_dir(tok_dir, "tokenizer"), load_model_dir(gpt_dir, "gpt")
+  models = {"tokenizer": model_record(tok_dir, "tokenizer"), "gpt": model_record(gpt_dir, "gpt")}
+  models["gpt"]["weights_requested"] = gpt_weights
+  workdir = pathlib.Path(workdir)
+  out = str(out)
+  runs = []
+  for seed in seeds:
+    s = dataclasses.replace(settings, seed=int(seed))
+    job = GenerationJob(gpt, tokenizer, s, mesh=mesh)
+    if "{seed}" in out:
+      path = pathlib.Path(out.format(seed=seed))
+    elif len(seeds) > 1:
+      base = pathlib.Path(out)
+      path = base.with_name(f"{base.stem}-seed{seed}{base.suffix or '.npz'}")
+    else:
+      path = pathlib.Path(out)
+    extra = {"tokenizer_sha256": models["tokenizer"]["weights_sha256"],
+             "gpt_sha256": models["gpt"]["weights_sha256"]}
+    summary = job.run(workdir / f"chunks-seed{seed}", path, protocol_extra=extra,
+                      png_dir=(pathlib.Path(png_dir) / f"seed{seed}") if png_dir else None)
+    run = {"seed": int(seed), "samples": str(path), "summary": summary}
+    if reference is not None and jax.process_index() == 0:
+      from ..evaluate import evaluate
+      run["scores"] = evaluate(reference, path, inception, inception_batch)
+    elif reference is not None:
+      from ..evaluate import evaluate  # every process takes part in the Inception features
+      evaluate(reference, path, inception, inception_batch)
+    else:
+      from ..model_dir import file_sha256
+      run["samples_sha256"] = file_sha256(path) if jax.process_index() == 0 else None
+    runs.append(run)
+  results = {
+      "protocol": {
+          "num_samples": settings.num_samples, "seeds": [int(s) for s in seeds],
+          "label_mode": settings.label_mode, "cfg_scale": settings.cfg_scale,
+          "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+          "chunk_size": settings.chunk_size, "param_layout": settings.param_layout,
+          "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see eval/protocol.py",
+          "uint8": "clip(127.5 x + 128, 0, 255) truncated, as the reference's samplers",
+      },
+      "precision": precision_record(settings.precision),
+      "models": models, "packages": package_versions(),
+      "devices": {"count": jax.device_count(), "processes": jax.process_count(),
+                  "platform": jax.default_backend(),
+                  "kind": jax.devices()[0].device_kind},
+      "runs": runs,
+  }
+  if reference is not None and jax.process_index() == 0:
+    results["inputs"] = {"reference": runs[0]["scores"]["inputs"]["reference"],
+                         "inception": runs[0]["scores"]["inputs"]["inception"]}
+    results["scores"] = {k: _mean_std([r["scores"][k] for r in runs])
+                         for k in ("inception_score", "fid", "sfid", "precision", "recall")}
+  if jax.process_index() == 0:
+    path = pathlib.Path(results_path) if results_path else workdir / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomically(path, results)
+    if "scores" in results:
+      line = ", ".join(f"{k} {v['mean']:.4g} ± {v['std']:.2g}" for k, v in results["scores"].items())
+      log.info("scores over seeds %s: %s", seeds, line)
+  return results
