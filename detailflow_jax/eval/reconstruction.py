@@ -207,8 +207,13 @@ class ReconstructionJob:
 
   def _features(self, images: np.ndarray) -> np.ndarray:
     b = self.settings.inception_batch
-    return extract_features(self.inception, (images[i:i + b] for i in range(0, len(images), b)),
-                            len(images), b, name="reconstruction", log_every_s=1e9)["pool"]
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))  # one progress line per chunk is enough (run())
+    try:
+      return extract_features(self.inception, (images[i:i + b] for i in range(0, len(images), b)),
+                              len(images), b, name="reconstruction")["pool"]
+    finally:
+      log.setLevel(level)
 
   def chunk(self, start: int, stop: int) -> Dict[str, np.ndarray]:
     crops = np.stack([crop_record(self.source[i], self.size) for i in range(start, stop)])
