@@ -58,25 +58,28 @@ def one_run(quick: bool, tokens: int, batch: int, dtype_name: str, repeats: int,
             cache_attention=None, matmul_n: int = 2048):
   import jax
   import jax.numpy as jnp
+  from flax import nnx
   from benchmarks.common import matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb
   from detailflow_jax.sampling import Sampler, SamplingOptions, sampling_flops
 
   dtype = jnp.dtype(dtype_name)
   name, cfg = model_config(quick, tokens)
-  sampler = Sampler(random_model(cfg, dtype), cache_attention=cache_attention)
+  gpt = random_model(cfg, dtype)
+  sampler = Sampler(gpt, cache_attention=cache_attention)
+  params = nnx.state(gpt)
   labels = jax.numpy.arange(batch) % cfg.num_classes
   options = SamplingOptions(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
 
   start = time.perf_counter()
-  sampler.precompile(labels, options)
+  sampler.precompile(params, labels, options)
   compile_s = time.perf_counter() - start
   # Warm-up through the same executable (the budget is traced): one token only.
-  jax.block_until_ready(sampler.sample(labels, jax.random.key(0), options, num_tokens=1))
+  jax.block_until_ready(sampler.sample(params, labels, jax.random.key(0), options, num_tokens=1))
   peak = matmul_flops_per_s(n=matmul_n, dtype=dtype)
   best = float("inf")
   for r in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(sampler.sample(labels, jax.random.key(r + 1), options))
+    jax.block_until_ready(sampler.sample(params, labels, jax.random.key(r + 1), options))
     best = min(best, time.perf_counter() - start)
   assert sampler.trace_count == 1, "sampler recompiled"
   flops = sampling_flops(cfg, batch, tokens, guidance=True)

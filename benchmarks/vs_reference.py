@@ -61,6 +61,7 @@ class OurSide:
   def __init__(self, runs: pathlib.Path, spec: dict):
     import jax
     import numpy as np
+    from flax import nnx
     from detailflow_jax.convert import gpt as gpt_convert, tokenizer as tok_convert
     from detailflow_jax.convert.common import load_state_dict
     from detailflow_jax.inference import TokenizerFns
@@ -75,6 +76,7 @@ class OurSide:
     tok = tok_convert.convert_state_dict(tok_cfg, load_state_dict(tok_ckpt), str(tok_ckpt))
 
     self.sampler = Sampler(gpt)
+    self.params = nnx.state(gpt)
     self.labels = jax.numpy.arange(s["batch"]) % gpt_cfg.num_classes
     self.options = SamplingOptions(cfg_scale=s["cfg_scale"], temperature=1.0, top_k=0, top_p=1.0)
     self.tokens = min(s["tokens"], gpt_cfg.block_size)
@@ -84,7 +86,7 @@ class OurSide:
     self.image_size = d["image_size"]
     self.round = 0
     start = time.perf_counter()
-    self.sampler.precompile(self.labels, self.options)
+    self.sampler.precompile(self.params, self.labels, self.options)
     jax.block_until_ready(self.fns.decode(self.codes, image_size=self.image_size))
     self.compile_s = time.perf_counter() - start
     self.decode_flops = decode_flops(tok_cfg, d["batch"], self.codes.shape[1], self.image_size)
@@ -92,7 +94,7 @@ class OurSide:
   def sampler_call(self):
     import jax
     self.round += 1
-    return self.sampler.sample(self.labels, jax.random.key(self.round), self.options,
+    return self.sampler.sample(self.params, self.labels, jax.random.key(self.round), self.options,
                                num_tokens=self.tokens)
 
   def decode_call(self):

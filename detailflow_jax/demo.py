@@ -131,13 +131,14 @@ def run(c, workdir: pathlib.Path) -> dict:
 
   stages.begin("sample")
   fns = TokenizerFns(load_tokenizer(tok_run / "export"))
-  sampler = Sampler(load_gpt(gpt_run / "export"))
+  gpt = load_gpt(gpt_run / "export")
+  sampler = Sampler(gpt)
   e = c.eval
   per_class = e.samples_per_class
   labels = np.repeat(np.arange(c.num_classes, dtype=np.int32), per_class)
   options = SamplingOptions(cfg_scale=e.cfg_scale, temperature=e.temperature, top_k=e.top_k,
                             top_p=e.top_p)
-  tokens = np.asarray(sampler.sample(labels, jax.random.key(c.seed), options))
+  tokens = np.asarray(sampler.sample(gpt, labels, jax.random.key(c.seed), options))
   samples = np.asarray(fns.decode(tokens), np.float32)
   size = samples.shape[1]
   shown = 2 * size  # nearest-enlarged so 32 px images are visible

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
 
   sampler = Sampler(gpt)
   start = time.time()
-  tokens = sampler.sample(np.asarray(labels), jax.random.key(args.seed), options, num_tokens)
+  tokens = sampler.sample(gpt, np.asarray(labels), jax.random.key(args.seed), options,
+                          num_tokens=num_tokens)
   tokens = np.asarray(jax.block_until_ready(tokens))
   print(f"sampled {len(labels)} x {num_tokens} tokens in {time.time() - start:.1f}s "
         f"(incl. compile; cfg {args.cfg_scale}{', greedy' if args.greedy else ''})", flush=True)

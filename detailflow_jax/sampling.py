@@ -2,7 +2,8 @@
 
 The reference re-runs the whole prefix for every new token/group. Under the group-causal mask a
 position's keys and values never depend on later positions, so here each step runs the network
-only on its new positions and writes their keys/values into a preallocated cache:
+only on its new positions (their embeddings come from `GPT.embed_positions`, which owns the
+token layout) and writes their keys/values into a preallocated cache:
 
   step k = 0 .. causal_num-1: position k (the class token, then tok_{k-1}) -> tok_k;
   group i = causal_num/g .. : positions i*g .. i*g+g-1 (tok_{c-1} + the special tokens for the
@@ -16,20 +17,23 @@ chunked loop with short chunks (they read at most causal_num + 1 keys). The defa
 on the backend (CACHE_ATTENTION_DEFAULTS, from benchmarks/vs_reference.py and
 benchmarks/accelerator.py figures).
 
+The Sampler holds static settings only (graph definition, config, cache attention, mesh); the
+weights are an argument of every call, so new weights (a training step, EMA) never recompile.
 Everything (both phases, sampling, guidance) is one jitted function of fixed shapes per
-(batch, guidance on/off); cfg scale, temperature, top-k/top-p, greedy, gradual cfg, cfg interval
-and the token budget are traced values, so changing them does not recompile.
+(batch, guidance on/off, one key or per-row keys); SamplingOptions' leaves and the token
+budget are traced values, so changing them does not recompile.
 """
-import dataclasses
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import Mesh
 
-from .models.gpt import cache_chunk
+from .models.gpt import GPT, GPTConfig, KVCache, cache_chunk
+from .train.mesh import batch_sharding, replicated  # moves to detailflow_jax.sharding
 
 CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
 # One entry per measured backend. CPU (2 cores, GPT-B, batch 8, CFG): "whole" was 1 % faster at
@@ -45,9 +49,11 @@ def default_cache_attention(platform: Optional[str] = None) -> str:
   return CACHE_ATTENTION_DEFAULTS.get(platform or jax.default_backend(), "chunked")
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class SamplingOptions:
-  """How tokens are chosen. Defaults match the reference's sample_c2i arguments."""
+  """How tokens are chosen. Defaults match the reference's sample_c2i arguments. Every field is
+  a pytree leaf, traced inside the sampler (changing one never recompiles); only whether
+  cfg_scale > 1 (guidance on/off) is read on the host."""
   cfg_scale: float = 1.5
   temperature: float = 1.0
   top_k: int = 0            # 0 = off
@@ -56,11 +62,53 @@ class SamplingOptions:
   gradual_cfg: bool = False  # group i uses cfg_scale * (G - i + 1) / (G + 1), G = groups sampled
   cfg_interval: int = -1    # >= 0: decode steps after it use the conditional logits only
 
-  def as_arrays(self):
-    return dict(cfg_scale=jnp.float32(self.cfg_scale), temperature=jnp.float32(self.temperature),
-                top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p),
-                greedy=jnp.bool_(self.greedy), gradual_cfg=jnp.bool_(self.gradual_cfg),
-                cfg_interval=jnp.int32(self.cfg_interval))
+  @property
+  def guidance(self) -> bool:
+    return bool(self.cfg_scale > 1.0)
+
+  def check(self) -> "SamplingOptions":
+    """Raises ValueError naming the first out-of-range field (host values only)."""
+    rules = [("cfg_scale", self.cfg_scale >= 0, ">= 0"),
+             ("temperature", self.temperature > 0, "> 0"),
+             ("top_k", self.top_k >= 0 and int(self.top_k) == self.top_k, "an integer >= 0 (0 = off)"),
+             ("top_p", 0 <= self.top_p <= 1, "in [0, 1] (1 = off)"),
+             ("cfg_interval", self.cfg_interval >= -1 and int(self.cfg_interval) == self.cfg_interval,
+              "an integer >= -1 (-1 = off)")]
+    for name, ok, expected in rules:
+      if not ok:
+        raise ValueError(f"SamplingOptions.{name} must be {expected}, got {getattr(self, name)!r}")
+    return self
+
+  def as_arrays(self) -> "SamplingOptions":
+    """The same options as fixed-dtype scalars (so a Python int vs float never retraces)."""
+    return SamplingOptions(
+        cfg_scale=jnp.float32(self.cfg_scale), temperature=jnp.float32(self.temperature),
+        top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p),
+        greedy=jnp.bool_(self.greedy), gradual_cfg=jnp.bool_(self.gradual_cfg),
+        cfg_interval=jnp.int32(self.cfg_interval))
+
+
+@struct.dataclass
+class SamplingState:
+  """The decode loop's carry.
+
+  tokens: int32 [B, block_size], chosen (or forced) tokens; those past the current step are 0.
+  caches: per layer (keys, values) [rows, kv_heads, block_size, head_dim]; rows = 2B under
+    guidance (GPT.guidance_labels' row order), else B.
+  logits: float32 [B, block_size, V], the guided logits each token was drawn from; None when
+    not recorded.
+  """
+  tokens: jax.Array
+  caches: KVCache
+  logits: Optional[jax.Array] = None
+
+  def write(self, start, chosen: jax.Array, logits: jax.Array) -> "SamplingState":
+    """Stores tokens [B, n] (and their logits [B, n, V]) at positions start .. start+n-1."""
+    tokens = jax.lax.dynamic_update_slice_in_dim(self.tokens, chosen, start, axis=1)
+    record = self.logits
+    if record is not None:
+      record = jax.lax.dynamic_update_slice_in_dim(record, logits, start, axis=1)
+    return self.replace(tokens=tokens, logits=record)
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
@@ -87,7 +135,9 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
   top-k keeps x iff fewer than k logits exceed x (= x >= the k-th largest, ties kept, as the
   reference). top-p keeps x iff the probability mass of the logits above x is <= top_p (the
-  reference's sorted-cumsum rule, shifted to keep the first token past the threshold). Both
+  reference's sorted-cumsum rule, shifted to keep the first token past the threshold: mass
+  exactly top_p keeps it). Tokens tied with the last one kept are all kept, where the
+  reference keeps those its sort order puts first. Both
   thresholds are found by bisection instead of a sort (XLA's CPU sort is ~20x slower) and k, p
   are traced values; with neither filter on, the work is skipped.
   """
@@ -107,167 +157,232 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   return jax.lax.cond(use_k | use_p, apply, lambda x: x, logits)
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, opts) -> jax.Array:
-  """[..., V] guided logits -> int32 [...] tokens (categorical, or argmax when greedy)."""
-  filtered = filter_logits(logits, opts["temperature"], opts["top_k"], opts["top_p"])
-  probs = jax.nn.softmax(filtered, axis=-1)
-  greedy = jnp.argmax(probs, axis=-1)
-  sampled = jax.random.categorical(key, filtered, axis=-1)
-  return jnp.where(opts["greedy"], greedy, sampled).astype(jnp.int32)
+def choose_tokens(logits: jax.Array, key: jax.Array, opts: SamplingOptions) -> jax.Array:
+  """[B, n, V] guided logits -> int32 [B, n] tokens (categorical, or argmax when greedy).
+  `key`: one key for the whole batch, or keys [B] (row b draws from key[b] only)."""
+  filtered = filter_logits(logits, opts.temperature, opts.top_k, opts.top_p)
+  greedy = jnp.argmax(jax.nn.softmax(filtered, axis=-1), axis=-1)
+  if key.ndim:
+    sampled = jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(key, filtered)
+  else:
+    sampled = jax.random.categorical(key, filtered, axis=-1)
+  return jnp.where(opts.greedy, greedy, sampled).astype(jnp.int32)
 
 
-def _generate(model, labels, key, opts, num_tokens, forced_tokens, *, guidance: bool,
-              record_logits: bool, cache_attention: str = "chunked"):
-  """Tokens [B, block_size] (valid up to num_tokens) and optionally the guided logits each
-  token was chosen from. With `forced_tokens`, those tokens are fed instead of the chosen
-  ones (teacher forcing through the cache)."""
+def _generate(model: GPT, labels, key, opts: SamplingOptions, num_tokens, forced_tokens, *,
+              guidance: bool, record_logits: bool, cache_attention: str, constrain):
+  """The final SamplingState: tokens [B, block_size] (valid up to num_tokens) and, with
+  `record_logits`, the guided logits each was chosen from. With `forced_tokens`, those tokens
+  are fed instead of the chosen ones (teacher forcing through the cache). `constrain` pins a
+  batch-leading array's sharding (identity off a mesh)."""
   cfg = model.config
   g, c, block = cfg.group_size, cfg.causal_len, cfg.block_size
   prefix_chunk = cache_chunk(block, PREFIX_CHUNK)
   group_chunk = block if cache_attention == "whole" else cache_chunk(block)
   batch = labels.shape[0]
-  rows = 2 * batch if guidance else batch
-  cond = labels.astype(jnp.int32)
-  if guidance:
-    cond = jnp.concatenate([cond, jnp.full_like(cond, cfg.num_classes)])
-  cls_emb = model.cls_embedding.embedding_table(cond)[:, None]            # [rows, 1, dim]
-  special = model.special_embeddings()
   num_groups = (num_tokens + g - 1) // g
-
-  def embed(tok):  # [B, n] -> [rows, n, dim]: both CFG halves see the same tokens
-    emb = model.tok_embeddings(tok)
-    return jnp.concatenate([emb, emb]) if guidance else emb
+  step_key = ((lambda s: jax.vmap(jax.random.fold_in, (0, None))(key, s)) if key.ndim
+              else (lambda s: jax.random.fold_in(key, s)))
 
   def guide(logits, decode_step, scale):
     """[rows, n, V] -> [B, n, V]: uncond + (cond - uncond) * scale, or cond alone past
     cfg_interval (decode steps are counted after the class prefill, as LlamaGen counts)."""
     if not guidance:
       return logits
-    cond_logits, uncond_logits = logits[:batch], logits[batch:]
+    cond_logits, uncond_logits = model.split_guidance(logits)
     guided = uncond_logits + (cond_logits - uncond_logits) * scale
-    interval = opts["cfg_interval"]
-    off = (interval > -1) & (decode_step > interval)
+    off = (opts.cfg_interval > -1) & (decode_step > opts.cfg_interval)
     return jnp.where(off, cond_logits, guided)
 
-  def emit(tokens, record, start, logits, step_key):
-    chosen = choose_tokens(logits, step_key, opts)                        # [B, n]
-    if forced_tokens is not None:
-      chosen = jax.lax.dynamic_slice_in_dim(forced_tokens, start, logits.shape[1], axis=1)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen, start, axis=1)
-    if record is not None:
-      record = jax.lax.dynamic_update_slice_in_dim(record, logits, start, axis=1)
-    return tokens, record
+  def advance(state, start, n, chunk, decode_step, scale):
+    h = model.embed_positions(state.tokens, labels, start, n, guidance=guidance)
+    logits, caches = model.run(h, start=start, caches=state.caches, cache_chunk_len=chunk)
+    logits = guide(logits, decode_step, scale)
+    if forced_tokens is None:
+      chosen = choose_tokens(logits, step_key(start), opts)                # [B, n]
+    else:
+      chosen = jax.lax.dynamic_slice_in_dim(forced_tokens, start, n, axis=1)
+    return state.replace(caches=caches).write(start, chosen, logits)
 
-  def prefix_step(k, carry):
-    tokens, caches, record = carry
-    prev = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(k - 1, 0), 1, axis=1)
-    h = jnp.where(k == 0, cls_emb, embed(prev))
-    logits, caches = model.run(h, start=k, caches=caches, cache_chunk_len=prefix_chunk)
-    logits = guide(logits, k - 1, opts["cfg_scale"])
-    tokens, record = emit(tokens, record, k, logits, jax.random.fold_in(key, k))
-    return tokens, caches, record
+  def prefix_step(k, state):
+    return advance(state, k, 1, prefix_chunk, k - 1, opts.cfg_scale)
 
-  def group_step(i, carry):
-    tokens, caches, record = carry
-    start = i * g
-    previous = embed(jax.lax.dynamic_slice_in_dim(tokens, start - g, g, axis=1))
-    last_prefix = embed(tokens[:, c - 1:c])
-    first = jnp.concatenate(
-        [last_prefix, jnp.broadcast_to(special[None], (rows,) + special.shape)], axis=1)
-    h = jnp.where(i == c // g, first, previous)
-    logits, caches = model.run(h, start=start, caches=caches, cache_chunk_len=group_chunk)
-    scale = jnp.where(
-        opts["gradual_cfg"],
-        opts["cfg_scale"] * (num_groups - i + 1).astype(jnp.float32) / (num_groups + 1).astype(jnp.float32),
-        opts["cfg_scale"])
-    logits = guide(logits, (c - 1) + (i - c // g), scale)
-    tokens, record = emit(tokens, record, start, logits, jax.random.fold_in(key, start))
-    return tokens, caches, record
+  def group_step(i, state):
+    gradual = (opts.cfg_scale * (num_groups - i + 1).astype(jnp.float32)
+               / (num_groups + 1).astype(jnp.float32))
+    scale = jnp.where(opts.gradual_cfg, gradual, opts.cfg_scale)
+    return advance(state, i * g, g, group_chunk, (c - 1) + (i - c // g), scale)
 
-  tokens = jnp.zeros((batch, block), jnp.int32)
-  record = jnp.zeros((batch, block, cfg.vocab_size), jnp.float32) if record_logits else None
-  carry = (tokens, model.init_cache(rows), record)
-  carry = jax.lax.fori_loop(0, jnp.minimum(num_tokens, c), prefix_step, carry)
-  carry = jax.lax.fori_loop(c // g, num_groups, group_step, carry)
-  tokens, _, record = carry
-  return tokens, record
+  rows = 2 * batch if guidance else batch
+  state = SamplingState(
+      tokens=constrain(jnp.zeros((batch, block), jnp.int32)),
+      caches=jax.tree.map(constrain, model.init_cache(rows)),
+      logits=constrain(jnp.zeros((batch, block, cfg.vocab_size), jnp.float32))
+      if record_logits else None)
+  state = jax.lax.fori_loop(0, jnp.minimum(num_tokens, c), prefix_step, state)
+  state = jax.lax.fori_loop(c // g, num_groups, group_step, state)
+  return jax.tree.map(constrain, state)
+
+
+def _config_of(graphdef) -> GPTConfig:
+  """The GPTConfig a GPT graph definition carries as a static attribute."""
+  for name, attribute in graphdef.attributes:
+    value = getattr(attribute, "value", None)
+    if name == "config" and isinstance(value, GPTConfig):
+      return value
+  raise TypeError("Sampler needs a GPT or the graphdef of one (nnx.split(gpt)[0])")
 
 
 class Sampler:
-  """Jitted generation for one GPT. Compiles once per (batch size, guidance on/off,
-  record_logits/forced); `trace_count` counts traces so tests can assert reuse.
-  `cache_attention`: "chunked" or "whole" (see the module docstring); None = the backend's
-  default."""
+  """Jitted generation for one GPT architecture. Holds no weights: every call takes `params`,
+  the GPT's nnx.State (nnx.state(gpt); a GPT module is also accepted). Compiles once per
+  (batch size, guidance on/off, one key or per-row keys, record_logits/forced); `trace_count`
+  counts traces so tests can assert reuse.
 
-  def __init__(self, model, cache_attention: Optional[str] = None):
+  cache_attention: "chunked" or "whole" (see the module docstring); None = the backend's default.
+  mesh: labels, keys, caches and outputs are sharded over the mesh's batch axes (the batch must
+    divide by their size); params keep the shardings they arrive with (arrays not on the mesh
+    are replicated onto it). Outputs come back as batch-sharded jax.Arrays.
+  """
+
+  def __init__(self, gpt_or_graphdef, *, cache_attention: Optional[str] = None,
+               mesh: Optional[Mesh] = None):
     cache_attention = cache_attention or default_cache_attention()
     if cache_attention not in CACHE_ATTENTION_VARIANTS:
       raise ValueError(f"cache_attention must be one of {CACHE_ATTENTION_VARIANTS}, "
                        f"got {cache_attention!r}")
+    if isinstance(gpt_or_graphdef, nnx.Module):
+      gpt_or_graphdef = nnx.graphdef(gpt_or_graphdef)
+    self.graphdef = gpt_or_graphdef
+    self.config = _config_of(self.graphdef)
     self.cache_attention = cache_attention
-    self.config = model.config
-    self._graphdef, self._state = nnx.split(model)
+    self.mesh = mesh
     self.trace_count = 0
-    self._jitted = jax.jit(self._impl, static_argnames=("guidance", "record_logits"))
+    self._jitted = jax.jit(self._impl, static_argnames=("guidance", "record_logits", "key_impl"))
 
-  def _impl(self, state, labels, key, opts, num_tokens, forced_tokens, *, guidance, record_logits):
+  def _impl(self, params, labels, key_data, opts, num_tokens, forced_tokens, *, guidance,
+            record_logits, key_impl):
     self.trace_count += 1  # Python side effect: runs only while tracing
-    model = nnx.merge(self._graphdef, state)
-    return _generate(model, labels, key, opts, num_tokens, forced_tokens,
-                     guidance=guidance, record_logits=record_logits,
-                     cache_attention=self.cache_attention)
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
+    state = _generate(nnx.merge(self.graphdef, params), labels, key, opts, num_tokens,
+                      forced_tokens, guidance=guidance, record_logits=record_logits,
+                      cache_attention=self.cache_attention, constrain=self._constrain)
+    return state.tokens, state.logits
 
-  def _check(self, labels, num_tokens, guidance):
+  # --- placement ----------------------------------------------------------------------
+
+  def _constrain(self, x: jax.Array) -> jax.Array:
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
+
+  def _put_batch(self, x: np.ndarray) -> jax.Array:
+    """A host array every process holds in full -> batch-sharded (or local) jax.Array."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(self.mesh, x.ndim),
+                                        lambda index: x[index])
+
+  def _params(self, params):
+    if isinstance(params, nnx.Module):
+      params = nnx.state(params)
+    if self.mesh is None:
+      return params
+    devices = set(self.mesh.devices.flat)
+    on_mesh = lambda x: not isinstance(x, jax.Array) or set(x.sharding.device_set) == devices
+    if all(on_mesh(x) for x in jax.tree.leaves(params)):
+      return params
+    return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated(self.mesh)),
+                        params)
+
+  def _labels(self, labels, guidance):
     cfg = self.config
-    num_tokens = cfg.block_size if num_tokens is None else int(num_tokens)
-    if not 1 <= num_tokens <= cfg.block_size:
-      raise ValueError(f"num_tokens={num_tokens} outside [1, {cfg.block_size}]")
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.ndim != 1 or labels.size == 0:
-      raise ValueError(f"labels must be a non-empty 1D array of class ids, got shape {labels.shape}")
-    if int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
-      raise ValueError(f"labels must lie in [0, {cfg.num_classes}), got {np.asarray(labels).tolist()}")
     if guidance and not cfg.has_null_class:
       raise ValueError("this GPT has no null class (class_dropout_prob=0): use cfg_scale <= 1")
-    return labels, num_tokens
+    if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
+      if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1D array of class ids, got shape {labels.shape}")
+      return labels.astype(jnp.int32)
+    labels = np.asarray(labels, np.int32)
+    if labels.ndim != 1 or labels.size == 0:
+      raise ValueError(f"labels must be a non-empty 1D array of class ids, got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= cfg.num_classes:
+      raise ValueError(f"labels must lie in [0, {cfg.num_classes}), got {labels.tolist()}")
+    if self.mesh is not None:
+      shards = math.prod(self.mesh.shape[a] for a in batch_sharding(self.mesh, 1).spec[0])
+      if labels.size % shards:
+        raise ValueError(f"batch of {labels.size} labels does not divide over the mesh's "
+                         f"{shards} batch shards")
+    return self._put_batch(labels)
 
-  def precompile(self, labels, options: SamplingOptions = SamplingOptions(),
-                 return_logits: bool = False) -> None:
-    """Compiles ahead of time what `sample` with labels of this shape will run (every option
-    value and budget shares it), so compile time can be measured apart from sampling."""
-    guidance = options.cfg_scale > 1.0
-    labels, num_tokens = self._check(labels, None, guidance)
-    self._jitted.lower(self._state, labels, jax.random.key(0), options.as_arrays(),
-                       jnp.int32(num_tokens), None, guidance=guidance,
-                       record_logits=return_logits).compile()
+  def _key(self, key, batch: int):
+    """(uint32 key data, impl): one key (shape ()) or per-row keys (shape [batch])."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+    if key.shape not in ((), (batch,)):
+      raise ValueError(f"key must be one PRNG key or one per row (shape [{batch}]), "
+                       f"got shape {key.shape}")
+    data = np.asarray(jax.random.key_data(key)) if key.shape else jax.random.key_data(key)
+    if key.shape and self.mesh is not None:
+      data = self._put_batch(data)
+    elif self.mesh is not None:
+      data = jax.device_put(data, replicated(self.mesh))
+    return data, jax.random.key_impl(key)
 
-  def sample(self, labels, key: jax.Array, options: SamplingOptions = SamplingOptions(),
-             num_tokens: Optional[int] = None, return_logits: bool = False):
+  def _num_tokens(self, num_tokens) -> int:
+    block = self.config.block_size
+    num_tokens = block if num_tokens is None else int(num_tokens)
+    if not 1 <= num_tokens <= block:
+      raise ValueError(f"num_tokens={num_tokens} outside [1, {block}]")
+    return num_tokens
+
+  def _call(self, params, labels, key, options, num_tokens, forced, record_logits, *,
+            lower=False):
+    guidance = options.check().guidance
+    labels = self._labels(labels, guidance)
+    key_data, key_impl = self._key(key, labels.shape[0])
+    if forced is not None:
+      forced = self._put_batch(np.asarray(forced, np.int32))
+    args = (self._params(params), labels, key_data, options.as_arrays(), jnp.int32(num_tokens),
+            forced)
+    kwargs = dict(guidance=guidance, record_logits=record_logits, key_impl=key_impl)
+    if lower:
+      return self._jitted.lower(*args, **kwargs).compile()
+    return self._jitted(*args, **kwargs)
+
+  # --- public API ---------------------------------------------------------------------
+
+  def precompile(self, params, labels, options: SamplingOptions = SamplingOptions(),
+                 return_logits: bool = False, key=None) -> None:
+    """Compiles ahead of time what `sample` with labels of this shape (and a key like `key`,
+    default one key) will run: every option value and budget shares it, so compile time can
+    be measured apart from sampling."""
+    self._call(params, labels, jax.random.key(0) if key is None else key, options,
+               self.config.block_size, None, return_logits, lower=True)
+
+  def sample(self, params, labels, key: jax.Array, options: SamplingOptions = SamplingOptions(),
+             *, num_tokens: Optional[int] = None, return_logits: bool = False):
     """int32 tokens [B, num_tokens] for class `labels` [B] (default: all block_size tokens).
 
-    Classifier-free guidance runs when cfg_scale > 1 (as in the reference). A budget below
-    block_size stops early; a budget that ends inside a group still runs that whole group.
-    With `return_logits`, also returns the guided float32 logits [B, num_tokens, V] each token
-    was drawn from.
+    `key`: one PRNG key for the whole batch, or keys [B] (row b draws only from key[b], so its
+    tokens do not depend on the other rows or the batch size). Classifier-free guidance runs
+    when cfg_scale > 1 (as in the reference). A budget below block_size stops early; a budget
+    that ends inside a group still runs that whole group. With `return_logits`, also returns
+    the guided float32 logits [B, num_tokens, V] each token was drawn from.
     """
-    guidance = options.cfg_scale > 1.0
-    labels, num_tokens = self._check(labels, num_tokens, guidance)
-    tokens, record = self._jitted(self._state, labels, key, options.as_arrays(),
-                                  jnp.int32(num_tokens), None, guidance=guidance,
-                                  record_logits=return_logits)
+    num_tokens = self._num_tokens(num_tokens)
+    tokens, record = self._call(params, labels, key, options, num_tokens, None, return_logits)
     if return_logits:
       return tokens[:, :num_tokens], record[:, :num_tokens]
     return tokens[:, :num_tokens]
 
-  def cached_logits(self, labels, tokens, options: SamplingOptions = SamplingOptions(cfg_scale=1.0)):
+  def cached_logits(self, params, labels, tokens,
+                    options: SamplingOptions = SamplingOptions(cfg_scale=1.0)):
     """Teacher forcing through the KV-cache path: the (guided) logits [B, block_size, V] the
     sampler would draw each of `tokens` [B, block_size] from, given the earlier ones."""
-    guidance = options.cfg_scale > 1.0
-    labels, _ = self._check(labels, None, guidance)
-    _, record = self._jitted(self._state, labels, jax.random.key(0), options.as_arrays(),
-                             jnp.int32(self.config.block_size), jnp.asarray(tokens, jnp.int32),
-                             guidance=guidance, record_logits=True)
-    return record
+    return self._call(params, labels, jax.random.key(0), options, self.config.block_size,
+                      tokens, True)[1]
 
 
 def sampling_flops(config, batch: int, num_tokens: int, guidance: bool = True) -> float:

@@ -9,6 +9,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from detailflow_jax.convert.gpt import convert_gpt
+from detailflow_jax.models.gpt import GPT, GPTConfig
+from detailflow_jax.models.keys import InitKeys
+from detailflow_jax.pretrained import load_gpt
+from detailflow_jax.sampling import Sampler
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "detailflow_tiny_a"
 GPT_RUN = TINY / "gpt"
@@ -23,7 +29,6 @@ def converted_gpt_dir(tmp_path_factory) -> pathlib.Path:
   """The fixture GPT ('model' weights) converted once per session by the CLI code path."""
   key = ("dir", id(tmp_path_factory))
   if key not in _cache:
-    from detailflow_jax.convert.gpt import convert_gpt
     out = tmp_path_factory.mktemp("converted_gpt") / "gpt"
     _cache[key] = convert_gpt(GPT_PT, out)
   return _cache[key]
@@ -32,7 +37,6 @@ def converted_gpt_dir(tmp_path_factory) -> pathlib.Path:
 def loaded_gpt(tmp_path_factory):
   key = ("model", id(tmp_path_factory))
   if key not in _cache:
-    from detailflow_jax.pretrained import load_gpt
     _cache[key] = load_gpt(converted_gpt_dir(tmp_path_factory))
   return _cache[key]
 
@@ -41,7 +45,6 @@ def fixture_sampler(tmp_path_factory):
   """One Sampler (and so one set of compiled functions) for every test of the fixture GPT."""
   key = ("sampler", id(tmp_path_factory))
   if key not in _cache:
-    from detailflow_jax.sampling import Sampler
     _cache[key] = Sampler(loaded_gpt(tmp_path_factory))
   return _cache[key]
 
@@ -50,8 +53,6 @@ def random_gpt(seed: int = 0, output_scale: float = 6.0, **config):
   """A tiny GPT with numpy-random weights (built abstractly, so no per-shape JAX init
   compiles). Unlike the reference init, the output layer is non-zero and norm gains are not
   all one, so every parameter matters and logits have clear margins."""
-  from detailflow_jax.models.gpt import GPT, GPTConfig
-  from detailflow_jax.models.keys import InitKeys
   defaults = dict(dim=32, n_layer=2, n_head=4, vocab_size=24, num_classes=5, block_size=24,
                   group_size=4, multiple_of=32)
   defaults.update(config)

@@ -7,12 +7,12 @@ from detailflow_jax import sample as sample_cli
 from detailflow_jax.inference import TokenizerFns
 from detailflow_jax.sampling import SamplingOptions
 
-from gpt_helpers import converted_gpt_dir, fixture_sampler
+from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt
 
 
 def test_greedy_samples_decode_like_the_reference(tmp_path_factory, tokenizer, golden):
   tokens = fixture_sampler(tmp_path_factory).sample(
-      golden["gen_labels"][:1], jax.random.key(0), SamplingOptions(cfg_scale=1.5, greedy=True))
+      loaded_gpt(tmp_path_factory), golden["gen_labels"][:1], jax.random.key(0), SamplingOptions(cfg_scale=1.5, greedy=True))
   image = np.asarray(TokenizerFns(tokenizer).decode(tokens))
   np.testing.assert_allclose(image, golden["gen_decode_first"].transpose(0, 2, 3, 1), atol=1e-3)
 

@@ -328,20 +328,51 @@ class GPT(nnx.Module):
   def dtype(self):
     return self.tok_embeddings.embedding.dtype
 
-  # --- embeddings ----------------------------------------------------------------------
+  # --- embeddings: the token layout -------------------------------------------------------
+
+  def embed_positions(self, tokens: jax.Array, labels: jax.Array, start, n: int, *,
+                      guidance: bool = False, keys: Optional[_DropKeys] = None,
+                      drop_labels: Optional[jax.Array] = None) -> jax.Array:
+    """Input embeddings [rows, n, dim] of sequence positions start .. start+n-1 (module docstring
+    layout): position 0 is the class token, 1 .. c read tok_0 .. tok_{c-1}, the next g - 1 are
+    the special tokens, position p >= c + g reads tok_{p-g}.
+
+    tokens [B, T] (only the tokens the positions read need to be filled), labels [B]; `start`
+    may be traced, `n` is static. With `guidance`, rows = 2B: row 2b is example b, row 2b+1 the
+    same tokens under the null class (see `guidance_labels`); else rows = B.
+    """
+    keys = keys or _DropKeys(None)
+    c, g = self.config.causal_len, self.config.group_size
+    pos = start + jnp.arange(n)
+    source = jnp.clip(jnp.where(pos <= c, pos - 1, pos - g), 0, tokens.shape[1] - 1)
+    h = self.tok_embeddings(jnp.take(tokens, source, axis=1))              # [B, n, dim]
+    if guidance:
+      h, labels = jnp.repeat(h, 2, axis=0), self.guidance_labels(labels)
+    if g > 1:
+      special = self.special_embeddings()[jnp.clip(pos - c - 1, 0, g - 2)]  # [n, dim]
+      h = jnp.where(((pos > c) & (pos < c + g))[:, None], special, h)
+    cls = self.cls_embedding(labels, keys, drop_labels)[:, None]           # [rows, 1, dim]
+    return jnp.where((pos == 0)[:, None], cls, h)
 
   def embed_sequence(self, tokens: jax.Array, labels: jax.Array,
                      keys: Optional[_DropKeys] = None,
                      drop_labels: Optional[jax.Array] = None) -> jax.Array:
-    """[B, T] tokens + [B] labels -> [B, L, dim] input sequence (special tokens inserted)."""
-    keys = keys or _DropKeys(None)
-    c = self.config.causal_len
-    cls = self.cls_embedding(labels, keys, drop_labels)[:, None]
-    tok = self.tok_embeddings(tokens)
-    if tokens.shape[1] >= c:
-      spe = jnp.broadcast_to(self.special_embeddings()[None], (tok.shape[0],) + self.spe_tok_embeddings.shape)
-      return jnp.concatenate([cls, tok[:, :c], spe, tok[:, c:]], axis=1)
-    return jnp.concatenate([cls, tok], axis=1)
+    """[B, T] tokens + [B] labels -> [B, L, dim], the whole teacher-forced input sequence."""
+    return self.embed_positions(tokens, labels, 0, self.sequence_length(tokens.shape[1]),
+                                keys=keys, drop_labels=drop_labels)
+
+  def guidance_labels(self, labels: jax.Array) -> jax.Array:
+    """[B] class ids -> [2B] classifier-free-guidance rows: (label_b, null class) per example,
+    interleaved so a batch shard holds both rows of its examples."""
+    if not self.config.has_null_class:
+      raise ValueError("this GPT has no null class (class_dropout_prob=0): use cfg_scale <= 1")
+    return jnp.stack([labels, jnp.full_like(labels, self.config.num_classes)], 1).reshape(-1)
+
+  @staticmethod
+  def split_guidance(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """[2B, ...] outputs of `guidance_labels` rows -> (conditional, unconditional), each [B, ...]."""
+    pairs = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
 
   def sequence_length(self, num_tokens: int) -> int:
     """Positions the network sees for `num_tokens` input tokens (class + special tokens)."""

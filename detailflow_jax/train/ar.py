@@ -199,7 +199,7 @@ def make_sample_writer(c: ml_collections.ConfigDict, graphdef, workdir, writer):
       return
     params = state.ema_params if state.ema_params is not None else state.params
     model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(state.extras))
-    tokens = np.asarray(Sampler(model).sample(labels, jax.random.key(step), SamplingOptions(cfg_scale=1.5)))
+    tokens = np.asarray(Sampler(model).sample(model, labels, jax.random.key(step), SamplingOptions(cfg_scale=1.5)))
     counts = [t for t in fns.schedule.token_list if t <= tokens.shape[1]]
     size = fns.config.image_size
     # Each prefix decoded at the resolution it stands for, enlarged (nearest) to one cell size.
