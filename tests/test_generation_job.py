@@ -167,24 +167,23 @@ def test_one_device_gives_the_same_bytes(eight_devices, models, tmp_path):
 
 
 def test_sharded_sampler_equals_single_device_sampler_token_for_token(models, tmp_path_factory):
+  """The job's sampling call (8-device mesh, per-row keys of (seed, i)) against the
+  single-device Sampler run one row at a time with the same key."""
   from flax import nnx
-  from detailflow_jax.eval.generation import sample_tokens
-  from detailflow_jax.eval.device import GlobalBatch
   from detailflow_jax.sampling import Sampler
   from detailflow_jax.train import mesh as mesh_lib
   gpt = loaded_gpt(tmp_path_factory)
   mesh = mesh_lib.make_mesh()
-  batch = GlobalBatch(mesh, 8)
   idx = np.arange(100, 108, dtype=np.int32)
   labels = protocol.labels_for(5, 100, 108, gpt.config.num_classes, "uniform")
   graphdef, state = nnx.split(gpt)
-  state = jax.device_put(state, mesh_lib.replicated(mesh))
-  keys = jax.jit(protocol.row_keys, out_shardings=batch.sharding(1))(5, batch.put(idx))
-  tokens = sample_tokens(graphdef, state, batch.put(labels), keys, SETTINGS.options)
-  assert tokens.sharding.spec == batch.sharding(2).spec
-  single = Sampler(gpt)
+  keys = protocol.row_keys(5, idx)
+  tokens = Sampler(graphdef, mesh=mesh).sample(jax.device_put(state, mesh_lib.replicated(mesh)),
+                                               labels, keys, SETTINGS.options)
+  assert tokens.sharding.spec == mesh_lib.batch_sharding(mesh, 2).spec
+  single = Sampler(graphdef)
   for b, i in enumerate(idx):
-    one = single.sample(labels[b:b + 1], protocol.row_keys(5, [i])[0], SETTINGS.options)
+    one = single.sample(state, labels[b:b + 1], protocol.row_keys(5, [i]), SETTINGS.options)
     np.testing.assert_array_equal(np.asarray(tokens)[b], np.asarray(one)[0])
 
 

@@ -12,9 +12,7 @@ Shapes: indices / labels / keys [B], tokens [B, T], pixels [B, H, W, 3]; B = per
 devices.
 """
 import dataclasses
-import functools
 import logging
-import math
 import time
 from typing import Dict, Optional
 
@@ -24,13 +22,13 @@ import numpy as np
 from flax import nnx
 
 from ..images import to_uint8
-from ..sampling import SamplingOptions, _generate, default_cache_attention
+from ..sampling import Sampler, SamplingOptions
 from ..train import mesh as mesh_lib
 from ..train.loop import progress_bar
 from ..train.state import shardings_for
 from . import protocol
 from .chunks import ChunkStore, write_npz_streaming
-from .device import GlobalBatch, barrier, cast_floating, check_precision, decode_tokens, to_host
+from .device import barrier, cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
 PARAM_LAYOUTS = ("replicated", "fsdp")
@@ -86,35 +84,9 @@ def precision_record(precision: str) -> Dict:
                               "bfloat16 matmuls in float32; pixels float32 before uint8"}
 
 
-# ---------------------------------------------------------------------------------------------
-# LOCAL SAMPLER ADAPTER — the one place that stands in for the contract's
-#   Sampler(graphdef, mesh=mesh).sample(params, labels, keys[B], options)
-# (branch i-sampler, not merged when this was written). It runs the existing `_generate` once
-# per row under vmap, so row b draws only from keys[b]. The lead replaces this function's body
-# with the Sampler API call at merge.
-@functools.partial(jax.jit, static_argnames=("graphdef", "guidance", "cache_attention"))
-def _adapter_sample(graphdef, params, labels, keys, opts, *, guidance: bool, cache_attention: str):
-  model = nnx.merge(graphdef, params)
-  block = model.config.block_size
-
-  def one(label, key):
-    tokens, _ = _generate(model, label[None], key, opts, jnp.int32(block), None,
-                          guidance=guidance, record_logits=False, cache_attention=cache_attention)
-    return tokens[0]
-
-  return jax.vmap(one)(labels, keys)
-
-
-def sample_tokens(graphdef, params, labels, keys, options: SamplingOptions) -> jax.Array:
-  """int32 tokens [B, block_size] for labels [B] and per-row keys [B] (batch-sharded in, out)."""
-  return _adapter_sample(graphdef, params, labels, keys, options.as_arrays(),
-                         guidance=options.cfg_scale > 1.0, cache_attention=default_cache_attention())
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes", "mode"))
-def _rows(seed, indices, *, num_classes: int, mode: str):
-  return protocol.row_labels(seed, indices, num_classes, mode), protocol.row_keys(seed, indices)
+@jax.jit
+def _row_keys(seed, indices):
+  return protocol.row_keys(seed, indices)
 
 
 class GenerationJob:
@@ -147,20 +119,22 @@ class GenerationJob:
     self.tok_params = jax.device_put(tok_state, rep)
     self.batch = settings.per_device_batch * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.image_size = tokenizer.config.image_size
-    self._global = GlobalBatch(self.mesh, self.batch)
+    # Labels, keys and tokens are batch-sharded over the mesh by the sampler; each device
+    # always samples per_device_batch rows, whatever the device count.
+    self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh)
 
   def images(self, start: int, stop: int) -> np.ndarray:
     """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""
     out = []
     s = self.settings
     for first in range(start, stop, self.batch):
-      indices = np.arange(first, first + self.batch, dtype=np.int32)  # rows past `stop` dropped
-      idx = self._global.put(indices)
-      labels, keys = _rows(jnp.uint32(s.seed), idx, num_classes=self.gpt_config.num_classes,
-                           mode=s.label_mode)
-      tokens = sample_tokens(self.gpt_graphdef, self.gpt_params, labels, keys, s.options)
+      # Every process holds the whole batch's labels and keys; rows past `stop` are dropped.
+      labels = protocol.labels_for(s.seed, first, first + self.batch, self.gpt_config.num_classes,
+                                   s.label_mode)
+      keys = _row_keys(jnp.uint32(s.seed), np.arange(first, first + self.batch, dtype=np.int32))
+      tokens = self.sampler.sample(self.gpt_params, labels, keys, s.options)
       pixels = decode_tokens(self.tok_graphdef, self.tok_params, tokens,
-                       num_tokens=self.gpt_config.block_size, image_size=self.image_size)
+                             num_tokens=self.gpt_config.block_size, image_size=self.image_size)
       out.append(to_uint8(to_host(pixels))[:stop - first])
     return np.concatenate(out)
 

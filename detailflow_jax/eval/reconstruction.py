@@ -27,7 +27,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Tuple
 
 import jax
 import jax.numpy as jnp
