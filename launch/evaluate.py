@@ -28,49 +28,16 @@ flags.DEFINE_string("workdir", None, "chunks, samples, results.json")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _seeds(value):
-  if isinstance(value, str):
-    return [int(v) for v in value.split(",") if v.strip()]
-  if isinstance(value, int):
-    return [value]
-  return [int(v) for v in value]
-
-
-def run(c, workdir):
-  from detailflow_jax.train import mesh as mesh_lib
-  if c.get("task") not in ("eval_generation", "eval_tokenizer"):
-    raise app.UsageError(f"config task {c.get('task')!r} is not an evaluation; use a :eval variant "
-                         "(e.g. configs/detailflow16_gpt_l.py:eval)")
-  mesh_lib.maybe_initialize_distributed(c)
-  mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  workdir = pathlib.Path(workdir)
-  e = c.eval
-  if c.task == "eval_tokenizer":
-    from detailflow_jax.eval.reconstruction import run_tokenizer_eval
-    return run_tokenizer_eval(e, workdir, mesh=mesh)
-  from detailflow_jax.eval.generation import GenerationSettings, run_generation
-  for key in ("tokenizer", "gpt"):
-    if not e[key]:
-      raise app.UsageError(f"eval.{key} is empty: give --config.eval.{key}=DIR")
-  if bool(e.reference) != bool(e.inception):
-    raise app.UsageError("scoring needs both eval.reference and eval.inception (or neither)")
-  seeds = _seeds(e.seeds)
-  settings = GenerationSettings(
-      num_samples=e.num_samples, seed=seeds[0], label_mode=e.label_mode, cfg_scale=e.cfg_scale,
-      temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, precision=e.precision,
-      per_device_batch=e.per_device_batch, chunk_size=e.chunk_size, param_layout=e.param_layout)
-  return run_generation(e.tokenizer, e.gpt, settings, seeds=seeds, workdir=workdir,
-                        out=e.out or workdir / "samples.npz", reference=e.reference or None,
-                        inception=e.inception or None, gpt_weights=e.gpt_weights or None,
-                        png_dir=e.png_dir or None, mesh=mesh, inception_batch=e.inception_batch)
-
-
 def main(argv):
   del argv
   logging.getLogger("detailflow_jax").setLevel(logging.INFO)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  run(FLAGS.config, FLAGS.workdir)
+  from detailflow_jax.eval.launch import ConfigError, run_from_config
+  try:
+    run_from_config(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:
+    raise app.UsageError(str(e))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,24 @@ def test_kill_9_and_restart_gives_the_same_file(eight_devices, models, reference
   results = json.loads((tmp_path / "w" / "results.json").read_text())
   assert results["runs"][0]["summary"]["chunks_reused"] == done
   assert (tmp_path / "s.npz").read_bytes() == samples.read_bytes()
+
+
+def test_eval_config_variants_hold_the_paper_settings():
+  import importlib
+  for n, cfg in ((16, 1.45), (32, 1.5), (64, 1.32)):
+    c = importlib.import_module(f"configs.detailflow{n}_gpt_l").get_config("eval")
+    assert c.task == "eval_generation" and c.model.block_size == n * 8
+    e = c.eval
+    assert (e.cfg_scale, e.top_k, e.top_p, e.gpt_weights, e.num_samples, e.label_mode) == \
+        (cfg, 0, 1.0, "ema", 50_000, "uniform")
+    t = importlib.import_module(f"configs.detailflow{n}_tokenizer").get_config("eval")
+    assert t.task == "eval_tokenizer" and t.eval.noisy_eval and t.model.num_latent_tokens == n * 8
+
+
+def test_launcher_refuses_a_training_config():
+  from configs.detailflow16_gpt_l import get_config
+  from detailflow_jax.eval.launch import ConfigError, run_from_config
+  with pytest.raises(ConfigError, match="is not an evaluation; use a :eval variant"):
+    run_from_config(get_config(), "/nonexistent")
+  with pytest.raises(ConfigError, match="eval.tokenizer is empty"):
+    run_from_config(get_config("eval"), "/nonexistent")
