@@ -1,6 +1,9 @@
-"""DetailFlow-16 tokenizer: 128 tokens, group size 8 (variant: tiny)."""
+"""DetailFlow-16 tokenizer: 128 tokens, group size 8 (variants: tiny, eval)."""
+from detailflow_jax.configs.eval_common import tokenizer_eval
 from detailflow_jax.configs.tokenizer_common import tokenizer_config
 
 
 def get_config(variant: str = ""):
+  if variant == "eval":
+    return tokenizer_eval(tokenizer_config(tokens=128))
   return tokenizer_config(tokens=128, variant=variant)

@@ -1,9 +1,12 @@
-"""DetailFlow-32 GPT-L: 256 tokens, group size 8 (variants: tiny, gpt_b, gpt_xl)."""
+"""DetailFlow-32 GPT-L: 256 tokens, group size 8 (variants: tiny, gpt_b, gpt_xl, eval)."""
+from detailflow_jax.configs.eval_common import generation_eval
 from detailflow_jax.configs.gpt_common import gpt_config
 
 
 def get_config(variant: str = ""):
   presets = {"gpt_b": "GPT-B", "gpt_xl": "GPT-XL"}
+  if variant == "eval":
+    return generation_eval(gpt_config(tokens=256), tokens=256)
   if variant in presets:
     return gpt_config(tokens=256, preset=presets[variant])
   return gpt_config(tokens=256, variant=variant)

@@ -33,7 +33,7 @@ def _fmt(v: float) -> str:
   return f"{v:.3g}"
 
 
-def _panel(title: str, steps: Sequence[int], values: Sequence[float]) -> Image.Image:
+def _panel(title: str, steps: Sequence[int], values: Sequence[float], x_label: str = "steps") -> Image.Image:
   img = Image.new("RGB", (PANEL_W, PANEL_H), "white")
   draw = ImageDraw.Draw(img)
   x0, y0, x1, y1 = MARGIN, 22, PANEL_W - 12, PANEL_H - 28
@@ -55,16 +55,16 @@ def _panel(title: str, steps: Sequence[int], values: Sequence[float]) -> Image.I
   draw.text((2, y0), _fmt(vmax), fill="black")
   draw.text((2, y1 - 10), _fmt(vmin), fill="black")
   draw.text((x0, y1 + 4), str(int(smin)), fill="black")
-  draw.text((x1 - 40, y1 + 4), f"{int(smax)} steps", fill="black")
+  draw.text((x1 - 40, y1 + 4), f"{int(smax)} {x_label}", fill="black")
   return img
 
 
 def save_curves(path, curves: Dict[str, Tuple[Sequence[int], Sequence[float]]],
-                columns: int = 3) -> pathlib.Path:
+                columns: int = 3, x_label: str = "steps") -> pathlib.Path:
   """One panel per named curve (title -> (steps, values)), `columns` panels per row."""
   if not curves:
     raise ValueError("save_curves needs at least one curve")
-  panels: List[Image.Image] = [_panel(t, s, v) for t, (s, v) in curves.items()]
+  panels: List[Image.Image] = [_panel(t, s, v, x_label) for t, (s, v) in curves.items()]
   rows = -(-len(panels) // columns)
   cols = min(columns, len(panels))
   sheet = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")

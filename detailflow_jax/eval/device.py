@@ -1,0 +1,68 @@
+"""What both evaluation jobs do on the devices: cast weights, feed each process its rows of a
+global batch, decode tokens, bring results back to every host."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import sharding
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_precision(precision: str):
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+  return PRECISIONS[precision]
+
+
+def cast_floating(state, dtype):
+  """Floating leaves of a pytree cast to `dtype` (integers, keys unchanged)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole (batch-sharded) array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+class GlobalBatch:
+  """Global batches of `size` rows split over the mesh's batch axes; each process feeds only
+  the rows its devices hold (every process may read the whole batch on the host)."""
+
+  def __init__(self, mesh, size: int):
+    self.mesh, self.size = mesh, size
+    self._sharding = {}
+    shards = self.sharding(1).addressable_devices_indices_map((size,))
+    self.lo = min(ix[0].start or 0 for ix in shards.values())
+    self.hi = max(size if ix[0].stop is None else ix[0].stop for ix in shards.values())
+
+  def sharding(self, ndim: int):
+    if ndim not in self._sharding:
+      self._sharding[ndim] = sharding.batch_sharding(self.mesh, ndim)
+    return self._sharding[ndim]
+
+  def put(self, rows: np.ndarray) -> jax.Array:
+    """rows [size, ...] (the whole global batch, the same on every process) -> sharded array."""
+    if len(rows) != self.size:
+      raise ValueError(f"a global batch has {self.size} rows, got {len(rows)}")
+    return jax.make_array_from_process_local_data(self.sharding(rows.ndim), rows[self.lo:self.hi], rows.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "image_size"))
+def decode_tokens(graphdef, state, tokens, *, num_tokens: int, image_size: int):
+  """Tokenizer decode of the first `num_tokens` of `tokens` [B, T] -> float32 pixels
+  [B, image_size, image_size, 3] in about [-1, 1] (unclipped)."""
+  pixels = nnx.merge(graphdef, state).decode_indices(tokens, num_tokens, image_size)
+  return pixels.astype(jnp.float32)

@@ -1,0 +1,323 @@
+"""The generation job: N class-conditional samples as an ADM batch file, sharded and resumable.
+
+Every device of the mesh (all hosts) samples its slice of each global batch; sample i's label
+and key come from `protocol` (pure functions of (seed, i)) and each device always runs the same
+per-device batch, so the images do not depend on the device count. The tokens are decoded right
+after sampling on the same devices; the pixels are gathered, turned into uint8 on the host as
+the reference's samplers do (`images.to_uint8`), and written chunk by chunk (`chunks.ChunkStore`,
+process 0 writes, a restart skips the finished chunks). The final `arr_0` uint8 [N, H, W, 3] /
+`arr_1` int32 [N] file is assembled from the chunks, one chunk in memory at a time.
+
+Shapes: indices / labels / keys [B], tokens [B, T], pixels [B, H, W, 3]; B = per_device_batch x
+devices.
+"""
+import dataclasses
+import logging
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..images import to_uint8
+from ..sampling import Sampler, SamplingOptions
+from .. import sharding
+from ..train.loop import progress_bar
+
+from . import protocol
+from .chunks import ChunkStore, write_npz_streaming
+from .device import barrier, cast_floating, check_precision, decode_tokens, to_host
+
+log = logging.getLogger("detailflow_jax")
+PARAM_LAYOUTS = ("replicated", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """What a generation run is; every field is part of the protocol its chunks are tied to,
+  except the ones that cannot change a single pixel (per_device_batch, chunk_size is kept as
+  the chunk layout)."""
+  num_samples: int = 50_000
+  seed: int = 0
+  label_mode: str = "uniform"
+  cfg_scale: float = 1.5
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  precision: str = "float32"
+  per_device_batch: int = 4      # the reference's per-rank batch
+  chunk_size: int = 1000
+  param_layout: str = "replicated"
+
+  def __post_init__(self):
+    protocol.check_label_mode(self.label_mode)
+    check_precision(self.precision)
+    if self.param_layout not in PARAM_LAYOUTS:
+      raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {self.param_layout!r}")
+    for name in ("num_samples", "per_device_batch", "chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def options(self) -> SamplingOptions:
+    return SamplingOptions(cfg_scale=self.cfg_scale, temperature=self.temperature,
+                           top_k=self.top_k, top_p=self.top_p)
+
+  def protocol(self) -> Dict:
+    d = dataclasses.asdict(self)
+    d.pop("per_device_batch")  # the images do not depend on it
+    return d
+
+
+def precision_record(precision: str) -> Dict:
+  """What `precision` means in this job, for the output metadata."""
+  if precision == "float32":
+    return {"name": "float32", "gpt": "float32 weights and activations",
+            "tokenizer_decode": "float32 weights and activations"}
+  return {"name": "bfloat16",
+          "gpt": "weights cast to bfloat16 at load (GPT EMA weights as the reference's bf16 "
+                 "eval); activations bfloat16, logits float32",
+          "tokenizer_decode": "decoder weights cast to bfloat16 at load and run in bfloat16 "
+                              "(the reference decodes under bf16 autocast); XLA accumulates "
+                              "bfloat16 matmuls in float32; pixels float32 before uint8"}
+
+
+@jax.jit
+def _row_keys(seed, indices):
+  return protocol.row_keys(seed, indices)
+
+
+class GenerationJob:
+  """Samples, decodes and stores `settings.num_samples` images of one GPT + tokenizer pair.
+
+  gpt / tokenizer: loaded modules (their weights are cast to `settings.precision`).
+  mesh: a (data, fsdp, tensor) mesh over the devices to use (default: all devices).
+  """
+
+  def __init__(self, gpt, tokenizer, settings: GenerationSettings, mesh=None):
+    self.settings = settings
+    self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    if settings.param_layout == "fsdp" and self.mesh.shape["fsdp"] == 1:
+      raise ValueError("param_layout 'fsdp' needs a mesh with fsdp > 1 (mesh.fsdp in the config)")
+    dtype = check_precision(settings.precision)
+    self.gpt_config, self.tok_config = gpt.config, tokenizer.config
+    if settings.cfg_scale > 1.0 and not gpt.config.has_null_class:
+      raise ValueError("cfg_scale > 1 needs a GPT with a null class (class_dropout_prob > 0)")
+    if gpt.config.block_size != tokenizer.config.num_latent_tokens:
+      raise ValueError(f"the GPT makes {gpt.config.block_size} tokens, the tokenizer decodes "
+                       f"{tokenizer.config.num_latent_tokens}")
+    self.gpt_graphdef, gpt_state = nnx.split(gpt)
+    self.tok_graphdef, tok_state = nnx.split(tokenizer)
+    gpt_state, tok_state = cast_floating(gpt_state, dtype), cast_floating(tok_state, dtype)
+    rep = sharding.replicated(self.mesh)
+    if settings.param_layout == "fsdp":
+      self.gpt_params = jax.device_put(gpt_state, sharding.shardings_for(gpt_state, self.mesh))
+    else:
+      self.gpt_params = jax.device_put(gpt_state, rep)
+    self.tok_params = jax.device_put(tok_state, rep)
+    self.batch = settings.per_device_batch * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.image_size = tokenizer.config.image_size
+    # Labels, keys and tokens are batch-sharded over the mesh by the sampler; each device
+    # always samples per_device_batch rows, whatever the device count.
+    self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh)
+
+  def images(self, start: int, stop: int) -> np.ndarray:
+    """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""
+    out = []
+    s = self.settings
+    for first in range(start, stop, self.batch):
+      # Every process holds the whole batch's labels and keys; rows past `stop` are dropped.
+      labels = protocol.labels_for(s.seed, first, first + self.batch, self.gpt_config.num_classes,
+                                   s.label_mode)
+      keys = _row_keys(jnp.uint32(s.seed), np.arange(first, first + self.batch, dtype=np.int32))
+      tokens = self.sampler.sample(self.gpt_params, labels, keys, s.options)
+      pixels = decode_tokens(self.tok_graphdef, self.tok_params, tokens,
+                             num_tokens=self.gpt_config.block_size, image_size=self.image_size)
+      out.append(to_uint8(to_host(pixels))[:stop - first])
+    return np.concatenate(out)
+
+  def labels(self, start: int, stop: int) -> np.ndarray:
+    s = self.settings
+    return protocol.labels_for(s.seed, start, stop, self.gpt_config.num_classes, s.label_mode)
+
+  def run(self, workdir, out, protocol_extra: Optional[Dict] = None, png_dir=None,
+          log_every_s: float = 10.0) -> Dict:
+    """Writes the chunks under `workdir` (skipping finished ones) and assembles `out`.
+    Returns a summary (images/s, chunks made / reused, seconds)."""
+    s = self.settings
+    size = self.image_size
+    writer = jax.process_index() == 0
+    store = ChunkStore(workdir, dict(s.protocol(), **(protocol_extra or {})), s.num_samples,
+                       s.chunk_size, {"arr_0": ((size, size, 3), "uint8"), "arr_1": ((), "int32")},
+                       writer=writer)
+    barrier("generation: manifest read")
+    pending = store.pending()
+    todo = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
+    log.info("generation: %d samples, %d chunks of %d (%d to make, %d done), global batch %d on %d devices",
+             s.num_samples, store.num_chunks, s.chunk_size, len(pending),
+             store.num_chunks - len(pending), self.batch, self.mesh.size)
+    t0, made, last = time.time(), 0, 0.0
+    for k in pending:
+      start, stop = store.rows(k)
+      images = self.images(start, stop)
+      store.write(k, arr_0=images, arr_1=self.labels(start, stop))
+      if png_dir is not None and writer:
+        _write_pngs(png_dir, start, images)
+      made += stop - start
+      now = time.time()
+      if now - last >= log_every_s or made == todo:
+        rate = made / max(now - t0, 1e-9)
+        log.info("generation: %s chunk %d/%d, %d/%d new images, %.2f img/s, ETA %.0fs",
+                 progress_bar(made, todo), k + 1, store.num_chunks, made, todo, rate,
+                 (todo - made) / max(rate, 1e-9))
+        last = now
+    seconds = time.time() - t0
+    barrier("generation: chunks written")
+    if writer:
+      write_npz_streaming(out, {"arr_0": store.member("arr_0"), "arr_1": store.member("arr_1")})
+    barrier("generation: assembled")
+    summary = {"images_made": made, "chunks_made": len(pending),
+               "chunks_reused": store.num_chunks - len(pending), "seconds": seconds,
+               "images_per_second": made / seconds if made else None, "devices": self.mesh.size,
+               "processes": jax.process_count(), "global_batch": self.batch}
+    log.info("generation done: %d images in %s (%d new in %.1fs, %s img/s, %d chunks reused)",
+             s.num_samples, out, made, seconds,
+             f"{summary['images_per_second']:.2f}" if made else "-", summary["chunks_reused"])
+    return summary
+
+
+def _write_pngs(directory, start: int, images: np.ndarray) -> None:
+  import pathlib
+  from PIL import Image
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  for j, img in enumerate(images):  # the reference's names: {index:06d}.png
+    Image.fromarray(img).save(directory / f"{start + j:06d}.png")
+
+
+# ------------------------------------------------------------------------- run + results.json --
+
+def package_versions() -> Dict[str, str]:
+  import importlib.metadata
+  import platform
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "numpy", "scipy", "orbax-checkpoint", "ml_collections"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def model_record(directory, kind: str) -> Dict:
+  """A converted model directory and the hash of its weights (over its files' SHA-256s)."""
+  import hashlib
+  import json
+  from ..model_dir import verify_model_dir
+  meta = verify_model_dir(directory, kind)
+  files = meta.get("files") or {}
+  digest = hashlib.sha256(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}).encode())
+  return {"path": str(directory), "weights_sha256": digest.hexdigest(),
+          "param_dtype": meta.get("param_dtype", "float32"), "source": meta.get("source")}
+
+
+def resolve_models(tokenizer_src, gpt_src, gpt_weights: Optional[str], tokenizer_weights: Optional[str] = None):
+  """(tokenizer dir, gpt dir): converted directories, released runs or Hub ids resolved; the
+  weight choice ('ema' / 'model') applies to released checkpoints only (a converted directory
+  holds one set, recorded at conversion)."""
+  import pathlib
+  from ..hub import resolve_model_dir
+  from ..model_dir import is_model_dir
+
+  def one(src, kind, weights):
+    path = pathlib.Path(str(src)).expanduser()
+    if path.is_dir() and is_model_dir(path):
+      weights = None
+    return resolve_model_dir(src, kind, weights or None)
+
+  return one(tokenizer_src, "tokenizer", tokenizer_weights), one(gpt_src, "gpt", gpt_weights)
+
+
+def _mean_std(values):
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+          "values": v.tolist()}
+
+
+def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seeds=None,
+                   workdir, out, reference=None, inception=None, gpt_weights: Optional[str] = "ema",
+                   png_dir=None, mesh=None, inception_batch: int = 256,
+                   results_path=None) -> Dict:
+  """The whole generation job for one or more seeds: samples (resumable, per seed
+  `out` with `{seed}` filled in, or OUT-seedS.npz for several seeds), scores with
+  `reference` + `inception`, and results.json (protocol, hashes, scores, mean +- std)."""
+  import json
+  import pathlib
+  from ..pretrained import load_model_dir
+  from .chunks import _write_json_atomically
+  seeds = list(seeds) if seeds else [settings.seed]
+  if (reference is None) != (inception is None):
+    raise ValueError("scoring needs both --reference and --inception (or neither)")
+  tok_dir, gpt_dir = resolve_models(tokenizer_src, gpt_src, gpt_weights)
+  tokenizer, gpt = load_model_dir(tok_dir, "tokenizer"), load_model_dir(gpt_dir, "gpt")
+  models = {"tokenizer": model_record(tok_dir, "tokenizer"), "gpt": model_record(gpt_dir, "gpt")}
+  models["gpt"]["weights_requested"] = gpt_weights
+  workdir = pathlib.Path(workdir)
+  out = str(out)
+  runs = []
+  for seed in seeds:
+    s = dataclasses.replace(settings, seed=int(seed))
+    job = GenerationJob(gpt, tokenizer, s, mesh=mesh)
+    if "{seed}" in out:
+      path = pathlib.Path(out.format(seed=seed))
+    elif len(seeds) > 1:
+      base = pathlib.Path(out)
+      path = base.with_name(f"{base.stem}-seed{seed}{base.suffix or '.npz'}")
+    else:
+      path = pathlib.Path(out)
+    extra = {"tokenizer_sha256": models["tokenizer"]["weights_sha256"],
+             "gpt_sha256": models["gpt"]["weights_sha256"]}
+    summary = job.run(workdir / f"chunks-seed{seed}", path, protocol_extra=extra,
+                      png_dir=(pathlib.Path(png_dir) / f"seed{seed}") if png_dir else None)
+    run = {"seed": int(seed), "samples": str(path), "summary": summary}
+    if reference is not None and jax.process_index() == 0:
+      from ..evaluate import evaluate
+      run["scores"] = evaluate(reference, path, inception, inception_batch)
+    elif reference is not None:
+      from ..evaluate import evaluate  # every process takes part in the Inception features
+      evaluate(reference, path, inception, inception_batch)
+    else:
+      from ..model_dir import file_sha256
+      run["samples_sha256"] = file_sha256(path) if jax.process_index() == 0 else None
+    runs.append(run)
+  results = {
+      "protocol": {
+          "num_samples": settings.num_samples, "seeds": [int(s) for s in seeds],
+          "label_mode": settings.label_mode, "cfg_scale": settings.cfg_scale,
+          "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+          "chunk_size": settings.chunk_size, "param_layout": settings.param_layout,
+          "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see eval/protocol.py",
+          "uint8": "clip(127.5 x + 128, 0, 255) truncated, as the reference's samplers",
+      },
+      "precision": precision_record(settings.precision),
+      "models": models, "packages": package_versions(),
+      "devices": {"count": jax.device_count(), "processes": jax.process_count(),
+                  "platform": jax.default_backend(),
+                  "kind": jax.devices()[0].device_kind},
+      "runs": runs,
+  }
+  if reference is not None and jax.process_index() == 0:
+    results["inputs"] = {"reference": runs[0]["scores"]["inputs"]["reference"],
+                         "inception": runs[0]["scores"]["inputs"]["inception"]}
+    results["scores"] = {k: _mean_std([r["scores"][k] for r in runs])
+                         for k in ("inception_score", "fid", "sfid", "precision", "recall")}
+  if jax.process_index() == 0:
+    path = pathlib.Path(results_path) if results_path else workdir / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomically(path, results)
+    if "scores" in results:
+      line = ", ".join(f"{k} {v['mean']:.4g} ± {v['std']:.2g}" for k, v in results["scores"].items())
+      log.info("scores over seeds %s: %s", seeds, line)
+  return results
