@@ -18,7 +18,8 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.model = ml_collections.ConfigDict(dict(
       preset=preset, vocab_size=8192, block_size=tokens, group_size=8, causal_num=None,
       num_classes=1000, class_dropout_prob=0.1, cls_token_num=1, token_dropout_p=0.1,
-      resid_dropout_p=0.1, ffn_dropout_p=0.1, drop_path_rate=0.0, dims=None))
+      resid_dropout_p=0.1, ffn_dropout_p=0.1, drop_path_rate=0.0, dims=None,
+      remat="none"))  # per-block gradient checkpointing: none | full | save_dots
   c.data = ml_collections.ConfigDict(dict(
       source="token_records", path="", batch_size=256, num_workers=8,
       examples_per_epoch=IMAGENET_TRAIN_IMAGES))

@@ -58,6 +58,8 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
       max_grad_norm=1.0, warmup_epochs=1.0, warmup_steps=-1, schedule="cosine",
       end_lr_fraction=0.1))
   c.compute_dtype = "bfloat16"
+  # Per-layer gradient checkpointing of the encoder / decoder towers: none | full | save_dots.
+  c.remat = ml_collections.ConfigDict(dict(encoder="none", decoder="none"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
   c.log_every = 50

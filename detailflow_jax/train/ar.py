@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ..models import remat
 from ..models.gpt import GPT, GPTConfig
+from ..models.precision import Precision, set_precision
 
 
 def gpt_config_from(c: ml_collections.ConfigDict) -> GPTConfig:
@@ -53,6 +55,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError("the run has no steps: set total_steps or num_epochs/examples_per_epoch")
   if c.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"compute_dtype={c.compute_dtype!r} (float32 | bfloat16)")
+  remat.check_policy(m.remat, "model.remat")
 
 
 def select_inputs_targets(tokens: jax.Array, group_size: int, key: jax.Array,
@@ -73,25 +76,28 @@ def select_inputs_targets(tokens: jax.Array, group_size: int, key: jax.Array,
   return inputs, targets, corrected
 
 
-def make_loss(cfg: GPTConfig, correction_prob: float, compute_dtype=jnp.float32) -> Callable:
-  """loss_fn(model, batch, rng) for the shared train step; batch = {'tokens', 'labels'}."""
+def make_loss(cfg: GPTConfig, correction_prob: float, compute_dtype=jnp.float32,
+              remat_policy: str = "none") -> Callable:
+  """loss_fn(model, batch, rng) for the shared train step; batch = {'tokens', 'labels'}.
+
+  compute_dtype: 'float32' (native) or 'bfloat16' autocast (models/precision.py: float32
+  master weights, embeddings, residual, norms and loss; bf16 matmul inputs). remat_policy:
+  per-block gradient checkpointing (models/remat.py).
+  """
+  policy = Precision.named(compute_dtype)
+  remat.check_policy(remat_policy, "model.remat")
+
   def loss_fn(model: GPT, batch: Dict[str, jax.Array], rng: jax.Array):
     corr_key, drop_key = jax.random.split(rng)
     inputs, targets, corrected = select_inputs_targets(batch["tokens"], cfg.group_size, corr_key,
                                                        correction_prob)
-    if compute_dtype != jnp.float32:
-      model = cast_params(model, compute_dtype)
+    # The model was merged inside this trace, so setting its static policies is local to
+    # this loss (autocast's `with` block).
+    set_precision(model, policy)
+    remat.set_remat(model, remat_policy, "model.remat")
     loss, _ = model.loss(inputs, batch["labels"], targets, key=drop_key)
     return loss, {"corrected_fraction": corrected.mean()}
   return loss_fn
-
-
-def cast_params(model, dtype):
-  """bf16 compute with float32 master weights: a model whose floating params are cast copies
-  (gradients flow back through the cast to the float32 originals)."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-  return nnx.merge(graphdef, params, rest)
 
 
 def train(c: ml_collections.ConfigDict, workdir) -> Any:
@@ -141,8 +147,8 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
     at, state = ckpt.restore(abstract_with_shardings(state, shardings), data_iter)
     log.info("resumed from step %d", at)
   dtype = jnp.dtype(c.compute_dtype)
-  step_fn = make_train_step(graphdef, make_loss(cfg, c.correction_prob, dtype), tx, shardings,
-                            mesh, ema_decay=c.ema_decay)
+  step_fn = make_train_step(graphdef, make_loss(cfg, c.correction_prob, dtype, c.model.remat), tx,
+                            shardings, mesh, ema_decay=c.ema_decay)
   progress = Progress(data_iter, log_every=0, name="tokens")
   batches = (global_batch(b, mesh) for b in progress)
   writer = create_writer(workdir, process_index=jax.process_index())

@@ -26,6 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..models import remat
+from ..models.precision import Precision, set_precision
 from ..models.quantizer import l2_normalize
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
@@ -179,13 +181,20 @@ class TokenizerTrainer:
                mesh, *, perceptual: Optional[nnx.Module] = None,
                discriminator: Optional[nnx.Module] = None,
                disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
-               rules=mesh_lib.DEFAULT_RULES):
+               rules=mesh_lib.DEFAULT_RULES, precision: Precision = Precision(),
+               encoder_remat: str = "none", decoder_remat: str = "none"):
+    """precision: the generator forward's mixed-precision policy (models/precision.py; the
+    discriminator and LPIPS run native). encoder_remat / decoder_remat: per-layer gradient
+    checkpointing of the two towers (models/remat.py)."""
     from .state import shardings_for
     if discriminator is not None and disc_tx is None:
       raise ValueError("a discriminator needs its own optimizer (disc_tx)")
     if losses.perceptual_weight and perceptual is None:
       raise ValueError("perceptual_weight > 0 needs a perceptual network (LPIPS)")
     self.losses, self.tx, self.disc_tx, self.mesh, self.rules = losses, tx, disc_tx, mesh, rules
+    self.precision = precision
+    self.remat = {"encoder": remat.check_policy(encoder_remat, "remat.encoder"),
+                  "decoder": remat.check_policy(decoder_remat, "remat.decoder")}
     self.config = tokenizer.config
     graphdef, params, frozen, extras = split_tokenizer(tokenizer)
     self._graphdef = graphdef
@@ -249,6 +258,10 @@ class TokenizerTrainer:
     def gen_loss(params):
       extras = jax.tree.map(lambda x: x, state.extras)
       model = nnx.merge(self._graphdef, params, frozen["tokenizer"], extras)
+      # Merged inside this trace: the policies below are local to this forward (autocast).
+      set_precision(model, self.precision)
+      remat.set_remat(model.encoder, self.remat["encoder"], "remat.encoder")
+      remat.set_remat(model.decoder, self.remat["decoder"], "remat.decoder")
       out = generator_forward(model, batch["image"], batch["target"], k_noise,
                               num_tokens=prog.num_tokens, max_tokens=prog.max_tokens,
                               decode_res=prog.decode_res, correct=prog.correct,
@@ -418,6 +431,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
     raise ValueError("the run has no steps: set total_steps or num_epochs/examples_per_epoch")
   if c.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"compute_dtype={c.compute_dtype!r} (float32 | bfloat16)")
+  remat.check_policy(c.remat.encoder, "remat.encoder")
+  remat.check_policy(c.remat.decoder, "remat.decoder")
   needs = []
   if c.losses.perceptual_weight and not c.weights.lpips:
     needs.append("weights.lpips (LPIPS VGG16: torchvision vgg16 .pth + LPIPS vgg.pth)")
@@ -504,12 +519,14 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   tokenizer = Tokenizer(cfg, rngs=c.seed)
   frozen_nets.load_tokenizer_weights(tokenizer, c.weights)
   if dtype != jnp.float32:
-    log.info("compute dtype %s: parameters stay float32 (master weights)", dtype)
+    log.info("compute dtype %s autocast: parameters and optimizer state stay float32", dtype)
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
   discriminator = frozen_nets.build_discriminator(c)
   tx, disc_tx = make_optimizers(c, steps)
   trainer = TokenizerTrainer(tokenizer, loss_config_from(c), tx, mesh, perceptual=perceptual,
-                             discriminator=discriminator, disc_tx=disc_tx, seed=c.seed)
+                             discriminator=discriminator, disc_tx=disc_tx, seed=c.seed,
+                             precision=Precision.named(c.compute_dtype),
+                             encoder_remat=c.remat.encoder, decoder_remat=c.remat.decoder)
   state = trainer.init_state()
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6 if tree is not None else 0.0
   log.info("tokenizer %.1fM trainable, discriminator %.1fM trainable, frozen %.1fM; mesh %s; %d steps",
