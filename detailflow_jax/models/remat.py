@@ -10,9 +10,12 @@
 Blocks that support it (the GPT's TransformerBlock, the ViT's EncoderLayer) carry a
 `remat_policy` name; `set_remat` sets it on every such block of a model or sub-module.
 """
-from typing import Callable, Optional
+import math
+from typing import Callable
 
 import jax
+# jax.ad_checkpoint.print_saved_residuals' structured form (it only prints).
+from jax._src.ad_checkpoint import saved_residuals
 from flax import nnx
 
 POLICIES = {
@@ -48,9 +51,8 @@ def set_remat(model: nnx.Module, name: str, key: str = "remat") -> nnx.Module:
   return model
 
 
-def remat_policy_of(model: nnx.Module) -> Optional[str]:
-  """The policy of the first block (None if there are none): for reports and tests."""
-  for _, module in nnx.iter_modules(model):
-    if hasattr(module, "remat_policy"):
-      return module.remat_policy
-  return None
+def saved_residual_bytes(fn: Callable, *args) -> int:
+  """Bytes of the activations the backward pass of `fn(*args)` (scalar) keeps: what the remat
+  policy controls, independent of how a backend schedules the program."""
+  residuals = saved_residuals(fn, *args)
+  return int(sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, _ in residuals))

@@ -211,15 +211,16 @@ class TokenizerTrainer:
     # Frozen weights: replicated/sharded once, passed to every step, never donated or saved.
     frozen_tree = {"tokenizer": frozen, "disc": disc_frozen,
                    "perceptual": self._perc[1] if self._perc else None}
-    with jax.set_mesh(mesh):
-      self.frozen = jax.device_put(frozen_tree, shardings_for(frozen_tree, mesh, rules))
+    self.frozen = _place(frozen_tree, shardings_for(frozen_tree, mesh, rules), mesh)
     self._init_parts = (params, extras, disc_params, disc_extras)
     self._seed = seed
     self._jitted: Dict[StepPrograms, Callable] = {}
 
   # -- state ------------------------------------------------------------------------------------
 
-  def init_state(self) -> TokenizerTrainState:
+  def init_state(self, abstract: bool = False) -> TokenizerTrainState:
+    """The initial state, sharded. abstract=True (also implied by an abstract tokenizer, from
+    nnx.eval_shape): ShapeDtypeStructs with the shardings, for AOT lowering (`compiled`)."""
     from .state import shardings_for
     params, extras, disc_params, disc_extras = self._init_parts
     ema = self.losses.ema_decay > 0
@@ -232,8 +233,10 @@ class TokenizerTrainer:
           disc_opt_state=self.disc_tx.init(disc_params) if disc_params is not None else None,
           lecam_ema=jnp.zeros((2,), jnp.float32), rng=jax.random.key_data(jax.random.key(self._seed)))
 
-    abstract = jax.eval_shape(init, params, extras, disc_params, disc_extras)
-    self.state_shardings = shardings_for(abstract, self.mesh, self.rules)
+    shapes = jax.eval_shape(init, params, extras, disc_params, disc_extras)
+    self.state_shardings = shardings_for(shapes, self.mesh, self.rules)
+    if abstract or _is_abstract(params):
+      return _place(shapes, self.state_shardings, self.mesh)
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(params, extras, disc_params, disc_extras)
 
@@ -359,18 +362,24 @@ class TokenizerTrainer:
 
   def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
     """The compiled executable `step` runs for this batch (for cost analysis)."""
+    return self.lower(state, batch, step).compile()
+
+  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
+    """The program `step` runs for this batch, lowered ahead of time (state and images may be
+    ShapeDtypeStructs, e.g. from init_state(abstract=True))."""
     fn, arrays = self._program(state, batch, step)
     with jax.set_mesh(self.mesh):
-      return fn.lower(state, self.frozen, arrays).compile()
+      return fn.lower(state, self.frozen, arrays)
 
   def _program(self, state, batch, step):
     step = int(jax.device_get(state.step)) if step is None else step
     prog = self.programs(batch, step)
+    # (image/target may be ShapeDtypeStructs when lowering ahead of time)
     arrays = {"image": batch["image"], "target": batch["target"],
               "noise_idx": jnp.int32(batch["noise_idx"])}
     if prog not in self._jitted:
-      batch_shardings = {k: mesh_lib.batch_sharding(self.mesh, np.ndim(v), self.rules)
-                         if np.ndim(v) else mesh_lib.replicated(self.mesh) for k, v in arrays.items()}
+      batch_shardings = {k: mesh_lib.batch_sharding(self.mesh, len(np.shape(v)), self.rules)
+                         if len(np.shape(v)) else mesh_lib.replicated(self.mesh) for k, v in arrays.items()}
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
       fn = lambda state, frozen, batch, prog=prog: self._step(prog, state, frozen, batch)
       self._jitted[prog] = jax.jit(
@@ -381,6 +390,22 @@ class TokenizerTrainer:
   @property
   def num_programs(self) -> int:
     return len(self._jitted)
+
+
+def _is_abstract(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def _place(tree, shardings, mesh):
+  """Arrays put on the mesh with `shardings`; ShapeDtypeStructs (abstract models) become
+  ShapeDtypeStructs that carry them."""
+  def one(x, s):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return jax.device_put(x, s)
+  with jax.set_mesh(mesh):
+    return jax.tree.map(one, tree, shardings)
 
 
 # --- config -> models ---------------------------------------------------------------------------
