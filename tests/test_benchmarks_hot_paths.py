@@ -1,10 +1,11 @@
 """benchmarks/vs_reference.py and benchmarks/accelerator.py: the skip path, our side of the
-side-by-side run on the fixture checkpoints, and the accelerator script's --quick mode."""
+side-by-side run on the fixture checkpoints, the accelerator script's --quick mode, and
+benchmarks/memory_plan.py --quick."""
 import contextlib
 import io
 import json
-import pathlib
 import os
+import pathlib
 import subprocess
 import sys
 

@@ -53,6 +53,8 @@ def set_remat(model: nnx.Module, name: str, key: str = "remat") -> nnx.Module:
 
 def saved_residual_bytes(fn: Callable, *args) -> int:
   """Bytes of the activations the backward pass of `fn(*args)` (scalar) keeps: what the remat
-  policy controls, independent of how a backend schedules the program."""
+  policy controls, independent of how a backend schedules the program. The arguments
+  themselves (parameters the backward reads) are not counted: they are held anyway."""
   residuals = saved_residuals(fn, *args)
-  return int(sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, _ in residuals))
+  return int(sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, where in residuals
+                 if not where.startswith("from the argument")))
