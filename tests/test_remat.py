@@ -58,9 +58,10 @@ def test_gpt_gradients_identical_under_every_policy():
 
 
 def test_remat_policy_changes_saved_activations_and_compiled_memory():
-  """Saved residuals (what the backward pass keeps, platform-independent) shrink ~19x under
-  full remat and ~3x under save_dots (measured: 144 / 45 / 7.5 MB); XLA:CPU's compiled temp
-  bytes drop much less (its schedule recomputes early: measured 131 -> 121 MB), but drop."""
+  """Saved residuals (what the backward pass keeps, platform-independent) shrink > 10x under
+  full remat and > 2x under save_dots (GPT-L, 4 sequences: 1.82 / 0.53 / 0.086 GiB for
+  none / save_dots / full); XLA:CPU's compiled temp bytes drop much less (its schedule
+  recomputes early; measured here 131 -> 121 MB), but drop."""
   cfg, batch = gpt_setup(dims=dict(dim=64, n_layer=6, n_head=4), batch=64)
   residuals, temp = {}, {}
   for policy in POLICIES:
