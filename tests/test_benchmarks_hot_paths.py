@@ -1,8 +1,10 @@
 """benchmarks/vs_reference.py and benchmarks/accelerator.py: the skip path, our side of the
-side-by-side run on the fixture checkpoints, and the accelerator script's --quick mode."""
+side-by-side run on the fixture checkpoints, the accelerator script's --quick mode, and
+benchmarks/memory_plan.py --quick."""
 import contextlib
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -76,3 +78,26 @@ def test_accelerator_quick_covers_every_section():
       "bfloat16_tokens32_batch2", "float32_tokens32_batch2"}
   assert result["summary"]["decode_df16_float32_mfu_vs_bf16_matmul"] > 0
   assert any(s.startswith("reference_eager_32") for s in result["skipped"])
+
+
+def test_memory_plan_quick_reports_every_model_and_policy():
+  """benchmarks/memory_plan.py --quick: both recipes' train steps compiled ahead of time from
+  abstract states, once per remat policy, with the full-run keys."""
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--quick"],
+                       capture_output=True, text=True, check=True, cwd=ROOT, timeout=1200,
+                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4 and result["mfu"] == 0.4
+  keys = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "fits_16GiB",
+          "flops_per_step", "step_time_s_at_mfu", "devices", "residual_bytes"}
+  for model in ("gpt", "tokenizer"):
+    entries = result["results"][model]
+    assert set(entries) == {"none", "full", "save_dots"}
+    for policy, entry in entries.items():
+      assert keys <= set(entry), (model, policy)
+      assert entry["argument_bytes"] > 0 and entry["flops_per_step"] > 0 and entry["fits_16GiB"]
+      assert entry["step_time_s_at_mfu"] == entry["flops_per_step"] / (197e12 * 0.4)
+    # remat keeps fewer activations, and recomputes (more FLOPs)
+    assert entries["full"]["residual_bytes"] < entries["save_dots"]["residual_bytes"] \
+        < entries["none"]["residual_bytes"], model
+    assert entries["full"]["flops_per_step"] > entries["none"]["flops_per_step"], model

@@ -88,7 +88,7 @@ def test_no_intact_step_is_one_error_naming_the_damaged_steps(tmp_path):
 def _tokenizer_workdir(workdir: pathlib.Path):
   """A tokenizer run's workdir: config.json + Orbax train states (EMA on) at steps 1..5, keep 1,
   milestones every 2; each step's params and EMA are offset so the steps differ."""
-  from detailflow_jax.models.tokenizer import Tokenizer
+  from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   c = get_config("tiny")
   c.towers.encoder.num_layers = 1
   c.towers.decoder.num_layers = 1
@@ -96,7 +96,7 @@ def _tokenizer_workdir(workdir: pathlib.Path):
   workdir.mkdir()
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
   tx, disc_tx = recipe.make_optimizers(c, 10)
-  trainer = recipe.TokenizerTrainer(Tokenizer(recipe.tokenizer_config_from(c), rngs=0),
+  trainer = recipe.TokenizerTrainer(Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0),
                                     recipe.loss_config_from(c), tx,
                                     mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
                                     disc_tx=disc_tx)

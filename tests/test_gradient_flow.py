@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
 from detailflow_jax.models.quantizer import VectorQuantizer
-from detailflow_jax.models.tokenizer import Tokenizer
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import frozen_nets
 from detailflow_jax.train import tokenizer as recipe
@@ -74,7 +74,7 @@ def tokenizer_with_teacher():
   c.towers.teacher = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, position_grid=4,
                           patch_size=8)
   c.model.global_token_loss_weight = 1.0
-  return Tokenizer(recipe.tokenizer_config_from(c), rngs=0)
+  return Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0)
 
 
 def _group(path) -> str:
@@ -96,8 +96,8 @@ def reached(tokenizer_with_teacher):
 
   def term(params, name):
     m = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
-    out = recipe.generator_forward(m, images, images, jax.random.key(1), num_tokens=t, max_tokens=t,
-                                   decode_res=32, correct=False, noise_idx=jnp.int32(-1))
+    out = m.train_forward(images, images, jax.random.key(1), num_tokens=t, max_tokens=t,
+                          decode_res=32)
     if name == "rec_loss":
       return jnp.mean(jnp.square(out.recon - out.target))
     return out.losses[name]
@@ -148,7 +148,7 @@ def test_the_discriminator_update_leaves_the_generator_alone():
   c.losses.update(disc_start=0, use_diff_aug=False)
   _, disc_tx = recipe.make_optimizers(c, 10)
   trainer = recipe.TokenizerTrainer(
-      Tokenizer(recipe.tokenizer_config_from(c), rngs=0), recipe.loss_config_from(c),
+      Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0), recipe.loss_config_from(c),
       optax.set_to_zero(), mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
       discriminator=frozen_nets.build_discriminator(c), disc_tx=disc_tx)
   state = trainer.init_state()

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs.detailflow16_tokenizer import get_config
-from detailflow_jax.models.tokenizer import Tokenizer
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import frozen_nets
 from detailflow_jax.train import tokenizer as recipe
@@ -91,9 +91,9 @@ def _with_weight_files(c):
   return c
 
 
-def test_pretrained_encoder_without_weights_is_an_error_unless_from_scratch():
+def test_encoder_without_weights_is_an_error_unless_from_scratch():
   c = _with_weight_files(get_config())
-  with pytest.raises(ValueError, match="model.enc_pretrained=True.*weights.encoder_init.*"
+  with pytest.raises(ValueError, match="weights.encoder_init is empty.*"
                                        "weights.encoder_from_scratch=True"):
     recipe.validate(c, 8)
   c.weights.encoder_from_scratch = True
@@ -103,7 +103,7 @@ def test_pretrained_encoder_without_weights_is_an_error_unless_from_scratch():
     recipe.validate(c, 8)
   c.weights.encoder_from_scratch = False
   recipe.validate(c, 8)
-  recipe.validate(get_config("tiny"), 8)  # enc_pretrained False: a from-scratch architecture
+  recipe.validate(get_config("tiny"), 8)  # the tiny variant asks for from scratch
 
 
 # --- the GAN phase ------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def _gan_trainer(disc_start=3, lecam_decay=0.9):
                   use_diff_aug=False)
   c.data.batch_size = 4
   c.optimizer.update(warmup_steps=0)
-  cfg = recipe.tokenizer_config_from(c)
+  cfg = TokenizerConfig.from_dict(c.model)
   tx, disc_tx = recipe.make_optimizers(c, 20)
   trainer = recipe.TokenizerTrainer(
       Tokenizer(cfg, rngs=0), recipe.loss_config_from(c), tx,

@@ -37,7 +37,8 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
       warmup_ratio=0.05, warmup_steps=-1, warmup_start_fraction=0.005, schedule="cosine",
       end_lr_fraction=0.01))
   c.ema_decay = 0.9999
-  c.compute_dtype = "bfloat16"
+  c.compute_dtype = "bfloat16"  # autocast (models/precision.py): float32 master weights
+  c.remat = "none"  # per-block gradient checkpointing: none | full | save_dots (models/remat.py)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
   # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).

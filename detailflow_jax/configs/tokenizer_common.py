@@ -41,7 +41,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   # Pretrained / frozen weights the run reads at start (nothing is downloaded):
   c.weights = ml_collections.ConfigDict(dict(
       encoder_init="",        # SigLIP2 (HF safetensors dir/file or big_vision .npz): encoder init
-      encoder_from_scratch=False,  # True: model.enc_pretrained without encoder_init is on purpose
+      encoder_from_scratch=False,  # True: no encoder_init, a random encoder on purpose
       teacher="",             # the same SigLIP2, full depth: global-token / REPA teacher
       lpips="",               # LPIPS VGG16 (torchvision vgg16 .pth + LPIPS vgg.pth, or one file)
       dino="",                # DINO ViT-S/16 (dino_deitsmall16_pretrain.pth) for the discriminator
@@ -65,9 +65,10 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
       max_grad_norm=1.0, warmup_epochs=1.0, warmup_steps=-1, schedule="cosine",
       warmup_lr=1e-5,         # timm's warmup_lr_init: the absolute lr the warm-up starts from
       end_lr_fraction=0.1))
-  # The reference trains under bf16 autocast; here the step computes in float32 until the
-  # mixed-precision policy lands (another dtype is rejected by validate, not silently ignored).
-  c.compute_dtype = "float32"
+  # bf16 autocast as the reference (models/precision.py): float32 master weights, bf16 matmuls.
+  c.compute_dtype = "bfloat16"
+  # Per-layer gradient checkpointing of the encoder / decoder towers: none | full | save_dots.
+  c.remat = ml_collections.ConfigDict(dict(encoder="none", decoder="none"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
   # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
@@ -102,6 +103,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
     c.total_steps = 2500
     c.optimizer.update(lr=2e-3, scale_lr_by_batch=False, warmup_steps=20, end_lr_fraction=0.1)
     c.compute_dtype = "float32"
+    c.weights.encoder_from_scratch = True  # no SigLIP2 at this size
     c.checkpoint.update(save_every=500, keep=2, milestone_every=0)
     c.log_every = 100
     c.recon_every = 1000

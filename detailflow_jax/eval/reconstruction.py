@@ -145,7 +145,7 @@ def _reconstruct(graphdef, state, images, keys, *, noise_idx: int, top_k: int):
     quant = enc.quant
   else:
     def one(image, key):
-      return model.encode_noisy(image[None], noise_idx, key, top_k=top_k)["quant"][0]
+      return model.self_correct(image[None], noise_idx, key, top_k=top_k).quant[0]
     quant = jax.vmap(one)(images, keys)
   return model.decode(quant, None, images.shape[1]).astype(jnp.float32), enc.indices
 

@@ -25,6 +25,8 @@ from flax import nnx
 from .attention import cached_attention, dot_product_attention
 from .keys import InitKeys
 from .masks import group_causal_mask
+from . import remat
+from .precision import Linear
 from .rope import apply_rope, rope_table_2d
 from ..schedule import causal_length
 
@@ -193,9 +195,9 @@ def _drop_path(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _linear(rngs, din: int, dout: int, axes, init) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=False, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(init, axes))
+def _linear(rngs, din: int, dout: int, axes, init) -> Linear:
+  return Linear(din, dout, use_bias=False, rngs=rngs,
+                kernel_init=nnx.with_partitioning(init, axes))
 
 
 class RMSNorm(nnx.Module):
@@ -323,10 +325,19 @@ class TransformerBlock(nnx.Module):
     self.feed_forward = FeedForward(cfg, rngs=rngs)
     self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
     self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    self.remat_policy = "none"  # see models/remat.py; set with remat.set_remat
 
   def __call__(self, x, rope, mask, cache=None, start=None, keys: Optional[_DropKeys] = None,
                chunk: Optional[int] = None):
     keys = keys or _DropKeys(None)
+    if cache is None and self.remat_policy != "none":
+      # Teacher forcing (training): the block runs under jax.checkpoint. The dropout keys are
+      # drawn while tracing it once, so recomputation reuses the same masks.
+      forward = lambda block, x: block._forward(x, rope, mask, None, start, keys, chunk)[0]
+      return remat.checkpointed(forward, self.remat_policy)(self, x), None
+    return self._forward(x, rope, mask, cache, start, keys, chunk)
+
+  def _forward(self, x, rope, mask, cache, start, keys: _DropKeys, chunk: Optional[int]):
     attn, cache = self.attention(self.attention_norm(x), rope, mask, cache, start, chunk)
     attn = _dropout(attn, self.cfg.resid_dropout_p, keys)
     h = x + _drop_path(attn, self.drop_path, keys)

@@ -56,6 +56,9 @@ class VectorQuantizer(nnx.Module):
   def __call__(self, z: jax.Array) -> QuantizerOutput:
     """Nearest code under squared distance (after l2-normalising both sides when configured)."""
     codebook = self.codebook()
+    # bf16 activations (autocast) are quantized in the codebook's float32; with bf16
+    # parameters (native bf16 inference) nothing changes.
+    z = z.astype(jnp.promote_types(z.dtype, codebook.dtype))
     if self.l2_norm:
       z = l2_normalize(z)
     zf = z.astype(jnp.float32)

@@ -194,6 +194,9 @@ class Decoder(nnx.Module):
       raise ValueError(f"image_size={image_size} is not a multiple of the decoder patch "
                        f"size {vit.patch_size}")
     grid = image_size // vit.patch_size
+    # The residual stream is in the parameters' dtype: float32 under bf16 autocast (z is then a
+    # bf16 projection), unchanged for native float32 or bf16 weights.
+    z = z.astype(jnp.promote_types(z.dtype, self.latent_pos_embed.dtype))
     b, t, hidden = z.shape
     n = grid * grid
     x = self.mask_token[...].astype(z.dtype) + self.visual_model.embeddings.positions(grid, grid)

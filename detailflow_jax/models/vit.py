@@ -11,6 +11,8 @@ from flax import nnx
 
 from ..ops.resize import resize_grid_bilinear_aa
 from .attention import dot_product_attention
+from . import remat
+from .precision import Linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +48,11 @@ def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
   return x.reshape(b, g * patch, g * patch, channels)
 
 
-def dense(rngs, din: int, dout: int, axes) -> nnx.Linear:
+def dense(rngs, din: int, dout: int, axes) -> Linear:
   """A biased Linear whose kernel/bias carry logical axis names `axes` = (in_axis, out_axis)."""
-  return nnx.Linear(din, dout, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+  return Linear(din, dout, rngs=rngs,
+                kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
 
 
 def _layer_norm(rngs, dim, eps):
@@ -102,10 +104,17 @@ class EncoderLayer(nnx.Module):
     self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, rngs=rngs)
     self.layer_norm2 = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
     self.mlp = MLP(cfg.hidden_size, cfg.mlp_dim, rngs=rngs)
+    self.remat_policy = "none"  # see models/remat.py; set with remat.set_remat
 
   def __call__(self, x, mask=None, num_queries: Optional[int] = None):
     """Outputs for the first num_queries positions (default all); every position still
     supplies keys and values."""
+    if self.remat_policy != "none":
+      forward = lambda layer, x: layer._forward(x, mask, num_queries)
+      return remat.checkpointed(forward, self.remat_policy)(self, x)
+    return self._forward(x, mask, num_queries)
+
+  def _forward(self, x, mask, num_queries: Optional[int]):
     x = x[:, :num_queries] + self.self_attn(self.layer_norm1(x), mask, num_queries)
     return x + self.mlp(self.layer_norm2(x))
 

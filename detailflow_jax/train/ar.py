@@ -19,7 +19,9 @@ from .. import images, sharding
 from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
 from ..data.sources import TokenRecordSource
 from ..inference import TokenizerFns
+from ..models import remat
 from ..models.gpt import GPT, PRESETS, GPTConfig
+from ..models.precision import Precision, set_precision
 from ..pretrained import load_tokenizer
 from ..sampling import Sampler, SamplingOptions
 from . import driver
@@ -75,6 +77,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> GPTConfig:
   if not 0.0 <= c.correction_prob <= 1.0:
     raise ValueError(f"correction_prob={c.correction_prob} is not a probability")
   validate_run(c, num_devices)
+  remat.check_policy(c.remat, "remat")
   if c.sample_every and not c.tokenizer_dir:
     raise ValueError("sample_every > 0 needs tokenizer_dir (a converted or exported tokenizer)")
   return cfg
@@ -98,25 +101,28 @@ def select_inputs_targets(tokens: jax.Array, group_size: int, key: jax.Array,
   return inputs, targets, corrected
 
 
-def make_loss(cfg: GPTConfig, correction_prob: float, compute_dtype=jnp.float32) -> Callable:
-  """loss_fn(model, batch, rng) for the shared train step; batch = {'tokens', 'labels'}."""
+def make_loss(cfg: GPTConfig, correction_prob: float, compute_dtype=jnp.float32,
+              remat_policy: str = "none") -> Callable:
+  """loss_fn(model, batch, rng) for the shared train step; batch = {'tokens', 'labels'}.
+
+  compute_dtype: 'float32' (native) or 'bfloat16' autocast (models/precision.py: float32
+  master weights, embeddings, residual, norms and loss; bf16 matmul inputs). remat_policy:
+  per-block gradient checkpointing (models/remat.py).
+  """
+  policy = Precision.named(compute_dtype)
+  remat.check_policy(remat_policy, "remat")
+
   def loss_fn(model: GPT, batch: Dict[str, jax.Array], rng: jax.Array):
     corr_key, drop_key = jax.random.split(rng)
     inputs, targets, corrected = select_inputs_targets(batch["tokens"], cfg.group_size, corr_key,
                                                        correction_prob)
-    if compute_dtype != jnp.float32:
-      model = cast_params(model, compute_dtype)
+    # The model was merged inside this trace, so setting its static policies is local to
+    # this loss (autocast's `with` block).
+    set_precision(model, policy)
+    remat.set_remat(model, remat_policy, "remat")
     loss, _ = model.loss(inputs, batch["labels"], targets, key=drop_key)
     return loss, {"corrected_fraction": corrected.mean()}
   return loss_fn
-
-
-def cast_params(model, dtype):
-  """bf16 compute with float32 master weights: a model whose floating params are cast copies
-  (gradients flow back through the cast to the float32 originals)."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-  return nnx.merge(graphdef, params, rest)
 
 
 def train(c: ml_collections.ConfigDict, workdir) -> Any:
@@ -139,8 +145,8 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
                      shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = to_iterator(ds, c.data.num_workers)
   batches = (global_batch(b, mesh) for b in Progress(data_iter, log_every=0, name="tokens"))
-  step_fn = make_train_step(graphdef, make_loss(cfg, c.correction_prob, jnp.dtype(c.compute_dtype)),
-                            tx, shardings, mesh, ema_decay=c.ema_decay)
+  step_fn = make_train_step(graphdef, make_loss(cfg, c.correction_prob, jnp.dtype(c.compute_dtype),
+                                                  c.remat), tx, shardings, mesh, ema_decay=c.ema_decay)
   hooks = []
   if c.sample_every:
     hooks.append(driver.Hook(c.sample_every, SampleWriter(c, graphdef, mesh, run.workdir, run.writer)))

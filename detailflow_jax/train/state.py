@@ -33,9 +33,11 @@ def split_model(model: nnx.Module):
 
 def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                        mesh: Mesh, *, seed: int = 0, use_ema: bool = True,
-                       rules=sharding.DEFAULT_RULES) -> Tuple[Any, TrainState, Any]:
+                       rules=sharding.DEFAULT_RULES, abstract: bool = False) -> Tuple[Any, TrainState, Any]:
   """Returns (graphdef, sharded TrainState, its shardings). `build_model` creates the model
-  with freshly initialised parameters; it runs only inside jit/eval_shape."""
+  with freshly initialised parameters; it runs only inside jit/eval_shape. abstract=True:
+  the state is ShapeDtypeStructs carrying the shardings (nothing allocated), for AOT
+  lowering (`make_train_step(...).lower`)."""
   def init():
     graphdef, params, extras = split_model(build_model())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, extras=extras,
@@ -44,9 +46,13 @@ def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.Gradient
                       rng=jax.random.key_data(jax.random.key(seed)))
 
   graphdef = split_model(nnx.eval_shape(build_model))[0]
-  abstract = jax.eval_shape(init)
-  shardings = sharding.shardings_for(abstract, mesh, rules)
-  sharding.log_replicated_report(abstract.params, shardings.params, mesh)
+  shapes = jax.eval_shape(init)
+  shardings = sharding.shardings_for(shapes, mesh, rules)
+  sharding.log_replicated_report(shapes.params, shardings.params, mesh)
+  if abstract:
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         shapes, shardings)
+    return graphdef, state, shardings
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)()
   return graphdef, state, shardings
@@ -100,13 +106,23 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
 
   jitted = {}
 
-  def run(state, batch):
+  def jitted_for(batch):
     key = jax.tree.structure(batch)
     if key not in jitted:
       jitted[key] = jax.jit(step, in_shardings=(state_shardings, batch_shardings(batch)),
                             out_shardings=(state_shardings, sharding.replicated(mesh)),
                             donate_argnums=(0,))
-    with jax.set_mesh(mesh):
-      return jitted[key](state, batch)
+    return jitted[key]
 
+  def run(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted_for(batch)(state, batch)
+
+  def lower(state, batch):
+    """The step lowered ahead of time (state/batch may be ShapeDtypeStructs): `.compile()`
+    gives memory_analysis / cost_analysis of exactly the program `run` executes."""
+    with jax.set_mesh(mesh):
+      return jitted_for(batch).lower(state, batch)
+
+  run.lower = lower
   return run

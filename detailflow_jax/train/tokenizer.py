@@ -31,7 +31,9 @@ from .. import images as image_io
 from .. import sharding
 from ..data.degradation import DynamicResolution
 from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
+from ..models import remat
 from ..models.frozen import TRAINABLE, Frozen
+from ..models.precision import Precision, set_precision
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from . import driver, frozen_nets, gan
 from .driver import total_steps, validate_run
@@ -105,12 +107,19 @@ class TokenizerTrainer:
                mesh, *, perceptual: Optional[nnx.Module] = None,
                discriminator: Optional[nnx.Module] = None,
                disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
-               rules=sharding.DEFAULT_RULES):
+               rules=sharding.DEFAULT_RULES, precision: Precision = Precision(),
+               encoder_remat: str = "none", decoder_remat: str = "none"):
+    """precision: the generator forward's mixed-precision policy (models/precision.py; the
+    discriminator and LPIPS run native). encoder_remat / decoder_remat: per-layer gradient
+    checkpointing of the two towers (models/remat.py)."""
     if discriminator is not None and disc_tx is None:
       raise ValueError("a discriminator needs its own optimizer (disc_tx)")
     if losses.perceptual_weight and perceptual is None:
       raise ValueError("perceptual_weight > 0 needs a perceptual network (LPIPS)")
     self.losses, self.tx, self.disc_tx, self.mesh, self.rules = losses, tx, disc_tx, mesh, rules
+    self.precision = precision
+    self.remat = {"encoder": remat.check_policy(encoder_remat, "remat.encoder"),
+                  "decoder": remat.check_policy(decoder_remat, "remat.decoder")}
     self.config = tokenizer.config
     graphdef, params, frozen, extras = split_trainable(tokenizer)
     self._graphdef = graphdef
@@ -126,15 +135,16 @@ class TokenizerTrainer:
     # Frozen weights: replicated/sharded once, passed to every step, never donated or saved.
     frozen_tree = {"tokenizer": frozen, "disc": disc_frozen,
                    "perceptual": self._perc[1] if self._perc else None}
-    with jax.set_mesh(mesh):
-      self.frozen = jax.device_put(frozen_tree, sharding.shardings_for(frozen_tree, mesh, rules))
+    self.frozen = _place(frozen_tree, sharding.shardings_for(frozen_tree, mesh, rules), mesh)
     self._init_parts = (params, extras, disc_params, disc_extras)
     self._seed = seed
     self._jitted: Dict[StepPrograms, Callable] = {}
 
   # -- state ------------------------------------------------------------------------------------
 
-  def init_state(self) -> TokenizerTrainState:
+  def init_state(self, abstract: bool = False) -> TokenizerTrainState:
+    """The initial state, sharded. abstract=True (also implied by an abstract tokenizer, from
+    nnx.eval_shape): ShapeDtypeStructs with the shardings, for AOT lowering (`compiled`)."""
     params, extras, disc_params, disc_extras = self._init_parts
     ema = self.losses.ema_decay > 0
 
@@ -146,9 +156,11 @@ class TokenizerTrainer:
           disc_opt_state=self.disc_tx.init(disc_params) if disc_params is not None else None,
           lecam_ema=jnp.zeros((2,), jnp.float32), rng=jax.random.key_data(jax.random.key(self._seed)))
 
-    abstract = jax.eval_shape(init, params, extras, disc_params, disc_extras)
-    self.state_shardings = sharding.shardings_for(abstract, self.mesh, self.rules)
-    sharding.log_replicated_report(abstract.params, self.state_shardings.params, self.mesh)
+    shapes = jax.eval_shape(init, params, extras, disc_params, disc_extras)
+    self.state_shardings = sharding.shardings_for(shapes, self.mesh, self.rules)
+    sharding.log_replicated_report(shapes.params, self.state_shardings.params, self.mesh)
+    if abstract or _is_abstract(params):
+      return _place(shapes, self.state_shardings, self.mesh)
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(params, extras, disc_params, disc_extras)
 
@@ -178,6 +190,10 @@ class TokenizerTrainer:
     def gen_loss(params):
       extras = jax.tree.map(lambda x: x, state.extras)
       model = nnx.merge(self._graphdef, params, frozen["tokenizer"], extras)
+      # Merged inside this trace: the policies below are local to this forward (autocast).
+      set_precision(model, self.precision)
+      remat.set_remat(model.encoder, self.remat["encoder"], "remat.encoder")
+      remat.set_remat(model.decoder, self.remat["decoder"], "remat.decoder")
       out = model.train_forward(batch["image"], batch["target"], k_noise,
                                 num_tokens=prog.num_tokens, max_tokens=prog.max_tokens,
                                 decode_res=prog.decode_res,
@@ -284,18 +300,24 @@ class TokenizerTrainer:
 
   def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
     """The compiled executable `step` runs for this batch (for cost analysis)."""
+    return self.lower(state, batch, step).compile()
+
+  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
+    """The program `step` runs for this batch, lowered ahead of time (state and images may be
+    ShapeDtypeStructs, e.g. from init_state(abstract=True))."""
     fn, arrays = self._program(state, batch, step)
     with jax.set_mesh(self.mesh):
-      return fn.lower(state, self.frozen, arrays).compile()
+      return fn.lower(state, self.frozen, arrays)
 
   def _program(self, state, batch, step):
     step = int(jax.device_get(state.step)) if step is None else step
     prog = self.programs(batch, step)
+    # (image/target may be ShapeDtypeStructs when lowering ahead of time)
     arrays = {"image": batch["image"], "target": batch["target"],
               "noise_idx": jnp.int32(batch["noise_idx"])}
     if prog not in self._jitted:
-      batch_shardings = {k: sharding.batch_sharding(self.mesh, np.ndim(v), self.rules)
-                         if np.ndim(v) else sharding.replicated(self.mesh) for k, v in arrays.items()}
+      batch_shardings = {k: sharding.batch_sharding(self.mesh, len(np.shape(v)), self.rules)
+                         if len(np.shape(v)) else sharding.replicated(self.mesh) for k, v in arrays.items()}
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
       fn = lambda state, frozen, batch, prog=prog: self._step(prog, state, frozen, batch)
       self._jitted[prog] = jax.jit(
@@ -308,6 +330,22 @@ class TokenizerTrainer:
     return len(self._jitted)
 
 
+def _is_abstract(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def _place(tree, shardings, mesh):
+  """Arrays put on the mesh with `shardings`; ShapeDtypeStructs (abstract models) become
+  ShapeDtypeStructs that carry them."""
+  def one(x, s):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return jax.device_put(x, s)
+  with jax.set_mesh(mesh):
+    return jax.tree.map(one, tree, shardings)
+
+
 # --- config -> models ---------------------------------------------------------------------------
 
 def loss_config_from(c: ml_collections.ConfigDict) -> LossConfig:
@@ -315,18 +353,17 @@ def loss_config_from(c: ml_collections.ConfigDict) -> LossConfig:
 
 
 def check_encoder_init(c: ml_collections.ConfigDict) -> None:
-  """A pretrained-encoder architecture (model.enc_pretrained, the released recipes) with no
-  SigLIP2 file would otherwise train its encoder from random weights without a word; from
-  scratch has to be asked for."""
+  """The released recipes start the encoder from SigLIP2 (the reference's enc_pretrained); a
+  run without weights.encoder_init would train it from random weights without a word, so
+  from scratch has to be asked for (weights.encoder_from_scratch)."""
   w = c.weights
   if w.encoder_from_scratch and w.encoder_init:
     raise ValueError(f"weights.encoder_from_scratch=True and weights.encoder_init={w.encoder_init!r} "
                      "contradict each other: set one of them")
-  if c.model.enc_pretrained and not w.encoder_init and not w.encoder_from_scratch:
-    raise ValueError("model.enc_pretrained=True but weights.encoder_init is empty: the encoder would "
-                     "train from random weights. Pass the SigLIP2 weights as "
-                     "--config.weights.encoder_init=PATH, or set --config.weights.encoder_from_scratch=True "
-                     "to train it from scratch on purpose.")
+  if not w.encoder_init and not w.encoder_from_scratch:
+    raise ValueError("weights.encoder_init is empty: the encoder would train from random weights. "
+                     "Pass the SigLIP2 weights as --config.weights.encoder_init=PATH, or set "
+                     "--config.weights.encoder_from_scratch=True to train it from scratch on purpose.")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
@@ -338,7 +375,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
     raise ValueError(f"disc.type={c.disc.type!r} (dino | patchgan | none)")
   if not 0.0 <= c.data.degradation_prob <= 1.0:
     raise ValueError(f"data.degradation_prob={c.data.degradation_prob} is not a probability")
-  check_compute_dtype(c)
+  remat.check_policy(c.remat.encoder, "remat.encoder")
+  remat.check_policy(c.remat.decoder, "remat.decoder")
   needs = []
   if c.losses.perceptual_weight and not c.weights.lpips:
     needs.append("weights.lpips (LPIPS VGG16: torchvision vgg16 .pth + LPIPS vgg.pth)")
@@ -352,14 +390,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   frozen_nets.check_weight_files_used(c, cfg.teacher is not None)
   check_encoder_init(c)
   return cfg
-
-
-def check_compute_dtype(c: ml_collections.ConfigDict) -> None:
-  """The tokenizer step computes in its parameters' dtype (float32): reject a dtype the recipe
-  would only pretend to use."""
-  if c.compute_dtype != "float32":
-    raise ValueError(f"compute_dtype={c.compute_dtype!r}: the tokenizer recipe trains in float32 "
-                     "only; bfloat16 compute is not implemented yet")
 
 
 def make_optimizers(c: ml_collections.ConfigDict, steps: int):
@@ -412,11 +442,15 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   cfg, mesh, steps = TokenizerConfig.from_dict(c.model), run.mesh, total_steps(c)
   tokenizer = Tokenizer(cfg, rngs=c.seed)
   frozen_nets.load_tokenizer_weights(tokenizer, c.weights)
+  if c.compute_dtype != "float32":
+    log.info("compute dtype %s autocast: parameters and optimizer state stay float32", c.compute_dtype)
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
   discriminator = frozen_nets.build_discriminator(c)
   tx, disc_tx = make_optimizers(c, steps)
   trainer = TokenizerTrainer(tokenizer, loss_config_from(c), tx, mesh, perceptual=perceptual,
-                             discriminator=discriminator, disc_tx=disc_tx, seed=c.seed)
+                             discriminator=discriminator, disc_tx=disc_tx, seed=c.seed,
+                             precision=Precision.named(c.compute_dtype),
+                             encoder_remat=c.remat.encoder, decoder_remat=c.remat.decoder)
   state = trainer.init_state()
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6 if tree is not None else 0.0
   log.info("tokenizer %.1fM trainable, discriminator %.1fM trainable, frozen %.1fM; mesh %s; %d steps",

@@ -1,0 +1,87 @@
+"""One mixed-precision policy for the GPT and the tokenizer, with torch-autocast semantics.
+
+Under the reference's `torch.autocast(dtype=bfloat16)` the parameters stay float32 and only
+matmul inputs are cast to bf16 (accumulated in float32, the product rounded to bf16), while
+embeddings, the residual stream, norms, softmax and losses stay float32. Here the same split
+comes from one place: `Linear` (every projection of both models) casts its input and kernel to
+the policy's compute dtype, multiplies with float32 accumulation (`preferred_element_type`),
+adds the bias in float32 and rounds the product to the compute dtype. Everything else follows
+its inputs' dtypes: a float32 residual plus a bf16 branch is float32, RMSNorm / LayerNorm of a
+float32 residual are float32, attention scores and softmax are float32 (see attention.py).
+
+`Precision()` (no compute dtype) is "native": every op runs in the parameters' own dtype,
+exactly as before this policy existed (float32 training, or bf16-converted weights at
+inference).
+
+The policy is applied to a built model with `set_precision` (the train steps do it to the model
+they merge inside the loss, which is autocast's `with` block around the forward).
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """compute_dtype: dtype of matmul inputs (None: native, no casts). Accumulation, norms,
+  softmax, losses and the residual stream are float32 whenever the parameters are."""
+  compute_dtype: Optional[str] = None
+
+  def __post_init__(self):
+    if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype={self.compute_dtype!r} ({' | '.join(COMPUTE_DTYPES)})")
+
+  @classmethod
+  def named(cls, compute_dtype, key: str = "compute_dtype") -> "Precision":
+    """The policy a config's `compute_dtype` names: 'float32' is native (float32 parameters
+    compute in float32), 'bfloat16' is bf16 autocast. `key` names the config field in errors."""
+    name = jnp.dtype(compute_dtype).name if not isinstance(compute_dtype, str) else compute_dtype
+    if name not in COMPUTE_DTYPES:
+      raise ValueError(f"{key}={compute_dtype!r} ({' | '.join(COMPUTE_DTYPES)})")
+    return cls(None if name == "float32" else name)
+
+  @property
+  def autocast(self) -> bool:
+    return self.compute_dtype is not None
+
+
+class Linear(nnx.Linear):
+  """nnx.Linear under a `Precision` policy (native by default: plain nnx.Linear math).
+
+  Parameters (kernel, bias) and their names are nnx.Linear's, so checkpoints and conversion
+  are unchanged. Under autocast: [..., din] x [din, dout] in the compute dtype, float32
+  accumulation, float32 bias add, output [..., dout] in the compute dtype.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.mixed_precision = Precision()
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    policy = self.mixed_precision
+    if not policy.autocast:
+      return super().__call__(x)
+    dtype = jnp.dtype(policy.compute_dtype)
+    y = jax.lax.dot_general(x.astype(dtype), self.kernel[...].astype(dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def set_precision(model: nnx.Module, policy: Precision) -> nnx.Module:
+  """Puts `policy` on every `Linear` of `model` (in place; returns model). A plain nnx.Linear
+  in the tree would silently stay native, so it is an error under autocast."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, Linear):
+      module.mixed_precision = policy
+    elif isinstance(module, nnx.Linear) and policy.autocast:
+      raise TypeError(f"{'/'.join(map(str, path))} is a plain nnx.Linear: build it with "
+                      f"models.precision.Linear so the precision policy reaches it")
+  return model
