@@ -60,6 +60,12 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.compute_dtype = "bfloat16"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=3, async_save=True))
+  # Fine-tuning (the reference's --vq-ckpt/--gpt-ckpt with --finetune): start a fresh run from
+  # a model directory, released checkpoint, Hub id or training workdir (its Orbax step
+  # init_from_step, -1: newest); strict | partial (see detailflow_jax/train/init_from.py).
+  c.init_from = ""
+  c.init_from_step = -1
+  c.init_from_mode = "strict"
   c.log_every = 50
   c.recon_every = 5000       # steps between reconstruction PNGs (0: off)
   c.num_recon_images = 4

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import pathlib
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -135,12 +135,27 @@ def _merge_trees(a: dict, b: dict) -> dict:
   return out
 
 
-def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
-  """The model (and EMA) weights of one saved step of a training run."""
+@dataclasses.dataclass
+class SavedStep:
+  """The arrays of one saved step of a training run, as Orbax stores them (nested dicts with
+  string keys, nnx Variables as {"value": array}), read to host memory."""
+  config: Any                  # the run's ml_collections.ConfigDict (workdir/config.json)
+  kind: str                    # "tokenizer" | "gpt"
+  step: int
+  path: pathlib.Path           # .../checkpoints/STEP/state
+  arrays: Dict[str, Any]       # the saved subset of params / extras / ema_params / disc_params / disc_extras
+
+
+SAVED_GROUPS = ("params", "extras", "ema_params", "disc_params", "disc_extras")
+
+
+def read_saved_step(workdir, step: Optional[int] = None,
+                    groups: Tuple[str, ...] = ("params", "extras", "ema_params")) -> SavedStep:
+  """The `groups` of the train state saved at `step` (default: the newest) of a training run,
+  on the host's CPU device; groups the run did not save are absent."""
   import jax
   import ml_collections
   import orbax.checkpoint as ocp
-  from flax import nnx
   workdir = pathlib.Path(workdir).absolute()
   if not (workdir / "config.json").is_file():
     raise FileNotFoundError(f"{workdir} is not a training workdir: no config.json")
@@ -166,7 +181,7 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   finally:
     absl_log.setLevel(level)
   tree = getattr(meta, "item_metadata", meta)
-  wanted = {k: tree[k] for k in ("params", "extras", "ema_params") if tree.get(k)}
+  wanted = {k: tree[k] for k in groups if tree.get(k)}
   device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
   args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=s.dtype),
@@ -177,7 +192,16 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   except Exception as e:
     raise ConversionError(f"{path}: cannot read the saved train state "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+  return SavedStep(c, kind, step, path, restored)
 
+
+def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
+  """The model (and EMA) weights of one saved step of a training run."""
+  import jax
+  from flax import nnx
+  saved = read_saved_step(workdir, step)
+  c, kind, step, path, restored = saved.config, saved.kind, saved.step, saved.path, saved.arrays
+  workdir = pathlib.Path(workdir).absolute()
   models = {}
   for name, params_key in (("model", "params"), ("ema", "ema_params")):
     if params_key not in restored:

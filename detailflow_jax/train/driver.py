@@ -28,7 +28,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ..convert.common import write_atomically
+from ..export import TASK_KINDS
 from ..model_dir import save_model_dir
+from . import init_from as init_from_lib
 from . import mesh as mesh_lib
 from .checkpoint import Checkpointer, abstract_with_shardings
 from .loop import run_training
@@ -58,6 +60,10 @@ def validate_run(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError("the run has no steps: set total_steps or num_epochs/examples_per_epoch")
   if c.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"compute_dtype={c.compute_dtype!r} (float32 | bfloat16)")
+  if c.init_from_mode not in init_from_lib.MODES:
+    raise ValueError(f"init_from_mode={c.init_from_mode!r} (strict | partial)")
+  if c.init_from_step >= 0 and not c.init_from:
+    raise ValueError(f"init_from_step={c.init_from_step} without init_from (a training workdir)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +146,9 @@ class Driver:
     if ckpt.latest_step is not None:
       at, state = ckpt.restore(abstract_with_shardings(state, state_shardings), data_iterator)
       log.info("resumed from step %d", at)
+    elif c.init_from:  # a fresh start from existing weights; the run's own checkpoints win
+      state, _ = init_from_lib.initialize(state, c.init_from, TASK_KINDS[c.task], c.init_from_mode,
+                                          c.init_from_step)
     hooks = [h for h in hooks if h.every > 0]
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
 
