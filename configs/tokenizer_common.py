@@ -66,6 +66,9 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.init_from = ""
   c.init_from_step = -1
   c.init_from_mode = "strict"
+  # Decoder-only fine-tune (the reference's --finetune-decoder): only decoder.* and
+  # post_quant_conv train; the encoder and the codebook stay as init_from loaded them.
+  c.finetune_decoder = False
   c.log_every = 50
   c.recon_every = 5000       # steps between reconstruction PNGs (0: off)
   c.num_recon_images = 4

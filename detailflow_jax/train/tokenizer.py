@@ -36,6 +36,7 @@ from . import driver, frozen_nets, gan
 from . import mesh as mesh_lib
 from .driver import total_steps, validate_run
 from .extract import build_image_source
+from .optim import train_only
 from .state import apply_gradients, ema_update
 
 log = logging.getLogger("detailflow_jax")
@@ -44,6 +45,12 @@ log = logging.getLogger("detailflow_jax")
 # pretrained backbone inside a discriminator (DINO).
 FROZEN = nnx.Any(nnx.PathContains("repa_model"), nnx.PathContains("backbone"))
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(FROZEN))
+
+
+def decoder_finetune_trainable(path: str) -> bool:
+  """The parameters a decoder-only fine-tune trains (the reference's --finetune-decoder:
+  'decoder.' and 'post_quant_conv'); encoder, quantizer (codebook) and the rest stay fixed."""
+  return path.split("/")[0] in ("decoder", "post_quant_conv")
 
 
 # --- the generator forward ---------------------------------------------------------------------
@@ -408,6 +415,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   validate_run(c, num_devices)
   if c.disc.type not in ("dino", "patchgan", "none"):
     raise ValueError(f"disc.type={c.disc.type!r} (dino | patchgan | none)")
+  if c.finetune_decoder and not c.init_from:
+    raise ValueError("finetune_decoder=True without init_from: the encoder and codebook it keeps "
+                     "fixed would stay at their initialisation")
   if not 0.0 <= c.data.degradation_prob <= 1.0:
     raise ValueError(f"data.degradation_prob={c.data.degradation_prob} is not a probability")
   needs = []
@@ -469,6 +479,8 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
   discriminator = frozen_nets.build_discriminator(c)
   tx, disc_tx = make_optimizers(c, steps)
+  if c.finetune_decoder:
+    tx = train_only(tx, decoder_finetune_trainable)
   trainer = TokenizerTrainer(tokenizer, loss_config_from(c), tx, mesh, perceptual=perceptual,
                              discriminator=discriminator, disc_tx=disc_tx, seed=c.seed)
   state = trainer.init_state()
