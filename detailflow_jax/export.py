@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import __version__
+from . import __version__, paths
 from .convert.common import ConversionError, state_dict_from_model, write_atomically
 from .hub import DEFAULT_WEIGHTS, SOURCE_FILE
 
@@ -82,7 +82,7 @@ def source_from_model_dir(directory) -> ExportSource:
 
 def workdir_steps(workdir) -> List[int]:
   """Steps with a finished Orbax checkpoint in workdir/checkpoints, oldest first."""
-  root = pathlib.Path(workdir) / "checkpoints"
+  root = paths.run_path(workdir) / "checkpoints"
   if not root.is_dir():
     return []
   return sorted(int(p.name) for p in root.iterdir()
@@ -156,7 +156,7 @@ def read_saved_step(workdir, step: Optional[int] = None,
   import jax
   import ml_collections
   import orbax.checkpoint as ocp
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = paths.run_path(workdir)
   if not (workdir / "config.json").is_file():
     raise FileNotFoundError(f"{workdir} is not a training workdir: no config.json")
   c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -201,7 +201,7 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   from flax import nnx
   saved = read_saved_step(workdir, step)
   c, kind, step, path, restored = saved.config, saved.kind, saved.step, saved.path, saved.arrays
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = paths.run_path(workdir)
   models = {}
   for name, params_key in (("model", "params"), ("ema", "ema_params")):
     if params_key not in restored:

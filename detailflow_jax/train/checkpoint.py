@@ -3,7 +3,6 @@
 Saves are asynchronous, every `save_every` steps, keeping the newest `keep`. Restoring uses the
 state's abstract shapes and shardings, so every shard is read straight to its device.
 """
-import pathlib
 import signal
 import threading
 from typing import Any, Optional, Tuple
@@ -12,11 +11,13 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from .. import paths
+
 
 class Checkpointer:
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = paths.run_path(directory)  # Orbax takes local and gs:// paths
     options = ocp.CheckpointManagerOptions(save_interval_steps=max(save_every, 1), max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)

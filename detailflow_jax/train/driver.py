@@ -15,8 +15,6 @@ the rest the same way for both:
 import dataclasses
 import logging
 import os
-import pathlib
-import shutil
 import signal
 from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
@@ -27,6 +25,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from .. import paths
 from ..convert.common import write_atomically
 from ..export import TASK_KINDS
 from ..model_dir import save_model_dir
@@ -101,12 +100,12 @@ def export_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Mo
   """The multi-host export policy: gather on every process, process 0 writes into a temporary
   directory renamed to DIRECTORY when complete, then a barrier (no process goes on before the
   directory is whole)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.run_path(directory)
   graphdef, state = nnx.split(model)
   host_state = gather_to_host(state, mesh)
   if jax.process_index() == 0:
     if directory.exists():  # a rerun of a finished run exports again
-      shutil.rmtree(directory)
+      paths.rmtree(directory)
     write_atomically(directory, lambda tmp: save_model_dir(tmp, kind, config,
                                                            nnx.merge(graphdef, host_state)))
   barrier(f"export {directory}")
@@ -127,7 +126,7 @@ class Driver:
     mesh_lib.maybe_initialize_distributed(c)
     validate(c, jax.device_count())
     self.config = c
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = paths.run_path(workdir)  # local, or gs://... (etils.epath)
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))

@@ -21,7 +21,6 @@ tokenizer step's discriminator is loaded too (the reference loads checkpoint["di
 """
 import dataclasses
 import logging
-import pathlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from .. import export as export_lib
+from .. import paths
 from ..convert.common import ConversionError
 from ..hub import resolve_model_dir
 from ..model_dir import is_model_dir
@@ -101,13 +101,13 @@ def _module_flat(module: nnx.Module) -> Flat:
   return flat_of_pure(nnx.to_pure_dict(nnx.state(module)))
 
 
-def _is_workdir(path: pathlib.Path) -> bool:
+def _is_workdir(path) -> bool:
   return (path / "config.json").is_file() and (path / "checkpoints").is_dir() and not is_model_dir(path)
 
 
 def read_source(spec: str, kind: str, step: int = -1) -> InitSource:
   """The weights `spec` names (see the module docstring), as flat host arrays."""
-  path = pathlib.Path(str(spec)).expanduser()
+  path = paths.run_path(spec)
   if path.is_dir() and _is_workdir(path):
     saved = export_lib.read_saved_step(path, None if step < 0 else step,
                                        groups=export_lib.SAVED_GROUPS)
@@ -118,11 +118,11 @@ def read_source(spec: str, kind: str, step: int = -1) -> InitSource:
     ema = {**flat_of_pure(a.get("extras")), **flat_of_pure(a["ema_params"])} if a.get("ema_params") else None
     disc = ({**flat_of_pure(a.get("disc_extras")), **flat_of_pure(a["disc_params"])}
             if a.get("disc_params") else None)
-    return InitSource(model, ema, disc, f"{path.absolute()} step {saved.step}")
+    return InitSource(model, ema, disc, f"{path} step {saved.step}")
   if step >= 0:
     raise ValueError(f"init_from_step={step} applies to a training workdir; init_from={spec} is not one")
   if path.is_dir() and is_model_dir(path):
-    return InitSource(_module_flat(load_model_dir(path, kind)), None, None, str(path.absolute()))
+    return InitSource(_module_flat(load_model_dir(path, kind)), None, None, str(path))
   # A released checkpoint (local or Hub): its "model" set, and its "ema" set when it has one.
   model = _module_flat(load_model_dir(resolve_model_dir(spec, kind, "model"), kind))
   try:
