@@ -107,3 +107,18 @@ def test_model_dir_listing_and_damage_on_remote(memory_fs, tmp_path_factory):
   memory_fs.pipe(f"/bucket/gpt/{victim}", memory_fs.cat(f"/bucket/gpt/{victim}")[:-1])
   with pytest.raises(DamagedModelError, match=f"{victim} has"):
     verify_model_dir(remote, "gpt")
+
+
+def test_token_records_written_to_and_read_from_remote(memory_fs, tmp_path):
+  from detailflow_jax.data.sources import TokenRecordSource, TokenRecordWriter
+  rng = np.random.default_rng(0)
+  want = [(rng.integers(0, 64, size=(2, 8, 3)).astype(np.int32), i % 3) for i in range(5)]
+  with TokenRecordWriter("memory://bucket/codes", prefix="tokens-p00000") as writer:
+    for tokens, label in want:
+      writer.write(tokens, label)
+  assert memory_fs.find("/bucket/codes") == ["/bucket/codes/tokens-p00000-00000.array_record"]
+  source = TokenRecordSource("memory://bucket/codes", cache_dir=tmp_path / "cache")
+  assert len(source) == 5 and all(p.startswith(str(tmp_path / "cache")) for p in source.paths)
+  for i, (tokens, label) in enumerate(want):
+    np.testing.assert_array_equal(source[i]["tokens"], tokens)
+    assert int(source[i]["label"]) == label

@@ -44,7 +44,8 @@ def test_finetune_kill_resume_export_on_two_processes(tmp_path, tmp_path_factory
   monkeypatch.setenv(KILL_AFTER_STEP_ENV, "4")
   results = run_two_processes(SCRIPT, resumed, *args, timeout=600)
   assert [r["returncode"] for r in results] == [-9, -9]
-  assert export.workdir_steps(resumed) == [2, 4] and not (resumed / "export").exists()
+  steps = export.workdir_steps(resumed)
+  assert 2 in steps and steps[-1] == 4 and not (resumed / "export").exists()
   monkeypatch.delenv(KILL_AFTER_STEP_ENV)
   run_two_processes(SCRIPT, resumed, *args, timeout=600)
 

@@ -11,7 +11,6 @@ chunks already on disk.
 """
 import json
 import logging
-import pathlib
 import time
 from typing import Optional
 
@@ -19,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from .. import paths
 
 log = logging.getLogger("detailflow_jax")
 
@@ -79,7 +80,7 @@ class _Encoder:
     return self._noisy(self._state, images, noise_idx, key)
 
 
-def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
+def extract(c, tokenizer_dir, workdir) -> paths.AnyPath:
   """Writes `<workdir>/tokens-pPPPPP-cCCCCC.array_record` shards and `<workdir>/codes.json`."""
   from ..data.sources import TokenRecordWriter
   from ..data.transforms import decode_image
@@ -87,7 +88,7 @@ def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
   from .loop import progress_bar
 
   e = c.extract
-  workdir = pathlib.Path(workdir)
+  workdir = paths.run_path(workdir)  # local or gs://... (etils.epath)
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer = load_tokenizer(tokenizer_dir)
   size = e.image_size or tokenizer.config.image_size
