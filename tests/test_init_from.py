@@ -112,3 +112,20 @@ def test_config_keys_are_checked(tmp_path_factory):
   _, state = fresh_state()
   with pytest.raises(ValueError, match="init_from_step=2 applies to a training workdir"):
     init_from.initialize(state, str(converted_gpt_dir(tmp_path_factory)), "gpt", "strict", step=2)
+
+
+def test_from_a_released_run_model_and_its_ema(tmp_path, monkeypatch):
+  """A released run directory (torch.save({'model', 'ema'})): the weights are 'model', the EMA
+  starts from the file's 'ema' (the reference's fine-tune loads checkpoint['ema'])."""
+  from detailflow_jax.hub import CACHE_ENV
+  from detailflow_jax.pretrained import load_gpt
+  from gpt_helpers import GPT_RUN
+  monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+  _, state = fresh_state()
+  new, _ = init_from.initialize(state, str(GPT_RUN), "gpt", "strict")
+  model = init_from._module_flat(load_gpt(GPT_RUN, weights="model"))
+  ema = init_from._module_flat(load_gpt(GPT_RUN, weights="ema"))
+  assert any(not np.array_equal(model[n], ema[n]) for n in model)
+  for name in model:
+    np.testing.assert_array_equal(flat(new.params)[name], model[name])
+    np.testing.assert_array_equal(flat(new.ema_params)[name], ema[name])

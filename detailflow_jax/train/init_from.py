@@ -20,6 +20,7 @@ checkpoint's "ema"), else from the loaded weights, as the reference's fine-tune 
 tokenizer step's discriminator is loaded too (the reference loads checkpoint["discriminator"]).
 """
 import dataclasses
+import json
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -102,7 +103,14 @@ def _module_flat(module: nnx.Module) -> Flat:
 
 
 def _is_workdir(path) -> bool:
-  return (path / "config.json").is_file() and (path / "checkpoints").is_dir() and not is_model_dir(path)
+  """A training workdir of ours: config.json names a task (a released run's config.json, beside
+  its checkpoints/*.pt, holds model fields only)."""
+  if not ((path / "config.json").is_file() and (path / "checkpoints").is_dir()) or is_model_dir(path):
+    return False
+  try:
+    return "task" in json.loads((path / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return False
 
 
 def read_source(spec: str, kind: str, step: int = -1) -> InitSource:
