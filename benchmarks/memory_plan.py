@@ -84,7 +84,7 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
   from configs.detailflow16_tokenizer import get_config
   from detailflow_jax.models import remat
   from detailflow_jax.models.precision import Precision, set_precision
-  from detailflow_jax.models.tokenizer import Tokenizer
+  from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.train import frozen_nets
   from detailflow_jax.train import tokenizer as recipe
@@ -98,9 +98,9 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
   if quick:
     c.data.batch_size = 8
     c.model.global_token_loss_weight = 1.0
-    c.towers.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
+    c.model.teacher = dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
                             position_grid=4, patch_size=8)
-  cfg = recipe.tokenizer_config_from(c)
+  cfg = TokenizerConfig.from_dict(c.model)
   mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
   tx, disc_tx = recipe.make_optimizers(c, 1000)
   precision = Precision.named(c.compute_dtype)
@@ -129,8 +129,8 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
       set_precision(tok, precision)
       remat.set_remat(tok.encoder, policy)
       remat.set_remat(tok.decoder, policy)
-      out = recipe.generator_forward(tok, x, x, jax.random.key(0), num_tokens=m, max_tokens=m,
-                                     decode_res=size, correct=True, noise_idx=jnp.int32(noise_idx))
+      out = tok.train_forward(x, x, jax.random.key(0), num_tokens=m, max_tokens=m,
+                              decode_res=size, noise_idx=jnp.int32(noise_idx))
       return jnp.mean(out.recon) + out.losses["commit_loss"] + out.losses["align_loss"]
     # The buffers (codebook usage window) are arguments too: they are abstract here.
     return remat.saved_residual_bytes(loss, params, rest)

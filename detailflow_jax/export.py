@@ -34,7 +34,7 @@ import json
 import logging
 import pathlib
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from . import __version__
+from . import __version__, paths
 from .convert import gpt as gpt_format
 from .convert import tokenizer as tokenizer_format
 from .convert.common import ConversionError, state_dict_from_model, write_atomically
@@ -88,7 +88,7 @@ def source_from_model_dir(directory) -> ExportSource:
 
 def workdir_steps(workdir) -> List[int]:
   """Steps with a finished Orbax checkpoint in workdir/checkpoints, oldest first."""
-  root = pathlib.Path(workdir) / "checkpoints"
+  root = paths.run_path(workdir) / "checkpoints"
   if not root.is_dir():
     return []
   return sorted(int(p.name) for p in root.iterdir()
@@ -138,9 +138,25 @@ def _merge_trees(a: dict, b: dict) -> dict:
   return out
 
 
-def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
-  """The model (and EMA) weights of one saved step of a training run."""
-  workdir = pathlib.Path(workdir).absolute()
+@dataclasses.dataclass
+class SavedStep:
+  """The arrays of one saved step of a training run, as Orbax stores them (nested dicts with
+  string keys, nnx Variables as {"value": array}), read to host memory."""
+  config: Any                  # the run's ml_collections.ConfigDict (workdir/config.json)
+  kind: str                    # "tokenizer" | "gpt"
+  step: int
+  path: pathlib.Path           # .../checkpoints/STEP/state
+  arrays: Dict[str, Any]       # the saved subset of params / extras / ema_params / disc_params / disc_extras
+
+
+SAVED_GROUPS = ("params", "extras", "ema_params", "disc_params", "disc_extras")
+
+
+def read_saved_step(workdir, step: Optional[int] = None,
+                    groups: Tuple[str, ...] = ("params", "extras", "ema_params")) -> SavedStep:
+  """The `groups` of the train state saved at `step` (default: the newest) of a training run,
+  on the host's CPU device; groups the run did not save are absent."""
+  workdir = paths.run_path(workdir)
   if not (workdir / "config.json").is_file():
     raise FileNotFoundError(f"{workdir} is not a training workdir: no config.json")
   c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -164,7 +180,7 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   finally:
     absl_log.setLevel(level)
   tree = getattr(meta, "item_metadata", meta)
-  wanted = {k: tree[k] for k in ("params", "extras", "ema_params") if tree.get(k)}
+  wanted = {k: tree[k] for k in groups if tree.get(k)}
   device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
   args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=s.dtype),
@@ -175,7 +191,14 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   except Exception as e:
     raise ConversionError(f"{path}: cannot read the saved train state "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+  return SavedStep(c, kind, step, path, restored)
 
+
+def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
+  """The model (and EMA) weights of one saved step of a training run."""
+  saved = read_saved_step(workdir, step)
+  c, kind, step, path, restored = saved.config, saved.kind, saved.step, saved.path, saved.arrays
+  workdir = paths.run_path(workdir)
   models = {}
   for name, params_key in (("model", "params"), ("ema", "ema_params")):
     if params_key not in restored:

@@ -6,6 +6,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from . import paths
+
 
 def to_uint8(images) -> np.ndarray:
   """[-1, 1] floats -> uint8 the way the reference's samplers write PNGs.
@@ -69,9 +71,9 @@ def save_grid(path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, backgrou
       top = pad + r * (cell_h + pad) + (cell_h - h) // 2
       left = pad + c * (cell_w + pad) + (cell_w - w) // 2
       canvas[top:top + h, left:left + w] = img8
-  path = pathlib.Path(path)
+  path = paths.run_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(canvas).save(path)
+  paths.save_image(Image.fromarray(canvas), path)
   return path
 
 

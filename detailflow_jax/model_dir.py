@@ -8,7 +8,7 @@ is closed" tracebacks), and `verify_model_dir(..., checksums=True)` also catches
 """
 import hashlib
 import json
-import pathlib
+import os
 import time
 from typing import Any, Callable, Dict, Tuple
 
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from . import paths
 
 # 2: the GPT's q/k/v kernel is grouped by kv head ([dim, kv_heads, R + 2, head_dim], see
 # models.gpt.Attention); format-1 GPT directories hold the fused [dim, (H + 2K) * hd] kernel.
@@ -32,16 +34,16 @@ class DamagedModelError(ValueError):
 
 def file_sha256(path, chunk: int = 1 << 24) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.run_path(path).open("rb") as f:
     while block := f.read(chunk):
       digest.update(block)
   return digest.hexdigest()
 
 
-def _params_files(directory: pathlib.Path) -> Dict[str, Dict[str, Any]]:
+def _params_files(directory) -> Dict[str, Dict[str, Any]]:
   root = directory / PARAMS_DIR
-  return {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {f"{PARAMS_DIR}/{os.fspath(p)[len(os.fspath(root)) + 1:]}":
+          {"size": paths.file_size(p), "sha256": file_sha256(p)} for p in paths.files_under(root)}
 
 
 def _checkpointer(process_local: bool = False):
@@ -56,7 +58,7 @@ def _checkpointer(process_local: bool = False):
 def save_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Module) -> None:
   """Writes `model`'s state (params and buffers) and its config into an existing directory,
   from the calling process alone: the arrays must be addressable here (e.g. host copies)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.run_path(directory)
   state = nnx.to_pure_dict(nnx.state(model))
   float_dtypes = {str(x.dtype) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
   if len(float_dtypes) > 1:
@@ -78,8 +80,8 @@ def read_model_config(directory, kind: str) -> Dict[str, Any]:
 def is_model_dir(directory) -> bool:
   """True for a converted model directory (ours), False for anything else (e.g. a released run
   directory, whose config.json has no "kind")."""
-  path = pathlib.Path(directory) / CONFIG_FILE
-  if not path.is_file() or not (pathlib.Path(directory) / PARAMS_DIR).is_dir():
+  path = paths.run_path(directory) / CONFIG_FILE
+  if not path.is_file() or not (paths.run_path(directory) / PARAMS_DIR).is_dir():
     return False
   try:
     return "kind" in json.loads(path.read_text())
@@ -87,13 +89,13 @@ def is_model_dir(directory) -> bool:
     return True  # ours, but damaged: restoring it says so
 
 
-def _redo_hint(directory: pathlib.Path) -> str:
+def _redo_hint(directory) -> str:
   return (f"delete {directory} and convert again (python -m detailflow_jax.convert ... --out "
           f"{directory}, or pass the Hub id / run directory it came from)")
 
 
 def _read_meta(directory, kind: str) -> Dict[str, Any]:
-  directory = pathlib.Path(directory)
+  directory = paths.run_path(directory)
   path = directory / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{directory} is not a converted model directory: no {CONFIG_FILE}")
@@ -116,7 +118,7 @@ def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str,
   """Checks every listed array file exists with its recorded size (and SHA-256 with
   `checksums`); returns the metadata. Directories written before the listing existed are
   checked for the params directory only."""
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.run_path(directory)
   meta = _read_meta(directory, kind)
   if not (directory / PARAMS_DIR).is_dir():
     raise DamagedModelError(f"{directory} is damaged: no {PARAMS_DIR}/ directory; {_redo_hint(directory)}")
@@ -125,8 +127,8 @@ def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str,
     path = directory / name
     if not path.is_file():
       problems.append(f"{name} is missing")
-    elif path.stat().st_size != want["size"]:
-      problems.append(f"{name} has {path.stat().st_size} bytes, {want['size']} were written")
+    elif paths.file_size(path) != want["size"]:
+      problems.append(f"{name} has {paths.file_size(path)} bytes, {want['size']} were written")
     elif checksums and file_sha256(path) != want["sha256"]:
       problems.append(f"{name} has changed (SHA-256 differs)")
   if problems:
@@ -141,7 +143,7 @@ def restore_model_dir(directory, kind: str, build: Callable[[Dict[str, Any]], nn
   The model is built abstractly first (no random init of full-size weights), then the restored
   arrays are put in place. `dtype` casts floating parameters (e.g. jnp.bfloat16).
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.run_path(directory)
   meta = verify_model_dir(directory, kind)
   config = meta["config"]
   dtype = jnp.dtype(dtype or meta.get("param_dtype", "float32"))

@@ -90,8 +90,8 @@ def _tokenizer_workdir(workdir: pathlib.Path):
   milestones every 2; each step's params and EMA are offset so the steps differ."""
   from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   c = get_config("tiny")
-  c.towers.encoder.num_layers = 1
-  c.towers.decoder.num_layers = 1
+  c.model.encoder.num_layers = 1
+  c.model.decoder.num_layers = 1
   c.losses.ema_decay = 0.9
   workdir.mkdir()
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))

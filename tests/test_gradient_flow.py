@@ -19,6 +19,7 @@ from configs.detailflow16_tokenizer import get_config
 from detailflow_jax.models.quantizer import VectorQuantizer
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.models.frozen import Frozen
 from detailflow_jax.train import frozen_nets
 from detailflow_jax.train import tokenizer as recipe
 
@@ -69,9 +70,9 @@ def test_entropy_loss_reaches_both_sides():
 @pytest.fixture(scope="module")
 def tokenizer_with_teacher():
   c = get_config("tiny")
-  c.towers.encoder.num_layers = 1
-  c.towers.decoder.num_layers = 1
-  c.towers.teacher = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, position_grid=4,
+  c.model.encoder.num_layers = 1
+  c.model.decoder.num_layers = 1
+  c.model.teacher = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, position_grid=4,
                           patch_size=8)
   c.model.global_token_loss_weight = 1.0
   return Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0)
@@ -126,13 +127,13 @@ def test_each_term_reaches_only_what_the_reference_allows(reached):
 
 
 def test_frozen_networks_are_outside_the_optimized_parameters(tokenizer_with_teacher):
-  _, params, frozen, _ = recipe.split_tokenizer(tokenizer_with_teacher)
+  _, params, frozen, _ = recipe.split_trainable(tokenizer_with_teacher)
   groups = lambda tree: {_group(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(tree))}
   assert groups(frozen) == {"repa_model"} and "repa_model" not in groups(params)
   c = get_config("tiny")
   c.disc.type = "dino"
   disc = frozen_nets.random_discriminator(c, small=True)
-  _, d_params, d_frozen, _ = nnx.split(disc, recipe.TRAINABLE, recipe.FROZEN, ...)
+  _, d_params, d_frozen, _ = nnx.split(disc, recipe.TRAINABLE, Frozen, ...)
   assert groups(d_frozen) == {"backbone"} and "backbone" not in groups(d_params)
 
 
@@ -143,8 +144,8 @@ def test_the_discriminator_update_leaves_the_generator_alone():
   test_tokenizer_training_rules.py."""
   c = get_config("tiny")
   c.disc.type = "patchgan"
-  c.towers.encoder.num_layers = 1
-  c.towers.decoder.num_layers = 1
+  c.model.encoder.num_layers = 1
+  c.model.decoder.num_layers = 1
   c.losses.update(disc_start=0, use_diff_aug=False)
   _, disc_tx = recipe.make_optimizers(c, 10)
   trainer = recipe.TokenizerTrainer(

@@ -111,8 +111,8 @@ def test_encoder_without_weights_is_an_error_unless_from_scratch():
 def _gan_trainer(disc_start=3, lecam_decay=0.9):
   c = get_config("tiny")
   c.disc.type = "patchgan"
-  c.towers.encoder.num_layers = 1
-  c.towers.decoder.num_layers = 1
+  c.model.encoder.num_layers = 1
+  c.model.decoder.num_layers = 1
   c.losses.update(disc_start=disc_start, lecam_loss_weight=0.1, lecam_decay=lecam_decay,
                   use_diff_aug=False)
   c.data.batch_size = 4

@@ -44,7 +44,7 @@ def test_tokenizer_recipe_on_two_processes(tmp_path):
       SCRIPT, workdir, "configs/detailflow16_tokenizer.py:tiny", "--config.total_steps=2",
       "--config.data.batch_size=8", "--config.recon_every=2", "--config.num_recon_images=2",
       "--config.log_every=2", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
-      "--config.towers.encoder.num_layers=1", "--config.towers.decoder.num_layers=1",
+      "--config.model.encoder.num_layers=1", "--config.model.decoder.num_layers=1",
       timeout=900)
   assert sorted(r["pngs_written"] for r in results) == [0, 1]  # process 0 only, step 2
   assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == ["step_0000002.png"]

@@ -44,6 +44,12 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
                                                 async_save=True))
+  # Fine-tuning (the reference's --vq-ckpt/--gpt-ckpt with --finetune): start a fresh run from
+  # a model directory, released checkpoint, Hub id or training workdir (its Orbax step
+  # init_from_step, -1: newest); strict | partial (see detailflow_jax/train/init_from.py).
+  c.init_from = ""
+  c.init_from_step = -1
+  c.init_from_mode = "strict"
   c.log_every = 50
   c.sample_every = 0          # steps between sample PNGs (0: off); needs tokenizer_dir
   c.tokenizer_dir = ""

@@ -74,6 +74,15 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
                                                 async_save=True))
+  # Fine-tuning (the reference's --vq-ckpt/--gpt-ckpt with --finetune): start a fresh run from
+  # a model directory, released checkpoint, Hub id or training workdir (its Orbax step
+  # init_from_step, -1: newest); strict | partial (see detailflow_jax/train/init_from.py).
+  c.init_from = ""
+  c.init_from_step = -1
+  c.init_from_mode = "strict"
+  # Decoder-only fine-tune (the reference's --finetune-decoder): only decoder.* and
+  # post_quant_conv train; the encoder and the codebook stay as init_from loaded them.
+  c.finetune_decoder = False
   c.log_every = 50
   c.recon_every = 5000       # steps between reconstruction PNGs (0: off)
   c.num_recon_images = 4

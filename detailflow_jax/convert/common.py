@@ -11,11 +11,11 @@ state-dict key and shape. `model_from_state_dict` applies it one way (conversion
 import dataclasses
 import importlib.util
 import json
-import os
 import pathlib
 import pickle
 import shutil
 import tempfile
+import uuid
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -26,6 +26,8 @@ from flax import nnx
 from safetensors import safe_open
 
 from ..model_dir import save_model_dir
+
+from .. import paths
 
 # Wrappers that DDP/FSDP/torch.compile put in front of parameter names.
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -286,17 +288,24 @@ def write_atomically(out_dir, write: Callable[[pathlib.Path], None]) -> pathlib.
   """Runs `write(tmp_dir)` and renames tmp_dir to out_dir only if it succeeds.
 
   A failed conversion leaves nothing at out_dir; an existing out_dir is an error, not overwritten.
+  out_dir may be remote (gs://...: epath); there the rename is the store's (copy + delete on
+  GCS), so readers must still check completeness (model directories list their files).
   """
-  out_dir = pathlib.Path(out_dir).absolute()
+  out_dir = paths.run_path(out_dir)
   if out_dir.exists():
     raise ConversionError(f"output directory already exists: {out_dir}")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  if not paths.is_remote(out_dir):
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  else:
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
   try:
     write(tmp)
-    os.rename(tmp, out_dir)
+    tmp.rename(out_dir)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+      paths.rmtree(tmp)
     raise
   return out_dir
 

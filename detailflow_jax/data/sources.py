@@ -9,9 +9,12 @@ import json
 import logging
 import os
 import pathlib
+import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from .. import paths
 
 log = logging.getLogger("detailflow_jax")
 
@@ -164,13 +167,20 @@ def decode_token_record(data: bytes) -> dict:
 
 
 class TokenRecordWriter:
-  """Writes token records into `<directory>/<prefix>-<shard>.array_record` (one file per shard)."""
+  """Writes token records into `<directory>/<prefix>-<shard>.array_record` (one file per shard).
+  A remote directory (gs://..., etils.epath) gets the shard written locally and uploaded whole
+  at close (ArrayRecord writes local files; an object appears only once its upload is done)."""
 
   def __init__(self, directory, shard: int = 0, prefix: str = "tokens"):
     from array_record.python.array_record_module import ArrayRecordWriter
-    self.path = pathlib.Path(directory) / f"{prefix}-{shard:05d}.array_record"
+    self.path = paths.run_path(directory) / f"{prefix}-{shard:05d}.array_record"
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._tmp = self.path.with_suffix(".array_record.tmp")
+    if paths.is_remote(self.path):
+      fd, tmp = tempfile.mkstemp(suffix=".array_record.tmp")
+      os.close(fd)
+      self._tmp = pathlib.Path(tmp)
+    else:
+      self._tmp = self.path.with_suffix(".array_record.tmp")
     self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
     self.count = 0
 
@@ -192,25 +202,44 @@ class TokenRecordWriter:
   def close(self) -> pathlib.Path:
     """Finishes the shard; it only appears under its final name once complete."""
     self._writer.close()
-    self._tmp.replace(self.path)
+    if paths.is_remote(self.path):
+      self.path.write_bytes(self._tmp.read_bytes())
+      self._tmp.unlink()
+    else:
+      self._tmp.replace(self.path)
     return self.path
 
 
-class TokenRecordSource:
-  """All `*.array_record` token shards under a directory (or an explicit list of files)."""
+def _local_copy(remote, cache_dir=None) -> str:
+  """A local copy of a remote shard, keyed by its URI; copied again if the size differs."""
+  root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir() / "token_records"
+  key = hashlib.sha256(os.fspath(remote).encode()).hexdigest()[:16]
+  local = root / key / remote.name
+  if not local.is_file() or local.stat().st_size != paths.file_size(remote):
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_bytes(remote.read_bytes())
+    tmp.replace(local)
+  return str(local)
 
-  def __init__(self, paths):
+
+class TokenRecordSource:
+  """All `*.array_record` token shards under a directory (or an explicit list of files).
+  Remote shards (gs://..., etils.epath) are copied once into a local cache directory
+  (`cache_dir`, default $DETAILFLOW_CACHE/token_records): ArrayRecord reads local files."""
+
+  def __init__(self, files, cache_dir=None):
     import grain
-    if isinstance(paths, (str, os.PathLike)):
-      root = pathlib.Path(paths)
+    if isinstance(files, (str, os.PathLike)):
+      root = paths.run_path(files)
       if not root.exists():
         raise FileNotFoundError(f"token record path does not exist: {root}")
-      paths = sorted(root.glob("*.array_record")) if root.is_dir() else [root]
-    paths = [str(p) for p in paths]
-    if not paths:
+      files = sorted(root.glob("*.array_record"), key=os.fspath) if root.is_dir() else [root]
+    if not files:
       raise FileNotFoundError("no .array_record token shards found")
-    self.paths = paths
-    self._source = grain.sources.ArrayRecordDataSource(paths)
+    files = [_local_copy(paths.run_path(p), cache_dir) if paths.is_remote(p) else str(p) for p in files]
+    self.paths = files
+    self._source = grain.sources.ArrayRecordDataSource(files)
 
   def __len__(self) -> int:
     return len(self._source)

@@ -6,7 +6,6 @@ to predict are the targets.
 """
 import dataclasses
 import logging
-import pathlib
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -15,7 +14,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from .. import images, sharding
+from .. import images, paths, sharding
 from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
 from ..data.sources import TokenRecordSource
 from ..inference import TokenizerFns
@@ -174,7 +173,7 @@ class SampleWriter:
   def __init__(self, c: ml_collections.ConfigDict, graphdef, mesh, workdir, writer):
     self.fns = TokenizerFns(load_tokenizer(c.tokenizer_dir))
     self.graphdef, self.mesh, self.writer = graphdef, mesh, writer
-    self.out_dir = pathlib.Path(workdir) / "samples"
+    self.out_dir = paths.run_path(workdir) / "samples"
     self.sampler = Sampler(graphdef, mesh=mesh)
     classes = min(c.model.num_classes, 8)
     # A batch the mesh's batch axes divide: classes repeated up to a multiple of them.

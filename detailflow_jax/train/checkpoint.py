@@ -7,7 +7,6 @@ device. Resuming skips a damaged newest step (a truncated or corrupted file): it
 log, moved aside to DIR/damaged-STEP, and the newest intact step is restored instead.
 """
 import logging
-import pathlib
 import signal
 import threading
 from typing import Any, List, Optional, Tuple
@@ -15,6 +14,8 @@ from typing import Any, List, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from .. import paths
 
 log = logging.getLogger("detailflow_jax")
 
@@ -32,7 +33,7 @@ class Checkpointer:
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3, async_save: bool = True,
                milestone_every: int = 0):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = paths.run_path(directory)  # Orbax takes local and gs:// paths
     if milestone_every < 0 or (milestone_every and milestone_every % max(save_every, 1)):
       raise ValueError(f"checkpoint.milestone_every={milestone_every} must be 0 (off) or a multiple "
                        f"of checkpoint.save_every={save_every} (milestones are saved steps kept)")

@@ -15,8 +15,6 @@ the rest the same way for both:
 import dataclasses
 import logging
 import os
-import pathlib
-import shutil
 import signal
 from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
@@ -27,9 +25,12 @@ from clu import parameter_overview
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from .. import paths
 from ..convert.common import write_atomically
+from ..export import TASK_KINDS
 from ..model_dir import save_model_dir
 from .. import sharding
+from . import init_from as init_from_lib
 from .checkpoint import Checkpointer, abstract_with_shardings
 from .loop import run_training
 from .metrics import create_writer
@@ -58,6 +59,10 @@ def validate_run(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError("the run has no steps: set total_steps or num_epochs/examples_per_epoch")
   if c.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"compute_dtype={c.compute_dtype!r} (float32 | bfloat16)")
+  if c.init_from_mode not in init_from_lib.MODES:
+    raise ValueError(f"init_from_mode={c.init_from_mode!r} (strict | partial)")
+  if c.init_from_step >= 0 and not c.init_from:
+    raise ValueError(f"init_from_step={c.init_from_step} without init_from (a training workdir)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +100,12 @@ def export_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Mo
   """The multi-host export policy: gather on every process, process 0 writes into a temporary
   directory renamed to DIRECTORY when complete, then a barrier (no process goes on before the
   directory is whole)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.run_path(directory)
   graphdef, state = nnx.split(model)
   host_state = gather_to_host(state, mesh)
   if jax.process_index() == 0:
     if directory.exists():  # a rerun of a finished run exports again
-      shutil.rmtree(directory)
+      paths.rmtree(directory)
     write_atomically(directory, lambda tmp: save_model_dir(tmp, kind, config,
                                                            nnx.merge(graphdef, host_state)))
   barrier(f"export {directory}")
@@ -121,7 +126,7 @@ class Driver:
     sharding.maybe_initialize_distributed(c)
     validate(c, jax.device_count())
     self.config = c
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = paths.run_path(workdir)  # local, or gs://... (etils.epath)
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
@@ -140,6 +145,9 @@ class Driver:
     if ckpt.latest_step is not None:
       at, state = ckpt.restore(abstract_with_shardings(state, state_shardings), data_iterator)
       log.info("resumed from step %d", at)
+    elif c.init_from:  # a fresh start from existing weights; the run's own checkpoints win
+      state, _ = init_from_lib.initialize(state, c.init_from, TASK_KINDS[c.task], c.init_from_mode,
+                                          c.init_from_step)
     hooks = [h for h in hooks if h.every > 0]
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
 

@@ -11,7 +11,6 @@ split by process and written in chunks; a restarted job skips the chunks already
 """
 import json
 import logging
-import pathlib
 import time
 from typing import Optional
 
@@ -26,6 +25,8 @@ from ..data.sources import TokenRecordWriter
 from ..data.transforms import center_crop_arr, decode_image, to_float
 from ..pretrained import load_tokenizer
 from .loop import progress_bar
+
+from .. import paths
 
 log = logging.getLogger("detailflow_jax")
 
@@ -85,10 +86,10 @@ class CodeEncoder:
     return self._jitted(self._state, images, jnp.asarray(noise_idx, jnp.int32), key)
 
 
-def extract(c, tokenizer_dir, workdir) -> pathlib.Path:
+def extract(c, tokenizer_dir, workdir) -> paths.AnyPath:
   """Writes `<workdir>/tokens-pPPPPP-cCCCCC.array_record` shards and `<workdir>/codes.json`."""
   e = c.extract
-  workdir = pathlib.Path(workdir)
+  workdir = paths.run_path(workdir)  # local or gs://... (etils.epath)
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer = load_tokenizer(tokenizer_dir)
   size = e.image_size or tokenizer.config.image_size

@@ -12,11 +12,15 @@ import functools
 import json
 import logging
 import pathlib
+import tempfile
+import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from clu import metrics as clu_metrics
 from tensorboardX import SummaryWriter
+
+from .. import paths
 
 log = logging.getLogger("detailflow_jax")
 
@@ -101,11 +105,27 @@ class LoggingWriter:
 
 
 class TensorBoardWriter:
-  """TensorBoard event files via tensorboardX."""
+  """TensorBoard event files via tensorboardX. A remote logdir (gs://...) gets the events
+  written to a local staging directory and copied there at every flush (tensorboardX itself
+  writes local files only, without TensorFlow)."""
 
   def __init__(self, logdir):
-    self.logdir = pathlib.Path(logdir)
-    self._writer = SummaryWriter(str(self.logdir))
+    self.logdir = paths.run_path(logdir)
+    self._staging = tempfile.mkdtemp(prefix="tensorboard-") if paths.is_remote(self.logdir) else None
+    # A restart within the same second would otherwise reuse the event file name (time and
+    # host) and its upload replace the earlier run's events.
+    suffix = f".{uuid.uuid4().hex[:8]}" if self._staging else ""
+    self._writer = SummaryWriter(self._staging or str(self.logdir), filename_suffix=suffix)
+
+  def _upload(self) -> None:
+    if self._staging is None:
+      return
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    for local in pathlib.Path(self._staging).rglob("*"):
+      if local.is_file():
+        target = self.logdir / local.relative_to(self._staging).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(local.read_bytes())
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     for k, v in scalars.items():
@@ -133,21 +153,34 @@ class TensorBoardWriter:
 
   def flush(self) -> None:
     self._writer.flush()
+    self._upload()
 
   def close(self) -> None:
     self._writer.close()
+    self._upload()
 
 
 class JsonlWriter:
-  """One JSON line per write_scalars call in workdir/metrics.jsonl (easy to diff and plot)."""
+  """One JSON line per write_scalars call in workdir/metrics.jsonl (easy to diff and plot).
+  Appended locally; on a remote path (gs://..., objects cannot be appended to) the file is
+  rewritten whole at every write (a few hundred bytes per log_every steps)."""
 
   def __init__(self, path):
-    self.path = pathlib.Path(path)
+    self.path = paths.run_path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.path, "a")
+    if paths.is_remote(self.path):
+      self._file = None
+      self._text = self.path.read_text() if self.path.exists() else ""
+    else:
+      self._file = open(self.path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self._file.write(json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n")
+    line = json.dumps({"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}) + "\n"
+    if self._file is None:
+      self._text += line
+      self.path.write_text(self._text)
+      return
+    self._file.write(line)
     self._file.flush()
 
   def write_images(self, step, images):
@@ -163,10 +196,12 @@ class JsonlWriter:
     pass
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 class MultiWriter:
@@ -184,7 +219,7 @@ def create_writer(workdir, *, process_index: int = 0, tensorboard: bool = True):
   """Log lines everywhere; metrics.jsonl and TensorBoard files under workdir on process 0 only."""
   writers = [LoggingWriter()]
   if process_index == 0:
-    writers.append(JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl"))
+    writers.append(JsonlWriter(paths.run_path(workdir) / "metrics.jsonl"))
     if tensorboard:
-      writers.append(TensorBoardWriter(pathlib.Path(workdir) / "tensorboard"))
+      writers.append(TensorBoardWriter(paths.run_path(workdir) / "tensorboard"))
   return MultiWriter(writers)

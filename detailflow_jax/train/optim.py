@@ -1,7 +1,7 @@
 """AdamW as the reference trains both models: betas (0.9, 0.95), decay on >= 2-D weights only,
 global-norm clipping; the GPT's LambdaLR warm-up + cosine and the tokenizer's timm cosine."""
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,3 +79,31 @@ def clipped_adamw(sched: optax.ScalarOrSchedule, *, weight_decay: float, b1: flo
   parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
+
+
+def param_path(path) -> str:
+  """'decoder/layers/0/kernel' for a jax key path into an nnx.State (the trailing Variable
+  `.value` attribute left out)."""
+  parts = []
+  for p in path:
+    if isinstance(p, jax.tree_util.GetAttrKey):
+      continue
+    parts.append(str(getattr(p, "key", getattr(p, "idx", p))))
+  return "/".join(parts)
+
+
+def train_only(tx: optax.GradientTransformation,
+               trainable: Callable[[str], bool]) -> optax.GradientTransformation:
+  """`tx` on the parameters whose path (param_path) `trainable` accepts; the others get exactly
+  zero updates (the reference's requires_grad=False). Their gradients are zeroed before `tx`,
+  so grad clipping measures only the trained ones, and their updates after it, so no weight
+  decay or Adam step moves them: they stay bit-identical. (optax.multi_transform would also
+  drop their Adam moments, but its MaskedNode placeholders inside nnx Variables break the
+  shardings and the checkpoints of the state.)"""
+  def zero_frozen(updates):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if trainable(param_path(path)) else jnp.zeros_like(x), updates)
+
+  mask = optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      lambda updates, state, params=None: (zero_frozen(updates), state))
+  return optax.chain(mask, tx, mask)

@@ -38,9 +38,16 @@ from ..models.tokenizer import Tokenizer, TokenizerConfig
 from . import driver, frozen_nets, gan
 from .driver import total_steps, validate_run
 from .extract import build_image_source
+from .optim import train_only
 from .state import apply_gradients, ema_update
 
 log = logging.getLogger("detailflow_jax")
+
+def decoder_finetune_trainable(path: str) -> bool:
+  """The parameters a decoder-only fine-tune trains (the reference's --finetune-decoder:
+  'decoder.' and 'post_quant_conv'); encoder, quantizer (codebook) and the rest stay fixed."""
+  return path.split("/")[0] in ("decoder", "post_quant_conv")
+
 
 
 # --- the train state and step ------------------------------------------------------------------
@@ -373,6 +380,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   validate_run(c, num_devices)
   if c.disc.type not in ("dino", "patchgan", "none"):
     raise ValueError(f"disc.type={c.disc.type!r} (dino | patchgan | none)")
+  if c.finetune_decoder and not c.init_from:
+    raise ValueError("finetune_decoder=True without init_from: the encoder and codebook it keeps "
+                     "fixed would stay at their initialisation")
   if not 0.0 <= c.data.degradation_prob <= 1.0:
     raise ValueError(f"data.degradation_prob={c.data.degradation_prob} is not a probability")
   remat.check_policy(c.remat.encoder, "remat.encoder")
@@ -447,6 +457,8 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
   discriminator = frozen_nets.build_discriminator(c)
   tx, disc_tx = make_optimizers(c, steps)
+  if c.finetune_decoder:
+    tx = train_only(tx, decoder_finetune_trainable)
   trainer = TokenizerTrainer(tokenizer, loss_config_from(c), tx, mesh, perceptual=perceptual,
                              discriminator=discriminator, disc_tx=disc_tx, seed=c.seed,
                              precision=Precision.named(c.compute_dtype),
