@@ -15,6 +15,9 @@ MANIFESTS = FIXTURES / "manifests"
 
 
 def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: multi-minute end-to-end runs (2-process launches, AOT memory plans); "
+      "deselected by default, run them with `python -m pytest -q -m slow tests`")
   # Grain's multiprocess workers read absl flags; mark them parsed as absl.app.run would.
   from absl import flags
   if not flags.FLAGS.is_parsed():

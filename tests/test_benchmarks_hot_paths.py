@@ -1,6 +1,7 @@
 """benchmarks/vs_reference.py and benchmarks/accelerator.py: the skip path, our side of the
 side-by-side run on the fixture checkpoints, the accelerator script's --quick mode, and
 benchmarks/memory_plan.py --quick."""
+import pytest
 import contextlib
 import io
 import json
@@ -80,6 +81,7 @@ def test_accelerator_quick_covers_every_section():
   assert any(s.startswith("reference_eager_32") for s in result["skipped"])
 
 
+@pytest.mark.slow
 def test_memory_plan_quick_reports_every_model_and_policy():
   """benchmarks/memory_plan.py --quick: both recipes' train steps compiled ahead of time from
   abstract states, once per remat policy, with the full-run keys."""

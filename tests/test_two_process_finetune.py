@@ -3,6 +3,7 @@ both: mesh data=1 x fsdp=8) through the real launch/train.py: init_from a conver
 GPT, checkpoints, kill -9 after step 4, resume, finish; the final weights equal an
 uninterrupted run's; a mid-run step exported with `python -m detailflow_jax.export` loads and
 samples."""
+import pytest
 import pathlib
 
 import jax
@@ -24,6 +25,7 @@ def _flat(module):
   return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module))}
 
 
+@pytest.mark.slow
 def test_finetune_kill_resume_export_on_two_processes(tmp_path, tmp_path_factory, monkeypatch):
   tokens = tmp_path / "tokens"
   rng = np.random.default_rng(0)

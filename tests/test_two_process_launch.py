@@ -2,6 +2,7 @@
 each) with FSDP spanning the processes (mesh data=1 x fsdp=8): training, the periodic PNG hooks
 (which compute on weights sharded across both hosts) and the export all complete; the exported
 directory loads and runs; each PNG is written once (by process 0)."""
+import pytest
 import pathlib
 
 import jax
@@ -15,6 +16,7 @@ from detailflow_jax.pretrained import load_gpt, load_tokenizer
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_launch.py"
 
 
+@pytest.mark.slow
 def test_gpt_recipe_on_two_processes(tmp_path, tokenizer_dir):
   tokens = tmp_path / "tokens"
   rng = np.random.default_rng(0)
@@ -38,6 +40,7 @@ def test_gpt_recipe_on_two_processes(tmp_path, tokenizer_dir):
   assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow
 def test_tokenizer_recipe_on_two_processes(tmp_path):
   workdir = tmp_path / "run"
   results = run_two_processes(

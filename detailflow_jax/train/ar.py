@@ -50,7 +50,10 @@ def gpt_config_from(c: ml_collections.ConfigDict) -> GPTConfig:
     missing = [k for k in ("dim", "n_layer", "n_head") if k not in fields]
     if missing:
       raise ValueError(f"model.preset is empty: set model.{', model.'.join(missing)}")
-  return GPTConfig(**fields)
+  try:
+    return GPTConfig(**fields)
+  except ValueError as e:  # GPTConfig's own checks name the field; here it is a config key
+    raise ValueError(f"model.{e}") from None
 
 
 def warmup_steps(c: ml_collections.ConfigDict) -> int:
@@ -66,13 +69,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> GPTConfig:
   causal = m.group_size if m.causal_num is None else m.causal_num
   if causal % m.group_size or causal >= m.block_size:
     raise ValueError(f"model.causal_num={m.causal_num} must be a multiple of group_size below block_size")
-  cfg = gpt_config_from(c)  # GPTConfig checks the rest (heads, dims)
-  if not cfg.learnable_tok_embeddings:
-    raise ValueError("model.learnable_tok_embeddings=False (frozen token embeddings) is not "
-                     "implemented by this trainer")
-  if cfg.cls_token_num != 1:
-    raise ValueError(f"model.cls_token_num={cfg.cls_token_num}: only 1 class token is supported "
-                     "(the released models' value; RoPE and the sampler assume it)")
+  cfg = gpt_config_from(c)  # GPTConfig checks the rest (heads, dims, unsupported knobs)
   if not 0.0 <= c.correction_prob <= 1.0:
     raise ValueError(f"correction_prob={c.correction_prob} is not a probability")
   validate_run(c, num_devices)
