@@ -14,13 +14,11 @@ Multi-host: the same command on every host (TPU pods are detected; elsewhere
 --config.distributed.coordinator/num_processes/process_id), as launch/train.py.
 """
 import logging
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from detailflow_jax.eval.launch import ConfigError, run_from_config
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file with :eval", lock_config=True)
@@ -33,7 +31,6 @@ def main(argv):
   logging.getLogger("detailflow_jax").setLevel(logging.INFO)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from detailflow_jax.eval.launch import ConfigError, run_from_config
   try:
     run_from_config(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:

@@ -97,3 +97,15 @@ def run_two_processes(script, *args, timeout=240):
              if line.startswith("RESULT ")]
   assert sorted(r["process"] for r in results) == [0, 1], outputs
   return results
+
+
+def write_token_records(path, num_records: int = 64, length: int = 32, vocab: int = 64,
+                        num_classes: int = 10):
+  """Random (clean, input, target) code triples with class ids, as extraction writes them."""
+  from detailflow_jax.data.sources import TokenRecordWriter
+  rng = np.random.default_rng(0)
+  writer = TokenRecordWriter(path)
+  for i in range(num_records):
+    writer.write(rng.integers(0, vocab, size=(length, 3)), label=i % num_classes)
+  writer.close()
+  return path

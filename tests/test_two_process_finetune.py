@@ -3,16 +3,15 @@ both: mesh data=1 x fsdp=8) through the real launch/train.py: init_from a conver
 GPT, checkpoints, kill -9 after step 4, resume, finish; the final weights equal an
 uninterrupted run's; a mid-run step exported with `python -m detailflow_jax.export` loads and
 samples."""
-import pytest
 import pathlib
 
 import jax
+import pytest
 import numpy as np
 from flax import nnx
 
-from conftest import run_two_processes
+from conftest import run_two_processes, write_token_records
 from detailflow_jax import export
-from detailflow_jax.data.sources import TokenRecordWriter
 from detailflow_jax.pretrained import load_gpt
 from detailflow_jax.sampling import Sampler
 from detailflow_jax.train.driver import KILL_AFTER_STEP_ENV
@@ -27,12 +26,7 @@ def _flat(module):
 
 @pytest.mark.slow
 def test_finetune_kill_resume_export_on_two_processes(tmp_path, tmp_path_factory, monkeypatch):
-  tokens = tmp_path / "tokens"
-  rng = np.random.default_rng(0)
-  writer = TokenRecordWriter(tokens)
-  for i in range(64):
-    writer.write(rng.integers(0, 64, size=(32, 3)), label=i % 10)
-  writer.close()
+  tokens = write_token_records(tmp_path / "tokens")
   fixture = converted_gpt_dir(tmp_path_factory)
   args = ["configs/detailflow16_gpt_l.py:tiny", f"--config.data.path={tokens}",
           f"--config.init_from={fixture}", "--config.total_steps=6", "--config.log_every=2",

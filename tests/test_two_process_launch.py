@@ -2,15 +2,14 @@
 each) with FSDP spanning the processes (mesh data=1 x fsdp=8): training, the periodic PNG hooks
 (which compute on weights sharded across both hosts) and the export all complete; the exported
 directory loads and runs; each PNG is written once (by process 0)."""
-import pytest
 import pathlib
 
 import jax
+import pytest
 import numpy as np
 from PIL import Image
 
-from conftest import run_two_processes
-from detailflow_jax.data.sources import TokenRecordWriter
+from conftest import run_two_processes, write_token_records
 from detailflow_jax.pretrained import load_gpt, load_tokenizer
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_launch.py"
@@ -18,12 +17,7 @@ SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_launch.py"
 
 @pytest.mark.slow
 def test_gpt_recipe_on_two_processes(tmp_path, tokenizer_dir):
-  tokens = tmp_path / "tokens"
-  rng = np.random.default_rng(0)
-  writer = TokenRecordWriter(tokens)
-  for i in range(64):
-    writer.write(rng.integers(0, 64, size=(32, 3)), label=i % 10)
-  writer.close()
+  tokens = write_token_records(tmp_path / "tokens")
   workdir = tmp_path / "run"
   results = run_two_processes(
       SCRIPT, workdir, "configs/detailflow16_gpt_l.py:tiny", f"--config.data.path={tokens}",

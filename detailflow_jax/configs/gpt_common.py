@@ -8,6 +8,8 @@ dropout 0.1 (CFG), self-correction with probability 0.3, bf16 compute.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from .run_common import add_run_sections
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 TEN_CROP_FLIP = 20  # extraction stores 10 crops x (image, flip) per image
 
@@ -39,17 +41,7 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.ema_decay = 0.9999
   c.compute_dtype = "bfloat16"  # autocast (models/precision.py): float32 master weights
   c.remat = "none"  # per-block gradient checkpointing: none | full | save_dots (models/remat.py)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
-  # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
-                                                async_save=True))
-  # Fine-tuning (the reference's --vq-ckpt/--gpt-ckpt with --finetune): start a fresh run from
-  # a model directory, released checkpoint, Hub id or training workdir (its Orbax step
-  # init_from_step, -1: newest); strict | partial (see detailflow_jax/train/init_from.py).
-  c.init_from = ""
-  c.init_from_step = -1
-  c.init_from_mode = "strict"
+  add_run_sections(c)
   c.log_every = 50
   c.sample_every = 0          # steps between sample PNGs (0: off); needs tokenizer_dir
   c.tokenizer_dir = ""

@@ -15,6 +15,8 @@ checkpoint formats (builder names, enc_pretrained, ...) are read only by detailf
 """
 import ml_collections
 
+from .run_common import add_run_sections
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # SigLIP2-so400m-patch16 (naflex) vision tower sizes: the encoder is its first 12 layers (the
 # reference's siglip2_base builder, pretrained), the teacher all 27.
@@ -69,17 +71,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.compute_dtype = "bfloat16"
   # Per-layer gradient checkpointing of the encoder / decoder towers: none | full | save_dots.
   c.remat = ml_collections.ConfigDict(dict(encoder="none", decoder="none"))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # The reference keeps its 10 newest checkpoints plus a milestone every 50 epochs (~250k
-  # ImageNet steps at batch 256); milestone_every is in steps, a multiple of save_every (0: off).
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=5000, keep=10, milestone_every=250_000,
-                                                async_save=True))
-  # Fine-tuning (the reference's --vq-ckpt/--gpt-ckpt with --finetune): start a fresh run from
-  # a model directory, released checkpoint, Hub id or training workdir (its Orbax step
-  # init_from_step, -1: newest); strict | partial (see detailflow_jax/train/init_from.py).
-  c.init_from = ""
-  c.init_from_step = -1
-  c.init_from_mode = "strict"
+  add_run_sections(c)
   # Decoder-only fine-tune (the reference's --finetune-decoder): only decoder.* and
   # post_quant_conv train; the encoder and the codebook stay as init_from loaded them.
   c.finetune_decoder = False

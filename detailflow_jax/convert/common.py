@@ -13,7 +13,6 @@ import importlib.util
 import json
 import pathlib
 import pickle
-import shutil
 import tempfile
 import uuid
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple

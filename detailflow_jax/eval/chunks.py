@@ -14,15 +14,20 @@ give the same bytes, to a temporary name that is renamed into place at the end.
 """
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import time
 import zipfile
-from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..model_dir import file_sha256
+from ..train.loop import progress_bar
 from .reference import save_npz_atomically
+
+log = logging.getLogger("detailflow_jax")
 
 MANIFEST = "manifest.json"
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: identical rows -> identical bytes
@@ -96,6 +101,31 @@ class ChunkStore:
 
   def pending(self) -> List[int]:
     return [k for k in range(self.num_chunks) if not self.is_done(k)]
+
+  def fill(self, make_chunk: Callable[[int, int], Mapping[str, np.ndarray]], name: str,
+           log_every_s: float = 10.0,
+           after_chunk: Optional[Callable[[int, Mapping[str, np.ndarray]], None]] = None):
+    """Makes and writes every pending chunk: `make_chunk(start, stop)` -> its arrays (every
+    process calls it: the work is sharded; only the writer writes), then
+    `after_chunk(start, arrays)`. Logs rate, chunks done and ETA. Returns (rows made, seconds)."""
+    pending = self.pending()
+    todo = sum(self.rows(k)[1] - self.rows(k)[0] for k in pending)
+    t0, made, last = time.time(), 0, 0.0
+    for k in pending:
+      start, stop = self.rows(k)
+      arrays = make_chunk(start, stop)
+      self.write(k, **arrays)
+      if after_chunk is not None:
+        after_chunk(start, arrays)
+      made += stop - start
+      now = time.time()
+      if now - last >= log_every_s or made == todo:
+        rate = made / max(now - t0, 1e-9)
+        log.info("%s: %s chunk %d/%d, %d/%d new rows, %.2f rows/s, ETA %.0fs", name,
+                 progress_bar(made, todo), k + 1, self.num_chunks, made, todo, rate,
+                 (todo - made) / max(rate, 1e-9))
+        last = now
+    return made, time.time() - t0
 
   def write(self, k: int, **arrays: np.ndarray) -> None:
     """Writes chunk k (every array, rows of this chunk only) and records it."""

@@ -13,7 +13,6 @@ devices.
 """
 import dataclasses
 import logging
-import time
 from typing import Dict, Optional
 
 import jax
@@ -24,7 +23,6 @@ from flax import nnx
 from ..images import to_uint8
 from ..sampling import Sampler, SamplingOptions
 from .. import sharding
-from ..train.loop import progress_bar
 
 from . import protocol
 from .chunks import ChunkStore, write_npz_streaming
@@ -154,26 +152,15 @@ class GenerationJob:
                        writer=writer)
     barrier("generation: manifest read")
     pending = store.pending()
-    todo = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     log.info("generation: %d samples, %d chunks of %d (%d to make, %d done), global batch %d on %d devices",
              s.num_samples, store.num_chunks, s.chunk_size, len(pending),
              store.num_chunks - len(pending), self.batch, self.mesh.size)
-    t0, made, last = time.time(), 0, 0.0
-    for k in pending:
-      start, stop = store.rows(k)
-      images = self.images(start, stop)
-      store.write(k, arr_0=images, arr_1=self.labels(start, stop))
-      if png_dir is not None and writer:
-        _write_pngs(png_dir, start, images)
-      made += stop - start
-      now = time.time()
-      if now - last >= log_every_s or made == todo:
-        rate = made / max(now - t0, 1e-9)
-        log.info("generation: %s chunk %d/%d, %d/%d new images, %.2f img/s, ETA %.0fs",
-                 progress_bar(made, todo), k + 1, store.num_chunks, made, todo, rate,
-                 (todo - made) / max(rate, 1e-9))
-        last = now
-    seconds = time.time() - t0
+    after = None
+    if png_dir is not None and writer:
+      after = lambda start, arrays: _write_pngs(png_dir, start, arrays["arr_0"])
+    made, seconds = store.fill(
+        lambda start, stop: {"arr_0": self.images(start, stop), "arr_1": self.labels(start, stop)},
+        "generation", log_every_s, after)
     barrier("generation: chunks written")
     if writer:
       write_npz_streaming(out, {"arr_0": store.member("arr_0"), "arr_1": store.member("arr_1")})
@@ -253,7 +240,6 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
   """The whole generation job for one or more seeds: samples (resumable, per seed
   `out` with `{seed}` filled in, or OUT-seedS.npz for several seeds), scores with
   `reference` + `inception`, and results.json (protocol, hashes, scores, mean +- std)."""
-  import json
   import pathlib
   from ..pretrained import load_model_dir
   from .chunks import _write_json_atomically

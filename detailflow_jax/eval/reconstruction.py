@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import pathlib
-import time
 from typing import Dict, Iterable, Tuple
 
 import jax
@@ -38,7 +37,6 @@ from PIL import Image
 from ..images import center_crop, to_uint8
 from ..ops.resize import resize_images
 from .. import sharding
-from ..train.loop import progress_bar
 from . import protocol, scores
 from .chunks import ChunkStore, _write_json_atomically
 from .device import GlobalBatch, barrier, cast_floating, check_precision, decode_tokens, to_host
@@ -271,24 +269,12 @@ class ReconstructionJob:
     store = ChunkStore(workdir / "chunks", proto, self.num_images, s.chunk_size, self._arrays(), writer=writer)
     barrier("reconstruction: manifest read")
     pending = store.pending()
-    todo = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     log.info("tokenizer eval: %d images, passes %s, curve %s, %d chunks (%d to make), global batch %d",
              self.num_images, self.noise_indices, self.curve, store.num_chunks, len(pending), self.batch)
-    t0, made, last = time.time(), 0, 0.0
-    for k in pending:
-      start, stop = store.rows(k)
-      store.write(k, **self.chunk(start, stop))
-      made += stop - start
-      now = time.time()
-      if now - last >= log_every_s or made == todo:
-        rate = made / max(now - t0, 1e-9)
-        log.info("tokenizer eval: %s chunk %d/%d, %d/%d images, %.2f img/s, ETA %.0fs",
-                 progress_bar(made, todo), k + 1, store.num_chunks, made, todo, rate,
-                 (todo - made) / max(rate, 1e-9))
-        last = now
+    made, seconds = store.fill(self.chunk, "tokenizer eval", log_every_s)
     barrier("reconstruction: chunks written")
     results = self.summarize(store, workdir, writer)
-    results["run"] = {"images_made": made, "seconds": time.time() - t0, "devices": self.mesh.size,
+    results["run"] = {"images_made": made, "seconds": seconds, "devices": self.mesh.size,
                       "processes": jax.process_count()}
     if writer:
       _write_json_atomically(workdir / "results.json", results)

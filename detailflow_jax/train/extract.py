@@ -12,7 +12,6 @@ split by process and written in chunks; a restarted job skips the chunks already
 import json
 import logging
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

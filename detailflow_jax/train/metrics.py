@@ -14,7 +14,7 @@ import logging
 import pathlib
 import tempfile
 import uuid
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 from clu import metrics as clu_metrics
