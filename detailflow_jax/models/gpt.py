@@ -26,7 +26,7 @@ from .attention import cached_attention, dot_product_attention
 from .keys import InitKeys
 from .masks import group_causal_mask
 from . import remat
-from .precision import Linear
+from .precision import Einsum, Linear
 from .rope import apply_rope, rope_table_2d
 from ..schedule import causal_length
 
@@ -247,9 +247,9 @@ class Attention(nnx.Module):
       # Draw the reference's fused layout and regroup it: the same values as a fused kernel.
       return Attention.group_qkv(init(key, (cfg.dim, fused_dim), dtype), kv, hd)
 
-    self.wqkv = nnx.Einsum("bnd,dkgh->bnkgh", (cfg.dim, kv, cfg.n_head // kv + 2, hd), rngs=rngs,
-                           kernel_init=nnx.with_partitioning(
-                               grouped_init, ("embed", "kv_heads", None, None)))
+    self.wqkv = Einsum("bnd,dkgh->bnkgh", (cfg.dim, kv, cfg.n_head // kv + 2, hd), rngs=rngs,
+                      kernel_init=nnx.with_partitioning(
+                          grouped_init, ("embed", "kv_heads", None, None)))
     self.wo = _linear(rngs, cfg.dim, cfg.dim, ("heads", "embed"), init)
 
   @staticmethod

@@ -75,13 +75,33 @@ class Linear(nnx.Linear):
     return y.astype(dtype)
 
 
+class Einsum(nnx.Einsum):
+  """nnx.Einsum under a `Precision` policy, as `Linear` (the GPT's grouped q/k/v projection)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.mixed_precision = Precision()
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    policy = self.mixed_precision
+    if not policy.autocast:
+      return super().__call__(x)
+    dtype = jnp.dtype(policy.compute_dtype)
+    y = jnp.einsum(self.einsum_str, x.astype(dtype), self.kernel[...].astype(dtype),
+                   preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + jnp.reshape(self.bias[...].astype(jnp.float32),
+                          self._infer_broadcasted_bias_shape(self.einsum_str, x, self.kernel[...]))
+    return y.astype(dtype)
+
+
 def set_precision(model: nnx.Module, policy: Precision) -> nnx.Module:
-  """Puts `policy` on every `Linear` of `model` (in place; returns model). A plain nnx.Linear
-  in the tree would silently stay native, so it is an error under autocast."""
+  """Puts `policy` on every `Linear` / `Einsum` of `model` (in place; returns model). A plain
+  nnx.Linear / nnx.Einsum in the tree would silently stay native: an error under autocast."""
   for path, module in nnx.iter_modules(model):
-    if isinstance(module, Linear):
+    if isinstance(module, (Linear, Einsum)):
       module.mixed_precision = policy
-    elif isinstance(module, nnx.Linear) and policy.autocast:
-      raise TypeError(f"{'/'.join(map(str, path))} is a plain nnx.Linear: build it with "
-                      f"models.precision.Linear so the precision policy reaches it")
+    elif isinstance(module, (nnx.Linear, nnx.Einsum)) and policy.autocast:
+      raise TypeError(f"{'/'.join(map(str, path))} is a plain nnx.{type(module).__name__}: build it "
+                      f"with models.precision so the precision policy reaches it")
   return model
