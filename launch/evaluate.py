@@ -13,29 +13,9 @@ curve in DIR/results.json, DIR/curve.json, DIR/curve.png. Both resume in DIR aft
 Multi-host: the same command on every host (TPU pods are detected; elsewhere
 --config.distributed.coordinator/num_processes/process_id), as launch/train.py.
 """
-import logging
-
-from absl import app, flags
-from ml_collections import config_flags
-
+from detailflow_jax import launcher
 from detailflow_jax.eval.launch import ConfigError, run_from_config
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file with :eval", lock_config=True)
-flags.DEFINE_string("workdir", None, "chunks, samples, results.json")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  del argv
-  logging.getLogger("detailflow_jax").setLevel(logging.INFO)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    run_from_config(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:
-    raise app.UsageError(str(e))
-
-
 if __name__ == "__main__":
-  app.run(main)
+  launcher.main(run_from_config, config_help="a configs/*.py file with :eval",
+                workdir_help="chunks, samples, results.json", usage_errors=(ConfigError,))

@@ -9,31 +9,18 @@ The run resumes from the newest checkpoint in DIR. Multi-host: the same command 
 TPU pods are detected automatically, elsewhere set --config.distributed.coordinator=HOST:PORT,
 --config.distributed.num_processes=N and --config.distributed.process_id=I.
 """
-import logging
-
-
-from absl import app, flags
-from ml_collections import config_flags
-
+from detailflow_jax import launcher
 from detailflow_jax.train import ar, tokenizer
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :variant", lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics, exports")
-flags.mark_flags_as_required(["config", "workdir"])
+RECIPES = {"ar": ar.train, "tokenizer": tokenizer.train}
 
 
-def main(argv):
-  del argv
-  logging.getLogger("detailflow_jax").setLevel(logging.INFO)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
-  c = FLAGS.config
-  recipes = {"ar": ar.train, "tokenizer": tokenizer.train}
-  if c.task not in recipes:
-    raise app.UsageError(f"config task {c.task!r} has no trainer (known: {', '.join(recipes)})")
-  recipes[c.task](c, FLAGS.workdir)
+def train(c, workdir):
+  if c.task not in RECIPES:
+    raise KeyError(f"config task {c.task!r} has no trainer (known: {', '.join(RECIPES)})")
+  RECIPES[c.task](c, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launcher.main(train, config_help="a configs/*.py file, optionally :variant",
+                workdir_help="checkpoints, metrics, exports", usage_errors=(KeyError,))
