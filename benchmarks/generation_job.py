@@ -1,6 +1,6 @@
 """Images/s of the whole generation job (sample, decode, uint8, chunk write, final assembly).
 
-python benchmarks/generation_job.py --model fixture|gpt_l [--num-samples N] [--per-device-batch B]
+python -m benchmarks.generation_job --model fixture|gpt_l [--num-samples N] [--per-device-batch B]
   -> one JSON object: model, devices, num_samples, images_per_s, seconds, compile_s.
 
 fixture: the tiny reference-converted test models (tests/fixtures/detailflow_tiny_a, 64 px,
@@ -12,11 +12,8 @@ of a fresh workdir with the compiled programs, so images_per_s is the steady-sta
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 

@@ -50,13 +50,11 @@ class Precision:
     return self.compute_dtype is not None
 
 
-class Linear(nnx.Linear):
-  """nnx.Linear under a `Precision` policy (native by default: plain nnx.Linear math).
-
-  Parameters (kernel, bias) and their names are nnx.Linear's, so checkpoints and conversion
-  are unchanged. Under autocast: [..., din] x [din, dout] in the compute dtype, float32
-  accumulation, float32 bias add, output [..., dout] in the compute dtype.
-  """
+class _PolicyLayer:
+  """A layer whose matmul follows a `Precision` policy (native by default: the nnx layer's own
+  math). Under autocast: inputs and kernel in the compute dtype, float32 accumulation, float32
+  bias add, output in the compute dtype. Parameters and their names stay the nnx layer's, so
+  checkpoints and conversion are unchanged."""
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -67,32 +65,32 @@ class Linear(nnx.Linear):
     if not policy.autocast:
       return super().__call__(x)
     dtype = jnp.dtype(policy.compute_dtype)
-    y = jax.lax.dot_general(x.astype(dtype), self.kernel[...].astype(dtype),
-                            (((x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+    y = self._product(x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
+      y = y + self._float32_bias(x)
     return y.astype(dtype)
 
 
-class Einsum(nnx.Einsum):
-  """nnx.Einsum under a `Precision` policy, as `Linear` (the GPT's grouped q/k/v projection)."""
+class Linear(_PolicyLayer, nnx.Linear):
+  """nnx.Linear under a `Precision` policy: [..., din] x [din, dout] -> [..., dout]."""
 
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.mixed_precision = Precision()
+  def _product(self, x, kernel):
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    policy = self.mixed_precision
-    if not policy.autocast:
-      return super().__call__(x)
-    dtype = jnp.dtype(policy.compute_dtype)
-    y = jnp.einsum(self.einsum_str, x.astype(dtype), self.kernel[...].astype(dtype),
-                   preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      y = y + jnp.reshape(self.bias[...].astype(jnp.float32),
-                          self._infer_broadcasted_bias_shape(self.einsum_str, x, self.kernel[...]))
-    return y.astype(dtype)
+  def _float32_bias(self, x):
+    return self.bias[...].astype(jnp.float32)
+
+
+class Einsum(_PolicyLayer, nnx.Einsum):
+  """nnx.Einsum under a `Precision` policy (the GPT's grouped q/k/v projection)."""
+
+  def _product(self, x, kernel):
+    return jnp.einsum(self.einsum_str, x, kernel, preferred_element_type=jnp.float32)
+
+  def _float32_bias(self, x):
+    shape = self._infer_broadcasted_bias_shape(self.einsum_str, x, self.kernel[...])
+    return jnp.reshape(self.bias[...].astype(jnp.float32), shape)
 
 
 def set_precision(model: nnx.Module, policy: Precision) -> nnx.Module:
