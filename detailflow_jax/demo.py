@@ -196,7 +196,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", default="detailflow_demo", help="where runs and PNGs go")
   parser.add_argument("--quick", action="store_true", help="the reduced run (fewer steps)")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                      force=True)  # an imported library may have put a handler on the root logger
   for noisy in ("absl", "jax._src.xla_bridge", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   c = load_demo_config("quick" if args.quick else "")

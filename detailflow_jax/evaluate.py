@@ -82,7 +82,7 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="also write the scores and input hashes here")
   parser.add_argument("--save-features", default=None, help="write the samples' pool/spatial/logits .npz")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   if args.batch_size < 1:
     parser.error(f"--batch-size must be positive, got {args.batch_size}")
   try:

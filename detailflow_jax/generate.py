@@ -63,7 +63,7 @@ def main(argv=None) -> int:
   parser.add_argument("--inception", default=None, help="converted Inception directory (to score)")
   parser.add_argument("--inception-batch", type=int, default=256)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]

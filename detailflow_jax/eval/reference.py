@@ -231,7 +231,7 @@ def main(argv=None) -> int:
   parser.add_argument("--size", type=int, default=256, help="center-crop size for image directories")
   parser.add_argument("--batch-size", type=int, default=256)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   try:
     model, info = load_inception(args.inception)
     images = read_image_set(args.images, args.size)
