@@ -63,8 +63,10 @@ def test_our_side_runs_converted_reference_checkpoints():
 
 
 def test_accelerator_quick_covers_every_section():
-  out = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--quick"],
-                       capture_output=True, text=True, check=True, cwd=ROOT, timeout=600)
+  # A generous wall-clock budget: the test checks that every section runs and reports, not
+  # how fast (the benchmark's own --quick budget of 240 s is for a quiet machine).
+  out = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--quick", "--budget-s", "1500"],
+                       capture_output=True, text=True, check=True, cwd=ROOT, timeout=1800)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   names = set(result["results"])
   assert {"matmul", "sampler_bfloat16_chunked_32", "sampler_float32_whole_32",

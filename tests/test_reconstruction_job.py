@@ -92,8 +92,9 @@ def test_tokenizer_job_end_to_end(tokenizer, inception_random_dir, image_folder,
   gt = (x + np.float32(1)) / np.float32(2)
   assert results["psnr"] == pytest.approx(np.mean([psnr(a, b) for a, b in zip(recon, gt)]), abs=0.05)
   assert results["ssim"] == pytest.approx(np.mean([ssim(a, b, 1.0) for a, b in zip(recon, gt)]), abs=5e-3)
-  # Every noisy pass perturbs something, so none reconstructs better than the clean pass.
-  assert all(p["psnr"] < clean["psnr"] + 1e-9 for p in results["noisy_eval"][1:])
+  # Every noisy pass perturbs tokens, so its reconstructions differ from the clean pass's (which
+  # of them is closer to the image is not fixed for a random-weight fixture tokenizer).
+  assert all(abs(p["psnr"] - clean["psnr"]) > 1e-6 for p in results["noisy_eval"][1:])
   curve = {c["tokens"]: c for c in results["curve"]}
   assert curve[32]["resolution"] == 64 and curve[32]["psnr"] == pytest.approx(clean["psnr"], abs=1e-6)
   assert curve[32]["rfid"] == pytest.approx(clean["rfid"], rel=1e-6, abs=1e-6)
