@@ -28,7 +28,7 @@ def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: st
 
   c = get_config(preset)
   if quick:
-    c.model.update(preset="", dims=dict(dim=256, n_layer=4, n_head=4))
+    c.model.update(preset="", dim=256, n_layer=4, n_head=4)
   c.data.batch_size = batch
   cfg = ar.gpt_config_from(c)
   mesh = sharding.make_mesh(devices, 1, 1, devices=jax.devices()[:devices])
