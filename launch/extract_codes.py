@@ -3,7 +3,9 @@
   python launch/extract_codes.py --config=configs/detailflow16_gpt_l.py[:variant] \
       --tokenizer=DIR --workdir=CODES_DIR [--config.extract.path=IMAGENET ...]
 
-Resumable (finished chunks are kept), sharded over jax processes, progress in the log.
+Runs on the config's mesh (every device of every process: the same command on each host, as for
+training), extract.per_device_batch images per device per step, extract.precision bfloat16
+(autocast, as the reference) or float32. Resumable (finished chunks are kept), progress in the log.
 """
 import logging
 

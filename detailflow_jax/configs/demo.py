@@ -46,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   g.log_every = 100
   g.checkpoint.update(save_every=500, keep=1, async_save=False)
   # Codes for the GPT: the tokenizer's own training images (as ImageNet train is for both).
-  g.extract.update(source="shapes", num_images=8192, shapes_size=32, batch_size=256,
+  g.extract.update(source="shapes", num_images=8192, shapes_size=32, per_device_batch=256,
                    chunk_size=4096, ten_crop=False, self_correction=True,
                    num_classes=NUM_CLASSES, shapes_style=SHAPES_STYLE)
   c.gpt = g

@@ -47,10 +47,12 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.tokenizer_dir = ""
   c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
   # launch/extract_codes.py: which images to encode, and how (the reference: ten crops of a
-  # 1.1x centre crop, self-correction triples).
+  # 1.1x centre crop, self-correction triples, bf16 autocast). On the config's mesh: every
+  # device encodes per_device_batch images (x views) per step, whatever the device count;
+  # precision: bfloat16 (autocast, float32 parameters) | float32.
   c.extract = ml_collections.ConfigDict(dict(
       source="imagefolder", path="", split="train", image_size=0, ten_crop=True, crop_range=1.1,
-      self_correction=True, batch_size=8, chunk_size=10000, seed=0,
+      self_correction=True, precision="bfloat16", per_device_batch=8, chunk_size=10000, seed=0,
       num_classes=10, shapes_size=64, shapes_style="textured", num_images=0))
 
   if variant == "tiny":
@@ -64,8 +66,8 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
     c.ema_decay = 0.99
     c.checkpoint.update(save_every=50, keep=2, milestone_every=0)
     c.log_every = 20
-    c.extract.update(source="shapes", num_images=512, shapes_size=64, batch_size=16,
-                     chunk_size=256, ten_crop=False)
+    c.extract.update(source="shapes", num_images=512, shapes_size=64, per_device_batch=8,
+                     chunk_size=256, ten_crop=False, precision="float32")
   elif variant:
     raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
   return c

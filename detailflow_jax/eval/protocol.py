@@ -19,6 +19,7 @@ LABEL_MODES = ("uniform", "balanced")
 SAMPLE_STREAM = 0
 LABEL_STREAM = 1
 NOISE_STREAM = 2  # the tokenizer job's noisy-eval perturbations
+EXTRACT_STREAM = 3  # code extraction's self-correction draws (train/extract.py)
 
 
 def check_label_mode(mode: str) -> str:
