@@ -99,6 +99,26 @@ def run_two_processes(script, *args, timeout=240):
   return results
 
 
+def kill_9_when(cmd, ready, timeout: float, **popen_kwargs) -> None:
+  """Starts `cmd` and SIGKILLs it as soon as `ready()` holds (polled every 20 ms); fails if the
+  process ended first (nothing was interrupted) or `ready` never held within `timeout` s."""
+  import os
+  import signal
+  import subprocess
+  import time
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_kwargs)
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline and proc.poll() is None and not ready():
+      time.sleep(0.02)
+    assert proc.poll() is None, "the job ended before it was ready to be killed"
+    assert ready(), f"not ready after {timeout} s"
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+
+
 def write_token_records(path, num_records: int = 64, length: int = 32, vocab: int = 64,
                         num_classes: int = 10):
   """Random (clean, input, target) code triples with class ids, as extraction writes them."""

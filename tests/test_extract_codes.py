@@ -204,28 +204,17 @@ def test_kill_9_and_rerun_gives_the_same_records(extracted, tokenizer_dir, tmp_p
   for record, though its chunks are 8 images (one padded step each): a record is a function of
   its image alone."""
   import os
-  import signal
-  import subprocess
-  import sys
-  import time
   import pathlib
+  import sys
+  from conftest import kill_9_when
   _, out = extracted
   repo = pathlib.Path(__file__).resolve().parents[1]
   work = tmp_path / "codes"
   cmd = [sys.executable, str(repo / "launch" / "extract_codes.py"),
          f"--config={repo / 'configs' / 'detailflow16_gpt_l.py'}:tiny", f"--tokenizer={tokenizer_dir}",
          f"--workdir={work}", "--config.extract.num_images=128", "--config.extract.chunk_size=8"]
-  proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(repo)),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  try:
-    while time.time() < deadline and proc.poll() is None and not list(work.glob("*.array_record")):
-      time.sleep(0.02)
-    assert proc.poll() is None, "the job ended before a chunk was seen"
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
+  kill_9_when(cmd, lambda: bool(list(work.glob("*.array_record"))), 300,
+              env=dict(os.environ, PYTHONPATH=str(repo)))
   done = len(list(work.glob("*.array_record")))
   assert 1 <= done < 16
   extract(_tiny_extract_config(chunk_size=8), tokenizer_dir, work)

@@ -4,10 +4,7 @@ results.json, and token-for-token equality with the single-device Sampler."""
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 import tracemalloc
 
 import jax
@@ -202,21 +199,11 @@ def test_kill_9_and_restart_gives_the_same_file(eight_devices, models, reference
   tok, gpt = models
   args = ["--tokenizer", str(tok), "--gpt", str(gpt), *CLI_ARGS, "--out", str(tmp_path / "s.npz"),
           "--workdir", str(tmp_path / "w")]
-  env = dict(os.environ, PYTHONPATH=str(REPO))
-  proc = subprocess.Popen([sys.executable, "-m", "detailflow_jax.generate", *args], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  from conftest import kill_9_when
   manifest = tmp_path / "w" / "chunks-seed3" / "manifest.json"
-  deadline = time.time() + 500
-  try:
-    while time.time() < deadline and proc.poll() is None:
-      if manifest.is_file() and json.loads(manifest.read_text())["chunks"]:
-        break
-      time.sleep(0.05)
-    assert proc.poll() is None, "the job ended before a chunk was seen"
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
+  kill_9_when([sys.executable, "-m", "detailflow_jax.generate", *args],
+              lambda: manifest.is_file() and bool(json.loads(manifest.read_text())["chunks"]),
+              500, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
   done = len(json.loads(manifest.read_text())["chunks"])
   assert 1 <= done < 3 and not (tmp_path / "s.npz").exists()
   assert main(args) == 0
