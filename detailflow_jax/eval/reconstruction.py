@@ -38,7 +38,7 @@ from ..images import center_crop, to_uint8
 from ..ops.resize import resize_images
 from .. import sharding
 from . import protocol, scores
-from .chunks import ChunkStore, _write_json_atomically
+from .chunks import ChunkStore, write_json_atomically
 from .device import GlobalBatch, barrier, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
 from .inception import POOL_DIM
@@ -277,7 +277,7 @@ class ReconstructionJob:
     results["run"] = {"images_made": made, "seconds": seconds, "devices": self.mesh.size,
                       "processes": jax.process_count()}
     if writer:
-      _write_json_atomically(workdir / "results.json", results)
+      write_json_atomically(workdir / "results.json", results)
     barrier("reconstruction: results written")
     return results
 
