@@ -95,17 +95,9 @@ def workdir_steps(workdir) -> List[int]:
                 if p.name.isdigit() and (p / "state").is_dir() and not p.name.startswith("."))
 
 
-def _unwrap(node):
-  """Orbax stores an nnx Variable as {"value": array}."""
-  while isinstance(node, dict) and set(node) == {"value"}:
-    node = node["value"]
-  return node
-
-
 def _pure_like(restored, like, where: str):
-  """`restored` (Orbax's dicts with string keys) in the key structure of `like` (the model's
-  pure dict); keys the model does not have are left out, missing ones are an error."""
-  restored = _unwrap(restored)
+  """`restored` (SavedStep.weights: dicts with string keys) in the key structure of `like` (the
+  model's pure dict); keys the model does not have are left out, missing ones are an error."""
   if not isinstance(like, dict):
     return restored
   if not isinstance(restored, dict):
@@ -120,7 +112,9 @@ def _pure_like(restored, like, where: str):
 
 def _abstract_model(c, kind: str):
   """The inference model of a run's config, built abstractly (no weights allocated)."""
-  # Local: the recipes (and the training stack they import) load only for workdir exports.
+  # Imported here, not at the top: train/ imports this module (driver: TASK_KINDS, init_from:
+  # read_saved_step), so a top-level import would be circular; and only workdir exports need
+  # the recipe's config rules (and the training stack train.ar loads with them).
   if kind == "gpt":
     from .train.ar import gpt_config_from
     cfg = gpt_config_from(c)
@@ -138,6 +132,19 @@ def _merge_trees(a: dict, b: dict) -> dict:
   return out
 
 
+def _unwrapped(node):
+  """Orbax stores an nnx Variable as {"value": array}: the tree with each such dict replaced
+  by its array."""
+  while isinstance(node, dict) and set(node) == {"value"}:
+    node = node["value"]
+  return {k: _unwrapped(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+
+SAVED_GROUPS = ("params", "extras", "ema_params", "disc_params", "disc_extras")
+# The non-trainable state (buffers) that completes each set of weights; the EMA shares the model's.
+_EXTRAS_OF = {"params": "extras", "ema_params": "extras", "disc_params": "disc_extras"}
+
+
 @dataclasses.dataclass
 class SavedStep:
   """The arrays of one saved step of a training run, as Orbax stores them (nested dicts with
@@ -148,8 +155,14 @@ class SavedStep:
   path: pathlib.Path           # .../checkpoints/STEP/state
   arrays: Dict[str, Any]       # the saved subset of params / extras / ema_params / disc_params / disc_extras
 
-
-SAVED_GROUPS = ("params", "extras", "ema_params", "disc_params", "disc_extras")
+  def weights(self, group: str = "params") -> Optional[dict]:
+    """One module's weights as nested dicts of arrays (string keys): `group` (params,
+    ema_params or disc_params) with its buffers (extras / disc_extras) merged in, Variable
+    wrappers removed. None when the run did not save `group` (no EMA, no discriminator)."""
+    if not self.arrays.get(group):
+      return None
+    return _merge_trees(_unwrapped(self.arrays.get(_EXTRAS_OF[group]) or {}),
+                        _unwrapped(self.arrays[group]))
 
 
 def read_saved_step(workdir, step: Optional[int] = None,
@@ -197,16 +210,16 @@ def read_saved_step(workdir, step: Optional[int] = None,
 def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   """The model (and EMA) weights of one saved step of a training run."""
   saved = read_saved_step(workdir, step)
-  c, kind, step, path, restored = saved.config, saved.kind, saved.step, saved.path, saved.arrays
+  c, kind, step, path = saved.config, saved.kind, saved.step, saved.path
   workdir = paths.run_path(workdir)
   models = {}
   for name, params_key in (("model", "params"), ("ema", "ema_params")):
-    if params_key not in restored:
+    weights = saved.weights(params_key)
+    if weights is None:
       continue
     graphdef, state = nnx.split(_abstract_model(c, kind))
     like = nnx.to_pure_dict(state)
-    pure = _pure_like(_merge_trees(restored.get("extras") or {}, restored[params_key]), like,
-                      f"{path}:{params_key}")
+    pure = _pure_like(weights, like, f"{path}:{params_key}")
     for (p, want), have in zip(jax.tree_util.tree_leaves_with_path(like), jax.tree.leaves(pure)):
       if tuple(want.shape) != tuple(have.shape):
         raise ConversionError(f"{path}: {jax.tree_util.keystr(p)} has shape {have.shape}, the run's "

@@ -217,6 +217,8 @@ def convert_cached(kind: str, checkpoint, label: str, cache_key: Tuple[str, ...]
     used, why = weights, "asked for"
   _say(f"{kind}: converting {label} ({used} weights: {why}) -> {target}")
   target.parent.mkdir(parents=True, exist_ok=True)
+  # The converter writes `stage` atomically itself; the rename below is not
+  # paths.write_dir_atomically because here another process winning it is success, not an error.
   stage = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
     _converter(kind)(checkpoint, stage, weights=used)

@@ -1,10 +1,15 @@
 """Run I/O paths through etils.epath, so a workdir or export may be local or `gs://...` (any
 scheme epath has a backend for) with the same code. Local paths come back as pathlib.Path, as
-before, so local callers see no difference."""
+before, so local callers see no difference. Also the one owner of atomic writes (a file or a
+directory appears whole under its final name, or not at all)."""
+import contextlib
 import io
 import os
 import pathlib
-from typing import List, Union
+import shutil
+import tempfile
+import uuid
+from typing import Callable, Iterator, List, Type, Union
 
 from etils import epath
 
@@ -42,7 +47,6 @@ def file_size(path: AnyPath) -> int:
 
 def rmtree(path: AnyPath) -> None:
   if isinstance(path, pathlib.Path):
-    import shutil
     shutil.rmtree(path)
   else:
     path.rmtree()
@@ -53,3 +57,61 @@ def save_image(image, path: AnyPath) -> None:
   buffer = io.BytesIO()
   image.save(buffer, format="PNG")
   path.write_bytes(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_file(path, shared: bool = False) -> Iterator[pathlib.Path]:
+  """A local temporary file to write; when the block succeeds it becomes `path`, when it raises
+  it is deleted and `path` is untouched. `path` (its parent is made) may be remote: there the
+  file is uploaded in one write at the end (an object appears only once complete).
+
+  Local: the temporary file lies beside `path` (same filesystem: os.replace is atomic on POSIX)
+  and its name ends in `.tmp`, so a glob for finished files (`*.array_record`, `chunk-*.npz`)
+  never picks up a half-written one. It is `NAME.tmp`: a file has one writer, and a rerun after
+  a kill -9 overwrites what the killed run left. shared=True (a cache several processes may
+  fill at once) makes it unique per writer instead."""
+  if is_remote(path):
+    path = epath.Path(os.fspath(path))
+    fd, name = tempfile.mkstemp(suffix=".tmp")
+    os.close(fd)
+    tmp = pathlib.Path(name)
+  else:
+    path = pathlib.Path(path)
+    unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}" if shared else ""
+    tmp = path.with_name(f"{path.name}{unique}.tmp")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    yield tmp
+    if is_remote(path):
+      path.write_bytes(tmp.read_bytes())
+    else:
+      os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_dir_atomically(out_dir, write: Callable[[AnyPath], None],
+                         exists_error: Type[Exception] = FileExistsError) -> AnyPath:
+  """Runs `write(tmp_dir)` and renames tmp_dir to out_dir only if it succeeds.
+
+  A failed write leaves nothing at out_dir; an existing out_dir is an `exists_error`, not
+  overwritten. out_dir may be remote (gs://...: epath); there the rename is the store's (copy +
+  delete on GCS), so readers must still check completeness (model directories list their files).
+  """
+  out_dir = run_path(out_dir)
+  if out_dir.exists():
+    raise exists_error(f"output directory already exists: {out_dir}")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  if not is_remote(out_dir):
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  else:
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+  try:
+    write(tmp)
+    tmp.rename(out_dir)
+  except BaseException:
+    if tmp.exists():
+      rmtree(tmp)
+    raise
+  return out_dir

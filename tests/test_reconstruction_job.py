@@ -76,6 +76,8 @@ def test_tokenizer_job_end_to_end(tokenizer, inception_random_dir, image_folder,
   job = ReconstructionJob(tokenizer, inception, info["weights_sha256"], settings)
   assert job.noise_indices == protocol.noise_indices(32, 4) == [-1, 0, 8, 16, 24, 28]
   results = job.run(tmp_path / "w")
+  # The noise index is traced: the clean pass is one program, all five noise passes are another.
+  assert job.trace_count == 2
   assert [p["noise_idx"] for p in results["noisy_eval"]] == job.noise_indices
   assert results["num_images"] == 5 and results["image_size"] == 64
   clean = results["noisy_eval"][0]

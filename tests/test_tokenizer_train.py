@@ -18,23 +18,26 @@ from detailflow_jax.train import tokenizer as recipe
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _assert_refused(key: str, value, match: str) -> None:
+  """The tiny config with the dotted `key` set to `value` fails validation with `match`."""
+  bad = get_config("tiny")
+  *parents, name = key.split(".")
+  node = bad
+  for parent in parents:
+    node = getattr(node, parent)
+  setattr(node, name, value)
+  with pytest.raises(ValueError, match=match):
+    recipe.validate(bad, 8)
+
+
 def test_config_validation_names_the_field():
   recipe.validate(get_config("tiny"), 8)
   full = get_config()
   with pytest.raises(ValueError, match="weights.lpips.*weights.dino.*weights.teacher"):
     recipe.validate(full, 8)
-  bad = get_config("tiny")
-  bad.data.batch_size = 12
-  with pytest.raises(ValueError, match="data.batch_size=12"):
-    recipe.validate(bad, 8)
-  bad = get_config("tiny")
-  bad.disc.type = "stylegan"
-  with pytest.raises(ValueError, match="disc.type='stylegan'"):
-    recipe.validate(bad, 8)
-  bad = get_config("tiny")
-  bad.model.group_size = 3
-  with pytest.raises(ValueError, match="multiple of group_size"):
-    recipe.validate(bad, 8)
+  _assert_refused("data.batch_size", 12, "data.batch_size=12")
+  _assert_refused("disc.type", "stylegan", "disc.type='stylegan'")
+  _assert_refused("model.group_size", 3, "multiple of group_size")
   assert recipe.total_steps(full) == 250 * (1_281_167 // 256)
   cfg = TokenizerConfig.from_dict(full.model)
   # The released DetailFlow-16 shapes: so400m-wide encoder (12 layers), 768-wide decoder, teacher.
@@ -48,22 +51,11 @@ def test_no_config_key_is_silently_ignored():
   and GPT knobs without an implementation are errors naming the key."""
   import dataclasses
   from detailflow_jax.models.gpt import GPTConfig
-  bad = get_config("tiny")
-  bad.model.enc_pretrained = True  # the reference's checkpoint field: not a model key here
-  with pytest.raises(ValueError, match="unknown key.*enc_pretrained"):
-    recipe.validate(bad, 8)
-  bad = get_config("tiny")
-  bad.model.encoder.depth = 3
-  with pytest.raises(ValueError, match="model.encoder: unknown key.*depth"):
-    recipe.validate(bad, 8)
-  bad = get_config("tiny")
-  bad.compute_dtype = "float16"
-  with pytest.raises(ValueError, match="compute_dtype='float16'"):
-    recipe.validate(bad, 8)
-  bad = get_config("tiny")
-  bad.weights.teacher = "/weights/siglip2"
-  with pytest.raises(ValueError, match="weights.teacher set but unused"):
-    recipe.validate(bad, 8)
+  # enc_pretrained: the reference's checkpoint field, not a model key here.
+  _assert_refused("model.enc_pretrained", True, "unknown key.*enc_pretrained")
+  _assert_refused("model.encoder.depth", 3, "model.encoder: unknown key.*depth")
+  _assert_refused("compute_dtype", "float16", "compute_dtype='float16'")
+  _assert_refused("weights.teacher", "/weights/siglip2", "weights.teacher set but unused")
   cfg = TokenizerConfig.from_dict(get_config("tiny").model)
   with pytest.raises(ValueError, match="teacher is set but nothing uses it"):
     dataclasses.replace(cfg, teacher=cfg.encoder)

@@ -1,4 +1,4 @@
-"""Reading untrusted PyTorch checkpoints, the one key-mapping core, and atomic writes.
+"""Reading untrusted PyTorch checkpoints and the one key-mapping core.
 
 Checkpoints are untrusted input: `.pt` files are opened with `torch.load(weights_only=True)`
 (no arbitrary unpickling), `.safetensors` with safetensors. Every source key must be consumed
@@ -13,8 +13,6 @@ import importlib.util
 import json
 import pathlib
 import pickle
-import tempfile
-import uuid
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -284,29 +282,9 @@ class ReferenceFormat:
 
 
 def write_atomically(out_dir, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
-  """Runs `write(tmp_dir)` and renames tmp_dir to out_dir only if it succeeds.
-
-  A failed conversion leaves nothing at out_dir; an existing out_dir is an error, not overwritten.
-  out_dir may be remote (gs://...: epath); there the rename is the store's (copy + delete on
-  GCS), so readers must still check completeness (model directories list their files).
-  """
-  out_dir = paths.run_path(out_dir)
-  if out_dir.exists():
-    raise ConversionError(f"output directory already exists: {out_dir}")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  if not paths.is_remote(out_dir):
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  else:
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-  try:
-    write(tmp)
-    tmp.rename(out_dir)
-  except BaseException:
-    if tmp.exists():
-      paths.rmtree(tmp)
-    raise
-  return out_dir
+  """paths.write_dir_atomically with an existing out_dir reported as a ConversionError (what the
+  convert and export CLIs report as a bad request)."""
+  return paths.write_dir_atomically(out_dir, write, exists_error=ConversionError)
 
 
 def read_json(path) -> dict:

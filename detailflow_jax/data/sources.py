@@ -4,12 +4,12 @@ Image sources return undecoded records ({"image": encoded bytes, "label": int, "
 that decoding, and the handling of files that turn out to be bad, happens in the transforms
 where it can be counted and replaced deterministically.
 """
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -48,10 +48,8 @@ class ImageFolderSource:
     if index is None:
       index = self._build_index()
       try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index))
-        tmp.replace(self.index_path)
+        with paths.atomic_file(self.index_path, shared=True) as tmp:
+          tmp.write_text(json.dumps(index))
       except OSError as e:  # A read-only cache is no reason to fail.
         log.warning("could not cache the file index at %s: %s", self.index_path, e)
     self.classes: List[str] = index["classes"]
@@ -174,13 +172,9 @@ class TokenRecordWriter:
   def __init__(self, directory, shard: int = 0, prefix: str = "tokens"):
     from array_record.python.array_record_module import ArrayRecordWriter
     self.path = paths.run_path(directory) / f"{prefix}-{shard:05d}.array_record"
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    if paths.is_remote(self.path):
-      fd, tmp = tempfile.mkstemp(suffix=".array_record.tmp")
-      os.close(fd)
-      self._tmp = pathlib.Path(tmp)
-    else:
-      self._tmp = self.path.with_suffix(".array_record.tmp")
+    # Held open until close/__exit__: the shard appears under self.path only when finished.
+    self._staging = contextlib.ExitStack()
+    self._tmp = self._staging.enter_context(paths.atomic_file(self.path))
     self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
     self.count = 0
 
@@ -192,21 +186,17 @@ class TokenRecordWriter:
   def __enter__(self):
     return self
 
-  def __exit__(self, exc_type, *_):
-    if exc_type is None:
+  def __exit__(self, *exc_info):
+    if exc_info[0] is None:
       self.close()
     else:  # A failed job leaves no half-written shard under the final name.
       self._writer.close()
-      self._tmp.unlink(missing_ok=True)
+      self._staging.__exit__(*exc_info)
 
   def close(self) -> pathlib.Path:
     """Finishes the shard; it only appears under its final name once complete."""
     self._writer.close()
-    if paths.is_remote(self.path):
-      self.path.write_bytes(self._tmp.read_bytes())
-      self._tmp.unlink()
-    else:
-      self._tmp.replace(self.path)
+    self._staging.close()
     return self.path
 
 
@@ -216,10 +206,8 @@ def _local_copy(remote, cache_dir=None) -> str:
   key = hashlib.sha256(os.fspath(remote).encode()).hexdigest()[:16]
   local = root / key / remote.name
   if not local.is_file() or local.stat().st_size != paths.file_size(remote):
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(remote.read_bytes())
-    tmp.replace(local)
+    with paths.atomic_file(local, shared=True) as tmp:
+      tmp.write_bytes(remote.read_bytes())
   return str(local)
 
 

@@ -15,7 +15,6 @@ give the same bytes, to a temporary name that is renamed into place at the end.
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import time
 import zipfile
@@ -23,6 +22,7 @@ from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequen
 
 import numpy as np
 
+from .. import paths
 from ..model_dir import file_sha256
 from ..train.loop import progress_bar
 from .reference import save_npz_atomically
@@ -37,10 +37,10 @@ class ChunkStoreError(ValueError):
   """A workdir that cannot be resumed by this job; the message names the file and field."""
 
 
-def _write_json_atomically(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
+def write_json_atomically(path, obj) -> None:
+  """The evaluation jobs' JSON files (manifest, results): sorted keys, written atomically."""
+  with paths.atomic_file(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _first_difference(a, b, prefix: str = "") -> Optional[str]:
@@ -80,7 +80,7 @@ class ChunkStore:
       self.chunks = {}
       if writer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_json_atomically(path, dict(header, chunks={}))
+        write_json_atomically(path, dict(header, chunks={}))
     self._header = header
 
   @property
@@ -141,7 +141,7 @@ class ChunkStore:
       return
     p = save_npz_atomically(self.path(k), **arrays)
     self.chunks[str(k)] = {"rows": [start, stop], "size": p.stat().st_size, "sha256": file_sha256(p)}
-    _write_json_atomically(self.directory / MANIFEST, dict(self._header, chunks=self.chunks))
+    write_json_atomically(self.directory / MANIFEST, dict(self._header, chunks=self.chunks))
 
   def read(self, k: int, name: str) -> np.ndarray:
     p = self.path(k)
@@ -173,9 +173,7 @@ def write_npz_streaming(path, members: Mapping[str, Tuple[Sequence[int], np.dtyp
   members: key -> (full shape, dtype, iterable of C-contiguous row blocks that add up to it).
   """
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
+  with paths.atomic_file(path) as tmp:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
       for key, (shape, dtype, blocks) in members.items():
         shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
@@ -193,15 +191,12 @@ def write_npz_streaming(path, members: Mapping[str, Tuple[Sequence[int], np.dtyp
             rows += len(block)
           if rows != shape[0]:
             raise ValueError(f"{path}: {key!r} got {rows} rows, {shape[0]} expected")
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
   return path
 
 
-def sha256_of_files(paths: Iterable) -> str:
+def sha256_of_files(files: Iterable) -> str:
   """One digest over several files (in the order given)."""
   digest = hashlib.sha256()
-  for p in paths:
+  for p in files:
     digest.update(file_sha256(p).encode())
   return digest.hexdigest()

@@ -25,7 +25,7 @@ from ..sampling import Sampler, SamplingOptions
 from .. import sharding
 
 from . import protocol
-from .chunks import ChunkStore, write_npz_streaming
+from .chunks import ChunkStore, write_json_atomically, write_npz_streaming
 from .device import barrier, cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
@@ -242,7 +242,6 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
   `reference` + `inception`, and results.json (protocol, hashes, scores, mean +- std)."""
   import pathlib
   from ..pretrained import load_model_dir
-  from .chunks import _write_json_atomically
   seeds = list(seeds) if seeds else [settings.seed]
   if (reference is None) != (inception is None):
     raise ValueError("scoring needs both --reference and --inception (or neither)")
@@ -302,7 +301,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
   if jax.process_index() == 0:
     path = pathlib.Path(results_path) if results_path else workdir / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomically(path, results)
+    write_json_atomically(path, results)
     if "scores" in results:
       line = ", ".join(f"{k} {v['mean']:.4g} ± {v['std']:.2g}" for k, v in results["scores"].items())
       log.info("scores over seeds %s: %s", seeds, line)

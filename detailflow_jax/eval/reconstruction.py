@@ -21,7 +21,6 @@ Shapes: crops uint8 [n, S, S, 3]; per chunk and pass: psnr / ssim / ssim_dr2 flo
 float32 [n, 2048].
 """
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -38,7 +37,7 @@ from ..images import center_crop, to_uint8
 from ..ops.resize import resize_images
 from .. import sharding
 from . import protocol, scores
-from .chunks import ChunkStore, _write_json_atomically
+from .chunks import ChunkStore, write_json_atomically
 from .device import GlobalBatch, barrier, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
 from .inception import POOL_DIM
@@ -133,21 +132,6 @@ def streamed_statistics(blocks: Iterable[np.ndarray]) -> Tuple[np.ndarray, np.nd
   return stats.result()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "noise_idx", "top_k"))
-def _reconstruct(graphdef, state, images, keys, *, noise_idx: int, top_k: int):
-  """images [B, S, S, 3] -> (float32 pixels [B, S, S, 3] from all tokens, clean indices [B, T]);
-  noise_idx >= 0 perturbs tokens from there (row b draws from keys[b] only)."""
-  model = nnx.merge(graphdef, state)
-  enc = model.encode(images)
-  if noise_idx < 0:
-    quant = enc.quant
-  else:
-    def one(image, key):
-      return model.self_correct(image[None], noise_idx, key, top_k=top_k).quant[0]
-    quant = jax.vmap(one)(images, keys)
-  return model.decode(quant, None, images.shape[1]).astype(jnp.float32), enc.indices
-
-
 @jax.jit
 def _noise_keys(seed, indices):
   return protocol.row_keys(seed, indices, protocol.NOISE_STREAM)
@@ -187,6 +171,23 @@ class ReconstructionJob:
     self.curve_res = {c: self.schedule.decode_resolution(c) for c in self.curve}
     self.batch = s.per_device_batch * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self._global = GlobalBatch(self.mesh, self.batch)
+    self.trace_count = 0  # traces of _reconstruct_batch: one per batch shape and `noisy`
+    self._reconstruct = jax.jit(self._reconstruct_batch, static_argnames=("noisy",))
+
+  def _reconstruct_batch(self, state, images, keys, noise_idx, *, noisy: bool):
+    """images [B, S, S, 3] -> (float32 pixels [B, S, S, 3] from all tokens, clean indices [B, T]).
+    noisy: tokens from noise_idx (int32, traced: one program serves every noise pass) on are
+    perturbed, row b drawing from keys[b] only (the same codes on any device count)."""
+    self.trace_count += 1  # runs at trace time only
+    model = nnx.merge(self.graphdef, state)
+    enc = model.encode(images)
+    if not noisy:
+      quant = enc.quant
+    else:
+      def one(image, key):
+        return model.self_correct(image[None], noise_idx, key, top_k=self.settings.noise_top_k).quant[0]
+      quant = jax.vmap(one)(images, keys)
+    return model.decode(quant, None, images.shape[1]).astype(jnp.float32), enc.indices
 
   # -- one chunk -------------------------------------------------------------------------------
 
@@ -228,8 +229,7 @@ class ReconstructionJob:
       images = self._global.put(rows)
       n = min(self.batch, len(x) - first)
       for p in self.passes:
-        pixels, ind = _reconstruct(self.graphdef, self.state, images, keys, noise_idx=p,
-                                   top_k=self.settings.noise_top_k)
+        pixels, ind = self._reconstruct(self.state, images, keys, np.int32(p), noisy=p >= 0)
         recon[p].append(to_uint8(to_host(pixels))[:n])
         if p == self.passes[0]:
           indices.append((ind, n))
@@ -277,7 +277,7 @@ class ReconstructionJob:
     results["run"] = {"images_made": made, "seconds": seconds, "devices": self.mesh.size,
                       "processes": jax.process_count()}
     if writer:
-      _write_json_atomically(workdir / "results.json", results)
+      write_json_atomically(workdir / "results.json", results)
     barrier("reconstruction: results written")
     return results
 

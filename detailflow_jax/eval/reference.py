@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 import zipfile
@@ -24,6 +23,7 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from .. import paths
 from .inception import POOL_DIM, SPATIAL_DIM
 from .scores import ScoreError, check_statistics, statistics
 
@@ -176,13 +176,8 @@ def batch_statistics(batch: BatchFile, features: Dict[str, np.ndarray]) -> Dict[
 
 def save_npz_atomically(path, **arrays) -> pathlib.Path:
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-  try:
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  with paths.atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
+    np.savez(f, **arrays)
   return path
 
 

@@ -26,7 +26,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from .. import paths
-from ..convert.common import write_atomically
 from ..export import TASK_KINDS
 from ..model_dir import save_model_dir
 from .. import sharding
@@ -106,8 +105,8 @@ def export_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Mo
   if jax.process_index() == 0:
     if directory.exists():  # a rerun of a finished run exports again
       paths.rmtree(directory)
-    write_atomically(directory, lambda tmp: save_model_dir(tmp, kind, config,
-                                                           nnx.merge(graphdef, host_state)))
+    paths.write_dir_atomically(directory, lambda tmp: save_model_dir(
+        tmp, kind, config, nnx.merge(graphdef, host_state)))
   barrier(f"export {directory}")
 
 

@@ -83,12 +83,10 @@ def _key(path) -> str:
 
 
 def flat_of_pure(tree: Any) -> Flat:
-  """Nested dicts (nnx pure dicts or Orbax's restored dicts, Variables as {"value": x})."""
+  """Nested dicts of arrays (nnx pure dicts, SavedStep.weights) by "a/b/0/kernel"."""
   out = {}
 
   def walk(node, prefix):
-    while isinstance(node, dict) and set(node) == {"value"}:
-      node = node["value"]
     if isinstance(node, dict):
       for k, v in node.items():
         walk(v, prefix + (str(k),))
@@ -121,11 +119,8 @@ def read_source(spec: str, kind: str, step: int = -1) -> InitSource:
                                        groups=export_lib.SAVED_GROUPS)
     if saved.kind != kind:
       raise ValueError(f"init_from={spec}: that run trains a {saved.kind}, this one a {kind}")
-    a = saved.arrays
-    model = {**flat_of_pure(a.get("extras")), **flat_of_pure(a["params"])}
-    ema = {**flat_of_pure(a.get("extras")), **flat_of_pure(a["ema_params"])} if a.get("ema_params") else None
-    disc = ({**flat_of_pure(a.get("disc_extras")), **flat_of_pure(a["disc_params"])}
-            if a.get("disc_params") else None)
+    model, ema, disc = (None if w is None else flat_of_pure(w) for w in
+                        map(saved.weights, ("params", "ema_params", "disc_params")))
     return InitSource(model, ema, disc, f"{path} step {saved.step}")
   if step >= 0:
     raise ValueError(f"init_from_step={step} applies to a training workdir; init_from={spec} is not one")
