@@ -160,9 +160,8 @@ def _write_or_check_meta(workdir, meta) -> None:
       raise ValueError(f"{path} belongs to another extraction ({', '.join(differ)} differ); use "
                        f"another --workdir or delete it")
   elif jax.process_index() == 0:  # whole or absent: other processes may be reading it
-    tmp = path.with_name(f".codes.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(path)
+    with paths.atomic_file(path) as tmp:
+      tmp.write_text(json.dumps(meta, indent=2))
 
 
 def _max_over_processes(n: int) -> int:
