@@ -23,17 +23,8 @@ from .eval.generation import GenerationSettings, run_generation
 from .eval.protocol import LABEL_MODES
 from .eval.reference import EvalInputError
 from .eval.scores import ScoreError
+from .cli import int_list
 from .hub import WEIGHT_HELP
-
-
-def parse_seeds(text: str):
-  try:
-    seeds = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise ValueError(f"--seeds must be comma-separated integers, got {text!r}")
-  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-    raise ValueError(f"--seeds must be distinct non-negative integers, got {text!r}")
-  return seeds
 
 
 def main(argv=None) -> int:
@@ -66,7 +57,7 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
     settings = GenerationSettings(
         num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -13,20 +13,8 @@ import numpy as np
 
 from . import images as image_io
 from .images import enlarge_nearest
+from .cli import int_list
 from .hub import WEIGHT_HELP
-
-
-def parse_num_tokens(text: str, max_tokens: int):
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise ValueError(f"--num-tokens must be comma-separated integers, got {text!r}")
-  if not values:
-    raise ValueError("--num-tokens is empty")
-  bad = [v for v in values if not 1 <= v <= max_tokens]
-  if bad:
-    raise ValueError(f"--num-tokens values {bad} are outside [1, {max_tokens}]")
-  return values
 
 
 def main(argv=None) -> int:
@@ -57,7 +45,7 @@ def main(argv=None) -> int:
   fns = TokenizerFns(model)
   size, max_tokens = model.config.image_size, model.config.num_latent_tokens
   try:
-    ts = (parse_num_tokens(args.num_tokens, max_tokens) if args.num_tokens
+    ts = (int_list(args.num_tokens, "--num-tokens", low=1, high=max_tokens) if args.num_tokens
           else list(fns.schedule.token_list))
     batch = np.stack([image_io.load_image(p, size) for p in args.images])
   except (FileNotFoundError, ValueError) as e:

@@ -17,20 +17,8 @@ import time
 import numpy as np
 
 from . import images as image_io
+from .cli import int_list
 from .hub import WEIGHT_HELP
-
-
-def parse_labels(text: str, num_classes: int):
-  try:
-    labels = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise ValueError(f"--labels must be comma-separated integers, got {text!r}")
-  if not labels:
-    raise ValueError("--labels is empty")
-  bad = [v for v in labels if not 0 <= v < num_classes]
-  if bad:
-    raise ValueError(f"--labels {bad} are outside [0, {num_classes})")
-  return labels
 
 
 def main(argv=None) -> int:
@@ -74,7 +62,7 @@ def main(argv=None) -> int:
     gpt = load_gpt(args.gpt, weights=args.gpt_weights)
     tokenizer = load_tokenizer(args.tokenizer, weights=args.tokenizer_weights)
     cfg = gpt.config
-    labels = parse_labels(args.labels, cfg.num_classes)
+    labels = int_list(args.labels, "--labels", low=0, high=cfg.num_classes - 1)
     if cfg.vocab_size != tokenizer.config.codebook_size:
       raise ValueError(f"GPT vocabulary ({cfg.vocab_size}) does not match the tokenizer codebook "
                        f"({tokenizer.config.codebook_size})")

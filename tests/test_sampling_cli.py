@@ -47,4 +47,4 @@ def test_cli_token_budget_and_bad_labels(tmp_path, tmp_path_factory, tokenizer_d
                                  "--seed", "3", "--save-tokens", str(tmp_path / "t.npy")]) == 0
   assert np.load(tmp_path / "t.npy").shape == (2, 8)
   assert sample_cli.main(base + ["--labels", "1,99"]) == 2
-  assert "outside [0, 10)" in capsys.readouterr().err
+  assert "--labels values [99] are outside [0, 9]" in capsys.readouterr().err
