@@ -1,16 +1,28 @@
 """Decoder-only fine-tune (the reference's --finetune-decoder): after steps, the encoder, the
 quantizer's codebook and every other non-decoder parameter are bit-identical; the decoder and
-post_quant_conv change."""
+post_quant_conv change; the global-token loss (and its teacher pass) is skipped, REPA is not."""
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
+from detailflow_jax.models import tokenizer as tokenizer_lib
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import tokenizer as recipe
-from detailflow_jax.train.optim import train_only
+
+TEACHER = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, position_grid=4, patch_size=8)
+
+
+def aligned_config():
+  """The tiny tokenizer (1-layer towers) with both alignments on: REPA and the global token."""
+  c = get_config("tiny")
+  c.model.encoder.num_layers = 1
+  c.model.decoder.num_layers = 1
+  c.model.update(teacher=TEACHER, global_token_loss_weight=1.0, repa=True, repa_proj_dim=32,
+                 repa_layer_indices=0)
+  return c
 
 
 def flat(tree):
@@ -18,14 +30,12 @@ def flat(tree):
 
 
 def test_only_the_decoder_trains():
-  c = get_config("tiny")
-  c.model.encoder.num_layers = 1
-  c.model.decoder.num_layers = 1
+  c = aligned_config()
   cfg = TokenizerConfig.from_dict(c.model)
   tx, _ = recipe.make_optimizers(c, 10)
-  trainer = recipe.TokenizerTrainer(Tokenizer(cfg, rngs=0), recipe.loss_config_from(c),
-                                    train_only(tx, recipe.decoder_finetune_trainable),
-                                    mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  trainer = recipe.TokenizerTrainer(Tokenizer(cfg, rngs=0), recipe.loss_config_from(c), tx,
+                                    mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                                    finetune_decoder=True)
   state = trainer.init_state()
   before = flat(state.params)
   rng = np.random.default_rng(0)
@@ -35,15 +45,47 @@ def test_only_the_decoder_trains():
              "noise_idx": 2}  # self-correction on: the refine path's parameters stay fixed too
     state, metrics = trainer.step(state, batch, step)
     assert np.isfinite(float(metrics["loss"]))
+    # The reference's decoder_finetune: no global-token term; REPA's alignment remains.
+    assert "global_token_loss" not in metrics and float(metrics["align_loss"]) != 0.0
   after = flat(state.params)
   trained = {n for n in before if n.split("/")[0] in ("decoder", "post_quant_conv")}
   assert trained and any(n.startswith("quantize/") for n in before)
   assert any(n.startswith("encoder/") for n in before) and any(n.startswith("refine_conv/") for n in before)
+  assert any(n.startswith("global_token_proj/") for n in before)
   for name in before:
     if name in trained:
       assert not np.array_equal(after[name], before[name]), name
     else:
       np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_decoder_finetune_skips_the_global_token_loss_and_its_teacher_pass(monkeypatch):
+  c = aligned_config()
+  model = Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0)
+  graphdef, state = nnx.split(model)
+  teacher_inputs = []
+  teacher_call = tokenizer_lib.Teacher.__call__
+  monkeypatch.setattr(tokenizer_lib.Teacher, "__call__",
+                      lambda self, x: teacher_inputs.append(x.shape) or teacher_call(self, x))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+
+  def losses(decoder_finetune):
+    teacher_inputs.clear()
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state).train_forward(
+        x, x, jax.random.key(0), num_tokens=16, max_tokens=16, decode_res=32,
+        decoder_finetune=decoder_finetune).losses)
+    out = jax.device_get(forward(state, images))
+    return out, len(teacher_inputs)
+
+  full, full_passes = losses(False)
+  finetune, finetune_passes = losses(True)
+  assert full_passes == 2 and finetune_passes == 1  # REPA's target pass only
+  assert "global_token_loss" in full and "global_token_loss" not in finetune
+  repa = float(finetune["align_loss"])
+  assert repa != 0.0
+  np.testing.assert_allclose(float(full["align_loss"]),
+                             repa + c.model.global_token_loss_weight * float(full["global_token_loss"]),
+                             rtol=1e-6)
 
 
 def test_finetune_decoder_needs_init_from():

@@ -73,7 +73,8 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   c.remat = ml_collections.ConfigDict(dict(encoder="none", decoder="none"))
   add_run_sections(c)
   # Decoder-only fine-tune (the reference's --finetune-decoder): only decoder.* and
-  # post_quant_conv train; the encoder and the codebook stay as init_from loaded them.
+  # post_quant_conv train; the encoder and the codebook stay as init_from loaded them; no
+  # global-token loss (REPA stays).
   c.finetune_decoder = False
   c.log_every = 50
   c.recon_every = 5000       # steps between reconstruction PNGs (0: off)

@@ -13,16 +13,23 @@ one logit per patch. The reference's details kept here:
     LeakyReLU] averaged as (f(x) + x) / sqrt(2), then Conv1d(C, 1, k=1); spectral norm on every
     conv; norm 'sbn' (SyncBatchNorm, the reference default) or 'bn' (BatchNormLocal).
 
+Mixed precision (models/precision.py; the reference runs the discriminator inside its bf16
+autocast): image preparation and the embedding sum are float32 (autocast disabled there in the
+reference), the ViT is the tokenizer's (bf16 linears and attention matmuls with float32
+accumulation, float32 LayerNorm, softmax and residual stream), readouts float32; the heads'
+spectral-norm convs are bf16 products (disc_layers.Conv1d), 'sbn' keeps their bf16 dtype
+through the norm and LeakyReLU while 'bn' returns float32; logits come back float32.
+
 Frozen vs trainable: the backbone's weights are `Frozen` variables (models/frozen.py), which
 trainers keep out of the optimised parameters by type; the heads are nnx.Params; spectral-norm
 vectors and batch-norm statistics are nnx.BatchStat side state.
 """
 import dataclasses
+import math
 from typing import List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..ops.resize import resize_area, resize_bicubic
@@ -100,9 +107,11 @@ class DinoBackbone(nnx.Module):
     cfg = self.cfg
     x = self.prepare(images, key)
     dtype = self.patch_embed.kernel.dtype
-    tokens = self.patch_embed(patchify(x.astype(dtype), cfg.patch_size))
-    cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[2]))
-    x = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...][None].astype(tokens.dtype)
+    # The embedding sum is in the parameters' dtype: under autocast the bf16 patch embedding
+    # is cast up, as the reference adds cls token and positions with autocast disabled.
+    tokens = self.patch_embed(patchify(x.astype(dtype), cfg.patch_size)).astype(dtype)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (tokens.shape[0], 1, tokens.shape[2]))
+    x = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...][None].astype(dtype)
     readout = lambda t: (t[:, 1:].astype(jnp.float32) + t[:, :1].astype(jnp.float32))
     acts = [readout(x)]
     depths = cfg.readout_depths
@@ -137,7 +146,8 @@ class DinoHead(nnx.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     x = leaky_relu(self.norm_in(self.conv_in(x, train), train))
     r = leaky_relu(self.norm_res(self.conv_res(x, train), train))
-    x = (r + x) * np.float32(1.0 / np.sqrt(2.0))
+    # A weak-typed scale: a bf16 sum (autocast, 'sbn') stays bf16 as in torch's `mul_`.
+    x = (r + x) * (1.0 / math.sqrt(2.0))
     return self.conv_out(x, train)[..., 0]
 
 
@@ -165,4 +175,5 @@ class DinoDiscriminator(nnx.Module):
     `train` runs batch statistics and a power iteration (updating the side state)."""
     ensure_channels_last(images)
     acts = self.backbone(images, key)
-    return jnp.concatenate([head(a, train) for head, a in zip(self.heads, acts)], axis=1)
+    logits = jnp.concatenate([head(a, train) for head, a in zip(self.heads, acts)], axis=1)
+    return logits.astype(jnp.float32)  # bf16 under autocast: the losses take float32

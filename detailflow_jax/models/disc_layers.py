@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .precision import PolicyLayer
+
 
 class SpectralVector(nnx.BatchStat):
   """A power-iteration vector (torch's weight_u / weight_v) of a spectral-normalised weight."""
@@ -36,16 +38,25 @@ def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x), eps)
 
 
-class Conv1d(nnx.Module):
+class Conv1d(PolicyLayer, nnx.Module):
   """Conv1d on channels-last [B, L, C] (the reference runs [B, C, L]), optionally with torch's
   spectral norm (dim 0, one power iteration per training call, eps 1e-12).
 
   The kernel is stored [k, in, out]; the spectral norm reads it as torch's [out, in * k] matrix,
   so `u` [out] and `v` [in * k] are exactly torch's weight_u / weight_v.
+
+  Under a bf16 `Precision` policy (a `PolicyLayer`) it computes what torch's autocast does with
+  SpectralConv1d, whose spectral-norm hook runs inside the autocast region: the power
+  iteration's mv products take bf16 inputs (float32 accumulation, rounded to bf16) and are
+  normalised in float32 (normalize / norm are on the float32 list; the vectors stay float32
+  buffers); sigma = dot(u, mv(W, v)) is a float32 dot of u with that bf16 product (dot promotes
+  to its widest input); the normalised kernel is float32 and the convolution itself takes bf16
+  input and kernel with float32 accumulation, output bf16.
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                circular: bool = False, spectral_norm: bool = False, rngs: nnx.Rngs):
+    super().__init__()
     fan_in = in_channels * kernel_size
     init = torch_default_uniform(fan_in)
     self.kernel_size = kernel_size
@@ -65,14 +76,16 @@ class Conv1d(nnx.Module):
     k, cin, cout = kernel.shape
     mat = kernel.transpose(2, 1, 0).reshape(cout, cin * k)
     u, v = self.u[...], self.v[...]
+    matmul = self.mixed_precision.matmul
     if train:
       fixed = jax.lax.stop_gradient(mat).astype(jnp.float32)
-      v = _l2_normalize(fixed.T @ u, 1e-12)
-      u = _l2_normalize(fixed @ v, 1e-12)
+      v = _l2_normalize(matmul(fixed.T, u).astype(jnp.float32), 1e-12)
+      u = _l2_normalize(matmul(fixed, v).astype(jnp.float32), 1e-12)
       self.u[...] = u
       self.v[...] = v
     # Gradients reach the kernel through sigma too (u, v are constants), as in torch.
-    sigma = jnp.dot(jax.lax.stop_gradient(u), mat.astype(jnp.float32) @ jax.lax.stop_gradient(v))
+    sigma = jnp.dot(jax.lax.stop_gradient(u),
+                    matmul(mat.astype(jnp.float32), jax.lax.stop_gradient(v)).astype(jnp.float32))
     return (kernel / sigma).astype(kernel.dtype)
 
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -80,9 +93,15 @@ class Conv1d(nnx.Module):
     if pad:
       mode = "wrap" if self.circular else "constant"
       x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)), mode=mode)
+    if self.mixed_precision.autocast:
+      return self.autocast_product(x, self.weight(train))
     w = self.weight(train).astype(x.dtype)
-    y = jax.lax.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+    y = self._product(x, w, None)
     return y + self.bias[...].astype(y.dtype)
+
+  def _product(self, x, kernel, preferred_element_type=jnp.float32):
+    return jax.lax.conv_general_dilated(x, kernel, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+                                        preferred_element_type=preferred_element_type)
 
 
 class BatchNorm(nnx.Module):
@@ -91,6 +110,9 @@ class BatchNorm(nnx.Module):
   Training: normalise with the batch mean and biased variance, and update running_mean /
   running_var (unbiased) with momentum 0.1. Under a data-parallel jit the batch axis is the
   global batch, so this is SyncBatchNorm's statistics. Evaluation: running statistics.
+  Under autocast the input is a bf16 conv output; batch_norm is on neither of torch's autocast
+  lists and its CUDA kernels take a bf16 input with float32 weights and statistics, accumulate
+  in float32 and write the input's dtype: here likewise, float32 math, output in x.dtype.
   """
 
   def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
@@ -122,7 +144,8 @@ class BatchNorm(nnx.Module):
 class BatchNormLocal(nnx.Module):
   """The reference's BatchNormLocal on [B, L, C]: the batch is cut into ceil(B / virtual_bs)
   equal groups and each group is normalised over (its examples, length) per channel. It keeps
-  no running statistics, so training and evaluation compute the same thing."""
+  no running statistics, so training and evaluation compute the same thing. The output is
+  float32 whatever the input (the reference's `x.float()`), also under autocast."""
 
   def __init__(self, num_features: int, *, virtual_bs: int = 8, eps: float = 1e-6,
                rngs: nnx.Rngs):

@@ -5,6 +5,13 @@ distance(x, y) = sum over the five VGG16 taps (relu1_2, relu2_2, relu3_3, relu4_
 where n() divides each pixel's feature vector by its L2 norm (+1e-10) and lin_k is a bias-free
 1x1 conv to one channel. Inputs are scaled as the reference's ScalingLayer does.
 
+Mixed precision (models/precision.py; the reference computes it inside its bf16 autocast): the
+input scaling is float32; the VGG convs and the 1x1 heads are bf16 products with float32
+accumulation (ReLU and max-pool follow in bf16); the unit normalisation and the squared
+difference are float32 (torch's pow / sum are on the float32 list); the spatial means and the
+sum over taps stay float32 (torch rounds each mean of a bf16 head output to bf16, a 2^-9
+relative change of the value), so the distance is float32.
+
 Frozen: every weight is a `Frozen` variable (models/frozen.py); the trainer only differentiates
 with respect to the images. Nothing here is trained.
 """
@@ -15,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .frozen import freeze
+from .precision import Conv, Linear
 
 VGG16_CONVS_PER_STAGE = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
@@ -35,7 +43,7 @@ class VGG16Features(nnx.Module):
     cin = 3
     for width, count in zip(widths, VGG16_CONVS_PER_STAGE):
       for _ in range(count):
-        convs.append(nnx.Conv(cin, width, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs))
+        convs.append(Conv(cin, width, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs))
         cin = width
     self.convs = nnx.List(convs)
 
@@ -68,7 +76,7 @@ class LPIPS(nnx.Module):
   def __init__(self, widths: Sequence[int] = VGG16_WIDTHS, *, rngs=None):
     rngs = nnx.Rngs(0) if rngs is None else (nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
     self.net = VGG16Features(widths, rngs=rngs)
-    self.lins = nnx.List([nnx.Linear(w, 1, use_bias=False, rngs=rngs) for w in widths])
+    self.lins = nnx.List([Linear(w, 1, use_bias=False, rngs=rngs) for w in widths])
     freeze(self)
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -4,7 +4,10 @@ Layout: conv 4x4/2 + LeakyReLU(0.2); (n_layers - 1) x [conv 4x4/2 (no bias) + Ba
 LeakyReLU]; conv 4x4/1 (no bias) + BatchNorm + LeakyReLU; conv 4x4/1 -> 1 channel. Padding 1
 everywhere. Init as the reference: conv weights N(0, 0.02) (biases keep torch's default uniform),
 BatchNorm scale N(1, 0.02), bias 0. Batch norms are torch BatchNorm2d (eps 1e-5, momentum 0.1),
-in training mode whenever the discriminator is trained, as in the reference.
+in training mode whenever the discriminator is trained, as in the reference. Under the bf16
+autocast policy (models/precision.py) the convs are bf16 products with float32 accumulation and
+the batch norms keep their bf16 dtype (disc_layers.BatchNorm), as under torch's autocast; the
+logits come back float32.
 """
 from typing import Optional
 
@@ -13,10 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .disc_layers import BatchNorm, ensure_channels_last, leaky_relu, torch_default_uniform
+from .precision import Conv
 
 
-def _conv(rngs, cin: int, cout: int, stride: int, bias: bool) -> nnx.Conv:
-  return nnx.Conv(cin, cout, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias,
+def _conv(rngs, cin: int, cout: int, stride: int, bias: bool) -> Conv:
+  return Conv(cin, cout, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias,
                   kernel_init=nnx.initializers.normal(0.02),
                   bias_init=lambda key, shape, dtype=jnp.float32:
                   torch_default_uniform(cin * 16)(key, shape, dtype),

@@ -1,13 +1,26 @@
-"""One mixed-precision policy for the GPT and the tokenizer, with torch-autocast semantics.
+"""One mixed-precision policy for the GPT, the tokenizer and its training-only nets (LPIPS, the
+discriminators), with torch-autocast semantics.
 
-Under the reference's `torch.autocast(dtype=bfloat16)` the parameters stay float32 and only
-matmul inputs are cast to bf16 (accumulated in float32, the product rounded to bf16), while
-embeddings, the residual stream, norms, softmax and losses stay float32. Here the same split
-comes from one place: `Linear` (every projection of both models) casts its input and kernel to
-the policy's compute dtype, multiplies with float32 accumulation (`preferred_element_type`),
-adds the bias in float32 and rounds the product to the compute dtype. Everything else follows
-its inputs' dtypes: a float32 residual plus a bf16 branch is float32, RMSNorm / LayerNorm of a
-float32 residual are float32, attention scores and softmax are float32 (see attention.py).
+Under the reference's `torch.autocast(dtype=bfloat16)` the parameters stay float32 and only the
+ops on torch's lower-precision list (conv1d/2d, linear, matmul, mm, mv, bmm, ...) cast their
+inputs to bf16 (accumulated in float32, the product rounded to bf16), while ops on its float32
+list (layer_norm, group_norm, norm, normalize, softmax, exp, log, pow, sum, the losses) run in
+float32 and everything else follows its inputs. Here the same split comes from one place: a
+`PolicyLayer` (`Linear`, `Einsum`, `Conv`, and the discriminators' spectral-norm Conv1d in
+disc_layers.py) casts its input and kernel to the policy's compute dtype, multiplies with
+float32 accumulation (`preferred_element_type`), adds the bias in float32 and rounds the
+product to the compute dtype; `Precision.matmul` is the same for a bare matrix product (torch's
+mv in the spectral norm's power iteration). Everything else follows its inputs' dtypes: a
+float32 residual plus a bf16 branch is float32, RMSNorm / LayerNorm of a float32 residual are
+float32, attention scores and softmax are float32 (see attention.py); the few float32-list ops
+that meet a bf16 input (LPIPS' unit normalisation, the spectral norm's normalize) cast it up
+where they are written.
+
+Backward: JAX differentiates these products itself. The cotangent of a float32-accumulated
+product is float32 (with bf16 values), so a matmul's transposes take that float32 cotangent with
+the bf16 operand, and a convolution's transposes run wholly in float32 (JAX promotes the bf16
+operand); torch's autocast runs both in bf16. The gradients are the more precise for it; on an
+accelerator the backward products are the slower for it (not measured here).
 
 `Precision()` (no compute dtype) is "native": every op runs in the parameters' own dtype,
 exactly as before this policy existed (float32 training, or bf16-converted weights at
@@ -22,6 +35,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.linear import _conv_dimension_numbers, canonicalize_padding
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -49,40 +63,71 @@ class Precision:
   def autocast(self) -> bool:
     return self.compute_dtype is not None
 
+  def matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b as autocast runs torch's mm / mv: native, the plain product; under autocast, inputs
+    in the compute dtype, float32 accumulation, the product rounded to the compute dtype."""
+    if not self.autocast:
+      return a @ b
+    dtype = jnp.dtype(self.compute_dtype)
+    return jnp.matmul(a.astype(dtype), b.astype(dtype),
+                      preferred_element_type=jnp.float32).astype(dtype)
 
-class _PolicyLayer:
-  """A layer whose matmul follows a `Precision` policy (native by default: the nnx layer's own
-  math). Under autocast: inputs and kernel in the compute dtype, float32 accumulation, float32
-  bias add, output in the compute dtype. Parameters and their names stay the nnx layer's, so
-  checkpoints and conversion are unchanged."""
+
+class PolicyLayer:
+  """A layer whose product (matmul or convolution) follows a `Precision` policy (native by
+  default: the layer's own math). Under autocast (`autocast_product`): input and kernel in the
+  compute dtype, float32 accumulation, float32 bias add, output in the compute dtype.
+  Parameters and their names stay the layer's, so checkpoints and conversion are unchanged.
+  Subclasses supply `_product(x, kernel)` (float32-accumulating) and, where the bias is not a
+  vector on the last axis, `_float32_bias(x)`."""
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self.mixed_precision = Precision()
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    policy = self.mixed_precision
-    if not policy.autocast:
+    if not self.mixed_precision.autocast:
       return super().__call__(x)
-    dtype = jnp.dtype(policy.compute_dtype)
-    y = self._product(x.astype(dtype), self.kernel[...].astype(dtype))
+    return self.autocast_product(x, self.kernel[...])
+
+  def autocast_product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    dtype = jnp.dtype(self.mixed_precision.compute_dtype)
+    y = self._product(x.astype(dtype), kernel.astype(dtype))
     if self.bias is not None:
       y = y + self._float32_bias(x)
     return y.astype(dtype)
 
+  def _float32_bias(self, x):
+    return self.bias[...].astype(jnp.float32)
 
-class Linear(_PolicyLayer, nnx.Linear):
+
+class Linear(PolicyLayer, nnx.Linear):
   """nnx.Linear under a `Precision` policy: [..., din] x [din, dout] -> [..., dout]."""
 
   def _product(self, x, kernel):
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
-  def _float32_bias(self, x):
-    return self.bias[...].astype(jnp.float32)
+
+class Conv(PolicyLayer, nnx.Conv):
+  """nnx.Conv under a `Precision` policy (LPIPS' VGG16, the PatchGAN): channels-last input with
+  one batch axis, explicit or 'SAME' / 'VALID' padding, no mask."""
+
+  def _product(self, x, kernel):
+    n = len(self.kernel_size)
+    padding = canonicalize_padding(self.padding, n)
+    if x.ndim != n + 2 or self.mask is not None or padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+      raise NotImplementedError(f"Conv under autocast: input {x.shape} needs one batch axis, "
+                                f"padding={self.padding!r} explicit / SAME / VALID, no mask")
+    per_axis = lambda v: (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)
+    return jax.lax.conv_general_dilated(
+        x, kernel, per_axis(self.strides), padding, lhs_dilation=per_axis(self.input_dilation),
+        rhs_dilation=per_axis(self.kernel_dilation),
+        dimension_numbers=_conv_dimension_numbers(x.shape),
+        feature_group_count=self.feature_group_count, preferred_element_type=jnp.float32)
 
 
-class Einsum(_PolicyLayer, nnx.Einsum):
+class Einsum(PolicyLayer, nnx.Einsum):
   """nnx.Einsum under a `Precision` policy (the GPT's grouped q/k/v projection)."""
 
   def _product(self, x, kernel):
@@ -94,12 +139,13 @@ class Einsum(_PolicyLayer, nnx.Einsum):
 
 
 def set_precision(model: nnx.Module, policy: Precision) -> nnx.Module:
-  """Puts `policy` on every `Linear` / `Einsum` of `model` (in place; returns model). A plain
-  nnx.Linear / nnx.Einsum in the tree would silently stay native: an error under autocast."""
+  """Puts `policy` on every `PolicyLayer` of `model` (in place; returns model). A plain
+  nnx.Linear / nnx.Einsum / nnx.Conv in the tree would silently stay native: an error under
+  autocast."""
   for path, module in nnx.iter_modules(model):
-    if isinstance(module, (Linear, Einsum)):
+    if isinstance(module, PolicyLayer):
       module.mixed_precision = policy
-    elif isinstance(module, (nnx.Linear, nnx.Einsum)) and policy.autocast:
+    elif isinstance(module, (nnx.Linear, nnx.Einsum, nnx.Conv)) and policy.autocast:
       raise TypeError(f"{'/'.join(map(str, path))} is a plain nnx.{type(module).__name__}: build it "
                       f"with models.precision so the precision policy reaches it")
   return model

@@ -358,11 +358,14 @@ class Tokenizer(nnx.Module):
 
   def train_forward(self, images: jax.Array, target: jax.Array, key: jax.Array, *,
                     num_tokens: int, max_tokens: int, decode_res: int,
-                    noise_idx: Optional[jax.Array] = None, top_k: int = 50) -> GeneratorOutput:
+                    noise_idx: Optional[jax.Array] = None, top_k: int = 50,
+                    decoder_finetune: bool = False) -> GeneratorOutput:
     """The reference VQModel.forward in training mode: encode `max_tokens` tokens; with a
     (traced, scalar) noise_idx also the self-correction half (batch doubled, targets repeated);
     decode the first `num_tokens` at `decode_res`; VQ terms and alignment losses. Updates the
-    codebook-usage window."""
+    codebook-usage window. decoder_finetune (the reference's keyword): no global-token loss (its
+    gradients reach only the encoder side and its projection, which a decoder-only fine-tune
+    keeps fixed), so no teacher pass for it; REPA stays."""
     cfg = self.config
     if noise_idx is None:
       clean = self.encode(images, max_tokens)
@@ -389,7 +392,7 @@ class Tokenizer(nnx.Module):
       align += cfg.repa_loss_weight * jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
     else:
       recon = self.decode(quant, num_tokens, decode_res)
-    if cfg.global_token_loss_weight:
+    if cfg.global_token_loss_weight and not decoder_finetune:
       # The first (global) token, mapped by an MLP, points the way of the mean SigLIP2 feature
       # of the full-resolution input.
       teacher = jax.lax.stop_gradient(self.repa_model(images.astype(self.param_dtype))).astype(jnp.float32)

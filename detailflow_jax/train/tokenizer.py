@@ -115,16 +115,23 @@ class TokenizerTrainer:
                discriminator: Optional[nnx.Module] = None,
                disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
                rules=sharding.DEFAULT_RULES, precision: Precision = Precision(),
-               encoder_remat: str = "none", decoder_remat: str = "none"):
-    """precision: the generator forward's mixed-precision policy (models/precision.py; the
-    discriminator and LPIPS run native). encoder_remat / decoder_remat: per-layer gradient
-    checkpointing of the two towers (models/remat.py)."""
+               encoder_remat: str = "none", decoder_remat: str = "none",
+               finetune_decoder: bool = False):
+    """precision: the mixed-precision policy (models/precision.py) of every forward in the
+    step, as the reference's autocast block covers the generator, LPIPS and both discriminator
+    passes. encoder_remat / decoder_remat: per-layer gradient checkpointing of the two towers
+    (models/remat.py). finetune_decoder: the reference's --finetune-decoder: `tx` updates only
+    the decoder and post_quant_conv (decoder_finetune_trainable) and the forward skips the
+    global-token loss (its teacher pass included)."""
     if discriminator is not None and disc_tx is None:
       raise ValueError("a discriminator needs its own optimizer (disc_tx)")
     if losses.perceptual_weight and perceptual is None:
       raise ValueError("perceptual_weight > 0 needs a perceptual network (LPIPS)")
+    if finetune_decoder:
+      tx = train_only(tx, decoder_finetune_trainable)
     self.losses, self.tx, self.disc_tx, self.mesh, self.rules = losses, tx, disc_tx, mesh, rules
     self.precision = precision
+    self.finetune_decoder = finetune_decoder
     self.remat = {"encoder": remat.check_policy(encoder_remat, "remat.encoder"),
                   "decoder": remat.check_policy(decoder_remat, "remat.decoder")}
     self.config = tokenizer.config
@@ -180,6 +187,7 @@ class TokenizerTrainer:
   def _disc_apply(self, frozen, disc_params, disc_extras, images, key):
     extras = jax.tree.map(lambda x: x, disc_extras)  # fresh Variables owned by this trace
     disc = nnx.merge(self._disc_graphdef, disc_params, frozen["disc"], extras)
+    set_precision(disc, self.precision)  # merged in this trace: the policy is local to it
     logits = disc(images, key=key, train=True)
     return logits.astype(jnp.float32), nnx.state(disc, nnx.Not(nnx.Param))
 
@@ -204,7 +212,8 @@ class TokenizerTrainer:
       out = model.train_forward(batch["image"], batch["target"], k_noise,
                                 num_tokens=prog.num_tokens, max_tokens=prog.max_tokens,
                                 decode_res=prog.decode_res,
-                                noise_idx=batch["noise_idx"] if prog.correct else None)
+                                noise_idx=batch["noise_idx"] if prog.correct else None,
+                                decoder_finetune=self.finetune_decoder)
       diff = out.recon - out.target
       rec = jnp.mean(jnp.abs(diff)) if lc.reconstruction_loss == "l1" else jnp.mean(jnp.square(diff))
       metrics = {"rec_loss": rec, **out.losses}
@@ -213,7 +222,7 @@ class TokenizerTrainer:
                                     + out.losses["entropy_loss"])
       loss += out.losses["align_loss"]
       if lc.perceptual_weight:
-        perc = nnx.merge(self._perc[0], frozen["perceptual"])
+        perc = set_precision(nnx.merge(self._perc[0], frozen["perceptual"]), self.precision)
         p = jnp.mean(perc(out.target, out.recon))
         warm = (jnp.minimum(1.0, step / lc.perceptual_warmup) if lc.perceptual_warmup
                 else jnp.float32(1.0))
@@ -457,12 +466,11 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
   discriminator = frozen_nets.build_discriminator(c)
   tx, disc_tx = make_optimizers(c, steps)
-  if c.finetune_decoder:
-    tx = train_only(tx, decoder_finetune_trainable)
   trainer = TokenizerTrainer(tokenizer, loss_config_from(c), tx, mesh, perceptual=perceptual,
                              discriminator=discriminator, disc_tx=disc_tx, seed=c.seed,
                              precision=Precision.named(c.compute_dtype),
-                             encoder_remat=c.remat.encoder, decoder_remat=c.remat.decoder)
+                             encoder_remat=c.remat.encoder, decoder_remat=c.remat.decoder,
+                             finetune_decoder=c.finetune_decoder)
   state = trainer.init_state()
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree)) / 1e6 if tree is not None else 0.0
   log.info("tokenizer %.1fM trainable, discriminator %.1fM trainable, frozen %.1fM; mesh %s; %d steps",
