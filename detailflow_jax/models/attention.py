@@ -9,6 +9,16 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from .precision import float32_accumulated
+
+
+def _scores(q, k, preferred_element_type):
+  return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=preferred_element_type)
+
+
+def _weighted_values(probs, v, preferred_element_type):
+  return jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=preferred_element_type)
+
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           mask: Optional[jax.Array] = None) -> jax.Array:
@@ -38,7 +48,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     (0, 2, 3, 1, 4)).reshape(batch, num_kv_heads, repeats * q_len, head_dim)
   k = jnp.transpose(key, (0, 2, 1, 3))
   v = jnp.transpose(value, (0, 2, 1, 3))
-  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+  # float32_accumulated: under autocast (bf16 q/k/v) the backward's products are bf16 too.
+  scores = float32_accumulated(_scores, q, k)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (batch, num_heads, q_len, kv_len))
     mask = mask.reshape(batch, num_kv_heads, repeats * q_len, kv_len)
@@ -47,8 +58,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   # row sums divide its head_dim-wide output, saving a full pass over the q x S probabilities.
   weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
   denom = jnp.sum(weights, axis=-1, keepdims=True)
-  out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(value.dtype), v,
-                   preferred_element_type=jnp.float32) / denom
+  out = float32_accumulated(_weighted_values, weights.astype(value.dtype), v) / denom
   out = out.astype(query.dtype).reshape(batch, num_kv_heads, repeats, q_len, head_dim)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, head_dim)
 
@@ -83,12 +93,11 @@ def cached_attention(query: jax.Array, k_cache: jax.Array, v_cache: jax.Array, m
       batch, num_kv_heads, rows, length)
 
   def scores_of(k, visible):
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = _scores(q, k, jnp.float32)
     return jnp.where(visible, scores, -jnp.inf)              # masked keys: exp(-inf) = 0
 
   def weighted_values(probs, v):
-    return jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v,
-                      preferred_element_type=jnp.float32)
+    return _weighted_values(probs.astype(v.dtype), v, jnp.float32)
 
   if chunk == length:
     scores = scores_of(k_cache, mask)

@@ -16,11 +16,15 @@ float32, attention scores and softmax are float32 (see attention.py); the few fl
 that meet a bf16 input (LPIPS' unit normalisation, the spectral norm's normalize) cast it up
 where they are written.
 
-Backward: JAX differentiates these products itself. The cotangent of a float32-accumulated
-product is float32 (with bf16 values), so a matmul's transposes take that float32 cotangent with
-the bf16 operand, and a convolution's transposes run wholly in float32 (JAX promotes the bf16
-operand); torch's autocast runs both in bf16. The gradients are the more precise for it; on an
-accelerator the backward products are the slower for it (not measured here).
+Backward, as torch's autocast runs it: the gradient products of a bf16 product are bf16 too
+(torch's grad_output of a bf16 op is bf16 and meets the saved bf16 operands). JAX's own
+derivative of a float32-accumulated product would take its float32 cotangent, so a matmul's
+transposes would mix float32 with bf16 and a convolution's would run wholly in float32 (about
+2/3 of a train step's FLOPs, on an accelerator at float32 speed). `float32_accumulated` keeps
+the forward (float32 accumulation, one rounding) and gives the backward the transposed
+products in the operands' dtype: the cotangent rounded to bf16, float32 accumulation inside the
+product as the hardware does, results in bf16 (the casts around the product bring the
+gradients back to float32 for the float32 master weights and the float32 residual stream).
 
 `Precision()` (no compute dtype) is "native": every op runs in the parameters' own dtype,
 exactly as before this policy existed (float32 training, or bf16-converted weights at
@@ -30,7 +34,8 @@ The policy is applied to a built model with `set_precision` (the train steps do 
 they merge inside the loss, which is autocast's `with` block around the forward).
 """
 import dataclasses
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +43,38 @@ from flax import nnx
 from flax.nnx.nn.linear import _conv_dimension_numbers, canonicalize_padding
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def float32_accumulated(product: Callable, a: jax.Array, b: jax.Array) -> jax.Array:
+  """product(a, b, jnp.float32): `product(a, b, out_dtype)` is a matmul / einsum / convolution
+  whose third argument is its preferred_element_type. Float32 operands: plain JAX. Lower
+  precision operands (autocast): the same forward, and a backward whose transposed products
+  run in the operands' dtype with the cotangent rounded to it (torch autocast's backward; see
+  'Backward' above). `product` may read static layer settings only, never traced values."""
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return product(a, b, jnp.float32)
+  return _float32_accumulated(product, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _float32_accumulated(product, a, b):
+  return product(a, b, jnp.float32)
+
+
+def _float32_accumulated_forward(product, a, b):
+  return product(a, b, jnp.float32), (a, b)
+
+
+def _float32_accumulated_backward(product, operands, cotangent):
+  a, b = operands
+  dtype = jnp.result_type(a.dtype, b.dtype)
+  # The product in the operands' dtype: its transposes are the bf16 products torch runs. Its own
+  # forward value is unused, and XLA removes it.
+  _, transposes = jax.vjp(lambda a, b: product(a, b, dtype), a, b)
+  return transposes(cotangent.astype(dtype))
+
+
+_float32_accumulated.defvjp(_float32_accumulated_forward, _float32_accumulated_backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +106,8 @@ class Precision:
     if not self.autocast:
       return a @ b
     dtype = jnp.dtype(self.compute_dtype)
-    return jnp.matmul(a.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32).astype(dtype)
+    product = lambda a, b, out_dtype: jnp.matmul(a, b, preferred_element_type=out_dtype)
+    return float32_accumulated(product, a.astype(dtype), b.astype(dtype)).astype(dtype)
 
 
 class PolicyLayer:
@@ -78,7 +115,8 @@ class PolicyLayer:
   default: the layer's own math). Under autocast (`autocast_product`): input and kernel in the
   compute dtype, float32 accumulation, float32 bias add, output in the compute dtype.
   Parameters and their names stay the layer's, so checkpoints and conversion are unchanged.
-  Subclasses supply `_product(x, kernel)` (float32-accumulating) and, where the bias is not a
+  Subclasses supply `_product(x, kernel, preferred_element_type)` (reading only static
+  settings: it also builds the backward's products) and, where the bias is not a
   vector on the last axis, `_float32_bias(x)`."""
 
   def __init__(self, *args, **kwargs):
@@ -92,7 +130,7 @@ class PolicyLayer:
 
   def autocast_product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.mixed_precision.compute_dtype)
-    y = self._product(x.astype(dtype), kernel.astype(dtype))
+    y = float32_accumulated(self._product, x.astype(dtype), kernel.astype(dtype))
     if self.bias is not None:
       y = y + self._float32_bias(x)
     return y.astype(dtype)
@@ -104,34 +142,34 @@ class PolicyLayer:
 class Linear(PolicyLayer, nnx.Linear):
   """nnx.Linear under a `Precision` policy: [..., din] x [din, dout] -> [..., dout]."""
 
-  def _product(self, x, kernel):
+  def _product(self, x, kernel, preferred_element_type):
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+                               preferred_element_type=preferred_element_type)
 
 
 class Conv(PolicyLayer, nnx.Conv):
   """nnx.Conv under a `Precision` policy (LPIPS' VGG16, the PatchGAN): channels-last input with
   one batch axis, explicit or 'SAME' / 'VALID' padding, no mask."""
 
-  def _product(self, x, kernel):
+  def _product(self, x, kernel, preferred_element_type):
     n = len(self.kernel_size)
     padding = canonicalize_padding(self.padding, n)
     if x.ndim != n + 2 or self.mask is not None or padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
-      raise NotImplementedError(f"Conv under autocast: input {x.shape} needs one batch axis, "
-                                f"padding={self.padding!r} explicit / SAME / VALID, no mask")
+      raise ValueError(f"Conv under autocast: input {x.shape} needs one batch axis, "
+                       f"padding={self.padding!r} explicit / SAME / VALID, no mask")
     per_axis = lambda v: (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)
     return jax.lax.conv_general_dilated(
         x, kernel, per_axis(self.strides), padding, lhs_dilation=per_axis(self.input_dilation),
         rhs_dilation=per_axis(self.kernel_dilation),
         dimension_numbers=_conv_dimension_numbers(x.shape),
-        feature_group_count=self.feature_group_count, preferred_element_type=jnp.float32)
+        feature_group_count=self.feature_group_count, preferred_element_type=preferred_element_type)
 
 
 class Einsum(PolicyLayer, nnx.Einsum):
   """nnx.Einsum under a `Precision` policy (the GPT's grouped q/k/v projection)."""
 
-  def _product(self, x, kernel):
-    return jnp.einsum(self.einsum_str, x, kernel, preferred_element_type=jnp.float32)
+  def _product(self, x, kernel, preferred_element_type):
+    return jnp.einsum(self.einsum_str, x, kernel, preferred_element_type=preferred_element_type)
 
   def _float32_bias(self, x):
     shape = self._infer_broadcasted_bias_shape(self.einsum_str, x, self.kernel[...])
