@@ -224,6 +224,8 @@ def test_train_crash_resume_export_and_sample_on_gcs(gcs_emulator, gcs_bucket, t
   objects = emulator.list_objects(bucket, "run/")
   assert "run/checkpoints/4/commit_success.txt" in objects and "run/config.json" in objects
   assert not any(o.startswith("run/export/") for o in objects)
+  # TensorBoard events are staged locally and copied to gs:// with every checkpoint saved.
+  assert sum(o.startswith("run/tensorboard/events.out.tfevents.") for o in objects) == 1
   resumed = _train(workdir, tokens, tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step 4" in resumed.stderr
@@ -234,7 +236,7 @@ def test_train_crash_resume_export_and_sample_on_gcs(gcs_emulator, gcs_bucket, t
     assert f"run/checkpoints/{step}/state/manifest.ocdbt" in objects
     assert f"run/checkpoints/{step}/data/process_0-of-1.json" in objects  # the data iterator
   assert "run/export/config.json" in objects and "run/export/params/manifest.ocdbt" in objects
-  assert any(o.startswith("run/tensorboard/events.out.tfevents.") for o in objects)
+  assert sum(o.startswith("run/tensorboard/events.out.tfevents.") for o in objects) == 2  # one a run
   want = _losses((tmp_path / "straight" / "metrics.jsonl").read_text())
   got = _losses(emulator.read_object(bucket, "run/metrics.jsonl").decode())
   assert sorted(want) == list(range(1, 9)) and got == want  # bit-identical on CPU
