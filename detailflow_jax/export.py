@@ -69,7 +69,7 @@ class ExportSource:
 
 
 def source_from_model_dir(directory) -> ExportSource:
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.run_path(directory)
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a converted model directory (config.json with a "
                             "model kind + params/)")
@@ -87,12 +87,14 @@ def source_from_model_dir(directory) -> ExportSource:
 
 
 def workdir_steps(workdir) -> List[int]:
-  """Steps with a finished Orbax checkpoint in workdir/checkpoints, oldest first."""
+  """Steps with a finished Orbax checkpoint in workdir/checkpoints, oldest first. (On gs://
+  Orbax writes a step in place and marks it finished last, with commit_success.txt: a step
+  directory alone may be one still being written, or one a crash cut short.)"""
   root = paths.run_path(workdir) / "checkpoints"
   if not root.is_dir():
     return []
   return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and (p / "state").is_dir() and not p.name.startswith("."))
+                if p.name.isdigit() and (p / "state").is_dir() and ocp.step.is_path_finalized(p))
 
 
 def _pure_like(restored, like, where: str):
@@ -254,7 +256,7 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
                     name: Optional[str] = None) -> pathlib.Path:
   """RUN/config.json, RUN/config.yaml, RUN/checkpoints/NAME.{pt,safetensors} (see above)."""
   import torch  # Only needed to write .pt files.
-  from safetensors.torch import save_file
+  from safetensors.torch import save as safetensors_bytes
   reference = REFERENCE_FORMATS[source.kind]
   config_json, config_yaml, extra_files = reference.reference_configs(
       next(iter(source.weights.values())).config)
@@ -274,8 +276,11 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
     for filename, content in extra_files.items():
       (tmp / filename).write_text(json.dumps(content, indent=2))
     (tmp / "checkpoints").mkdir()
-    torch.save(states, tmp / "checkpoints" / f"{name}.pt")
-    save_file(states[chosen], str(tmp / "checkpoints" / f"{name}.safetensors"), metadata=metadata)
+    # Through file objects: torch and safetensors open local files only (tmp may be gs://...).
+    with (tmp / "checkpoints" / f"{name}.pt").open("wb") as f:
+      torch.save(states, f)
+    (tmp / "checkpoints" / f"{name}.safetensors").write_bytes(
+        safetensors_bytes(states[chosen], metadata=metadata))
 
   return write_atomically(out, write)
 

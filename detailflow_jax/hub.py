@@ -2,7 +2,8 @@
 Hub id.
 
 `resolve_model_dir(spec, kind)` accepts
-- a converted model directory (ours: `config.json` with a "kind" + `params/`): used as is;
+- a converted model directory (ours: `config.json` with a "kind" + `params/`), local or remote
+  (gs://..., read where it is): used as is;
 - a released run directory (`RUN/checkpoints/X.pt` beside `RUN/config.json` + `RUN/config.yaml`)
   or a checkpoint file inside one;
 - a Hugging Face Hub id `org/name[@revision][:path/in/repo.pt]`, e.g. `ByteFlow-AI/DetailFlow-16`,
@@ -34,7 +35,7 @@ import sys
 import uuid
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from . import __version__
+from . import __version__, paths
 from .convert.common import find_run_dir, weight_sets
 from .convert.gpt import convert_gpt
 from .convert.tokenizer import convert_tokenizer
@@ -243,19 +244,23 @@ def _local_checkpoint(path: pathlib.Path) -> pathlib.Path:
   return path / pick_checkpoint(files, str(path))
 
 
-def resolve_model_dir(spec, kind: str, weights: Optional[str] = None) -> pathlib.Path:
+def resolve_model_dir(spec, kind: str, weights: Optional[str] = None) -> paths.AnyPath:
   """A converted model directory for `spec` (see the module docstring for what it may be)."""
-  path = pathlib.Path(str(spec)).expanduser()
+  if paths.is_remote(spec) and not is_model_dir(spec):  # gs://...: read where it is, not converted
+    raise FileNotFoundError(f"{spec} is not a converted model directory (config.json with a model "
+                            "kind + params/); released checkpoints are read from local paths or "
+                            "the Hub")
+  path = paths.run_path(spec)  # a local one absolute (epath's absolute() mangles gs:// paths)
   if path.exists():
     if path.is_dir() and is_model_dir(path):
       if weights is not None:
         raise ValueError(f"{path} is already converted (one set of weights); --weights applies "
                          "to released checkpoints (Hub ids, run directories, .pt files)")
-      return path.absolute()
+      return path
     if path.is_dir() and not (path / "checkpoints").is_dir() and not any(path.glob("*.pt")):
       raise FileNotFoundError(f"{path} is not a converted model directory: no config.json "
                               "with a model kind, and no checkpoints/*.pt of a released run")
-    checkpoint = _local_checkpoint(path.absolute())
+    checkpoint = _local_checkpoint(path)
     where = hashlib.sha256(str(checkpoint.parent).encode()).hexdigest()[:12]
     return convert_cached(kind, checkpoint, str(checkpoint), ("local", where), weights)
   hub = parse_hub_id(str(spec))

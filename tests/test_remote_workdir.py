@@ -2,8 +2,9 @@
 `memory://` (the way gs:// goes through epath's fsspec backend). The driver's config.json, the
 metrics.jsonl / TensorBoard writers (appending across a restart), PNG grids, the atomic
 directory write and model-directory listing/verification all run against it. Orbax (train-state
-checkpoints, model-directory arrays) writes through tensorstore, which has no such backend
-here: that part is not exercised on it."""
+checkpoints, model-directory arrays) writes through tensorstore, which cannot reach fsspec's
+memory store: tests/test_gcs_workdir.py runs the whole path, Orbax included, on real gs://
+against a local GCS emulator."""
 import contextlib
 import io
 import os

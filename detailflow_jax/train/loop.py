@@ -40,7 +40,8 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
   - Checkpoints go through `checkpointer` (its own interval) with the data iterator state, and
     always at the end or when a preemption (SIGTERM) is requested.
   - Every `log_every` steps the metrics averaged over those steps (a clu.metrics collection)
-    go to `writer`, and a progress line: loss, steps/s, ETA.
+    go to `writer`, and a progress line: loss, steps/s, ETA. The writer is flushed with every
+    checkpoint saved: what a resume starts from has its metrics written too.
   """
   guard = guard or PreemptionGuard()
   start_step = int(jax.device_get(state.step))
@@ -77,7 +78,9 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
         window_start, window_steps = time.time(), 0
       stop = guard.requested(done)
       if checkpointer is not None:
-        checkpointer.save(done, state, data_iterator, force=stop or done == num_steps)
+        saved = checkpointer.save(done, state, data_iterator, force=stop or done == num_steps)
+        if saved and writer is not None:
+          writer.flush()  # a gs:// workdir gets its TensorBoard events only when flushed
       if every_n_steps is not None and callback_every and done % callback_every == 0:
         every_n_steps(done, state)  # after the save, so callbacks see a checkpointed step
       if stop:

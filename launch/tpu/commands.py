@@ -18,10 +18,10 @@ host's home directory. Every host gets explicit jax.distributed flags
 the training code's own auto-detection (`maybe_initialize_distributed`) only recognises slices
 that export TPU_WORKER_HOSTNAMES (GKE), which `gcloud compute tpus tpu-vm` hosts do not.
 
-The training code writes its workdir with local file APIs, so a gs://BUCKET/PATH workdir (or
-any gs:// value of a --config.* flag, e.g. the token records) is mounted with gcsfuse on every
-host at GCS_MOUNT_ROOT/BUCKET (default /gcs) and passed as that path: all hosts see the same
-directory, as multi-host Orbax checkpointing requires.
+A gs://BUCKET/PATH workdir (or any gs:// value of a --config.* flag, e.g. the token records) is
+mounted with gcsfuse on every host at GCS_MOUNT_ROOT/BUCKET (default /gcs) and passed as that
+path: all hosts see the same directory, as multi-host Orbax checkpointing requires, and jobs
+whose files are read with local file APIs (evaluation) work on it too.
 
 Standard library only: this runs on the machine that has gcloud, not on the TPU hosts.
 """
