@@ -90,10 +90,9 @@ def gpt_lowered(quick: bool, policy: str, devices):
 def tokenizer_lowered(quick: bool, policy: str, devices):
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from configs.detailflow16_tokenizer import get_config
   from detailflow_jax.models import remat
-  from detailflow_jax.models.precision import Precision, set_precision
+  from detailflow_jax.models.precision import Precision
   from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.train import frozen_nets
@@ -128,22 +127,15 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
   lowered = trainer.lower(state, batch, step=0)
 
   def residuals():
-    # The generator forward's kept activations for one device's share of the batch.
+    # What the backward of the step's own generator loss keeps (tokenizer, teacher, LPIPS, the
+    # discriminator's generator term) for one device's share of the batch. State, frozen
+    # weights and images are arguments: they are abstract here (and held anyway).
     per = b // mesh.devices.size
-    x = jnp.zeros((per, size, size, 3), jnp.float32)
-    model = nnx.eval_shape(lambda: Tokenizer(cfg, rngs=0))
-    g, params, rest = nnx.split(model, recipe.TRAINABLE, ...)
-
-    def loss(p, buffers):
-      tok = nnx.merge(g, p, buffers)
-      set_precision(tok, precision)
-      remat.set_remat(tok.encoder, policy)
-      remat.set_remat(tok.decoder, policy)
-      out = tok.train_forward(x, x, jax.random.key(0), num_tokens=m, max_tokens=m,
-                              decode_res=size, noise_idx=jnp.int32(noise_idx))
-      return jnp.mean(out.recon) + out.losses["commit_loss"] + out.losses["align_loss"]
-    # The buffers (codebook usage window) are arguments too: they are abstract here.
-    return remat.saved_residual_bytes(loss, params, rest)
+    x = jax.ShapeDtypeStruct((per, size, size, 3), jnp.float32)
+    local = {"image": x, "target": x, "noise_idx": jnp.int32(noise_idx)}
+    prog = trainer.programs(batch, 0)
+    loss = lambda params, state, frozen, local: trainer.generator_loss(prog, state, frozen, local)(params)[0]
+    return remat.saved_residual_bytes(loss, state.params, state, trainer.frozen, local)
 
   info = {"model": "tokenizer tiny" if quick else "DetailFlow-16 tokenizer", "batch": b,
           "image_size": size, "tokens": m, "mesh": dict(mesh.shape)}

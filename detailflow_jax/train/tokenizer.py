@@ -191,16 +191,28 @@ class TokenizerTrainer:
     logits = disc(images, key=key, train=True)
     return logits.astype(jnp.float32), nnx.state(disc, nnx.Not(nnx.Param))
 
-  def _step(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch):
-    lc = self.losses
+  def _step_keys(self, state: TokenizerTrainState):
+    """The step's random keys: (noise, generator aug, discriminator aug, fake, real, CR)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_noise, k_gaug, k_daug, k_dfake, k_dreal, k_cr = jax.random.split(rng, 6)
-    step = state.step + 1  # the reference counts global_step from 1
+    return jax.random.split(rng, 6)
+
+  def _gan_weight(self, state: TokenizerTrainState):
     # The reference runs the discriminator every step and weights its terms by
     # adopt_weight(disc_weight, global_step, disc_start): before disc_start the logits still
     # move the LeCam EMA and the discriminator's batch statistics / spectral-norm vectors, and
     # its optimizer steps on zero gradients (count, bias correction and schedule advance).
-    gan_weight = gan.adopt_weight(lc.disc_weight, step, lc.disc_start)
+    step = state.step + 1  # the reference counts global_step from 1
+    return gan.adopt_weight(self.losses.disc_weight, step, self.losses.disc_start)
+
+  def generator_loss(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch):
+    """The generator's loss as a function of the trainable parameters, params -> (loss, (metrics,
+    buffers, discriminator buffers, reconstruction, target)): reconstruction, VQ, alignment,
+    perceptual and adversarial terms, as the step differentiates it (benchmarks/memory_plan.py
+    reads the activations its backward keeps)."""
+    lc = self.losses
+    k_noise, k_gaug, _, k_dfake, _, _ = self._step_keys(state)
+    step = state.step + 1
+    gan_weight = self._gan_weight(state)
 
     def gen_loss(params):
       extras = jax.tree.map(lambda x: x, state.extras)
@@ -240,7 +252,14 @@ class TokenizerTrainer:
       metrics["loss"] = loss
       new_extras = nnx.state(model, nnx.Not(nnx.Param))
       return loss, (metrics, new_extras, disc_extras, out.recon, out.target)
+    return gen_loss
 
+  def _step(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch):
+    lc = self.losses
+    _, _, k_daug, k_dfake, k_dreal, k_cr = self._step_keys(state)
+    step = state.step + 1  # the reference counts global_step from 1
+    gan_weight = self._gan_weight(state)
+    gen_loss = self.generator_loss(prog, state, frozen, batch)
     (loss, (metrics, extras, disc_extras, recon, target)), grads = jax.value_and_grad(
         gen_loss, has_aux=True)(state.params)
     params, opt_state = apply_gradients(state.params, grads, state.opt_state, self.tx)
