@@ -2,6 +2,7 @@
 quantizer's codebook and every other non-decoder parameter are bit-identical; the decoder and
 post_quant_conv change; the global-token loss (and its teacher pass) is skipped, REPA is not."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -59,33 +60,71 @@ def test_only_the_decoder_trains():
       np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
-def test_decoder_finetune_skips_the_global_token_loss_and_its_teacher_pass(monkeypatch):
-  c = aligned_config()
-  model = Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0)
-  graphdef, state = nnx.split(model)
-  teacher_inputs = []
+@pytest.fixture
+def teacher_passes(monkeypatch):
+  """The input shapes of every teacher (SigLIP2) pass traced from here on."""
+  shapes = []
   teacher_call = tokenizer_lib.Teacher.__call__
   monkeypatch.setattr(tokenizer_lib.Teacher, "__call__",
-                      lambda self, x: teacher_inputs.append(x.shape) or teacher_call(self, x))
-  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+                      lambda self, x: shapes.append(x.shape) or teacher_call(self, x))
+  return shapes
 
-  def losses(decoder_finetune):
-    teacher_inputs.clear()
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state).train_forward(
-        x, x, jax.random.key(0), num_tokens=16, max_tokens=16, decode_res=32,
-        decoder_finetune=decoder_finetune).losses)
-    out = jax.device_get(forward(state, images))
-    return out, len(teacher_inputs)
 
-  full, full_passes = losses(False)
-  finetune, finetune_passes = losses(True)
-  assert full_passes == 2 and finetune_passes == 1  # REPA's target pass only
+def train_forward_losses(c, images, target, decoder_finetune, teacher_passes):
+  """(losses, teacher passes) of one train_forward of a tiny tokenizer built from `c`."""
+  graphdef, state = nnx.split(Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0))
+  teacher_passes.clear()
+  forward = jax.jit(lambda state, x, y: nnx.merge(graphdef, state).train_forward(
+      x, y, jax.random.key(0), num_tokens=16, max_tokens=16, decode_res=y.shape[1],
+      decoder_finetune=decoder_finetune).losses)
+  return jax.device_get(forward(state, images, target)), len(teacher_passes)
+
+
+IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+
+
+def test_decoder_finetune_skips_the_global_token_loss_and_its_teacher_pass(teacher_passes):
+  c = aligned_config()
+  c.model.repa = False  # the global token's is then the only teacher pass
+  full, full_passes = train_forward_losses(c, IMAGES, IMAGES, False, teacher_passes)
+  finetune, finetune_passes = train_forward_losses(c, IMAGES, IMAGES, True, teacher_passes)
+  assert full_passes == 1 and finetune_passes == 0
+  assert "global_token_loss" in full and "global_token_loss" not in finetune
+  assert float(finetune["align_loss"]) == 0.0 and float(full["align_loss"]) != 0.0
+
+
+def test_decoder_finetune_keeps_repa(teacher_passes):
+  c = aligned_config()
+  full, full_passes = train_forward_losses(c, IMAGES, IMAGES, False, teacher_passes)
+  finetune, finetune_passes = train_forward_losses(c, IMAGES, IMAGES, True, teacher_passes)
+  assert full_passes == finetune_passes == 1  # REPA's target pass, which the global token reuses
   assert "global_token_loss" in full and "global_token_loss" not in finetune
   repa = float(finetune["align_loss"])
   assert repa != 0.0
   np.testing.assert_allclose(float(full["align_loss"]),
                              repa + c.model.global_token_loss_weight * float(full["global_token_loss"]),
                              rtol=1e-6)
+
+
+def test_global_token_reuses_repa_features_of_a_target_of_the_input_size(teacher_passes):
+  """The reference (VQModel.forward): with REPA on and a target of the input's size, the global
+  token's goal is the mean of REPA's teacher features of the target (degraded, at a degraded
+  step), with no second teacher pass; a target of another size takes a pass over the input."""
+  c = aligned_config()
+  degraded = (IMAGES * 0.5).astype(np.float32)  # stands for a degraded target of the same size
+  reused, passes = train_forward_losses(c, IMAGES, degraded, False, teacher_passes)
+  assert passes == 1
+  model = Tokenizer(TokenizerConfig.from_dict(c.model), rngs=0)  # the same weights
+  pred = tokenizer_lib.l2_normalize(model.global_token_proj(model.encode(IMAGES, 16).quant[:, 0]))
+
+  def loss_towards(x):
+    goal = tokenizer_lib.l2_normalize(jnp.mean(model.repa_model(x), axis=1))
+    return float(jnp.mean(-jnp.sum(pred * goal, -1)))
+  np.testing.assert_allclose(float(reused["global_token_loss"]), loss_towards(degraded), rtol=1e-5)
+  assert abs(loss_towards(degraded) - loss_towards(IMAGES)) > 1e-3  # the test tells them apart
+  smaller = IMAGES[:, ::2, ::2]
+  _, passes = train_forward_losses(c, IMAGES, smaller, False, teacher_passes)
+  assert passes == 2  # REPA's over the 16 px target, the global token's over the 32 px input
 
 
 def test_finetune_decoder_needs_init_from():

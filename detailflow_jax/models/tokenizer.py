@@ -365,7 +365,8 @@ class Tokenizer(nnx.Module):
     decode the first `num_tokens` at `decode_res`; VQ terms and alignment losses. Updates the
     codebook-usage window. decoder_finetune (the reference's keyword): no global-token loss (its
     gradients reach only the encoder side and its projection, which a decoder-only fine-tune
-    keeps fixed), so no teacher pass for it; REPA stays."""
+    keeps fixed), so no teacher pass for it; REPA stays. With REPA and a target of the input's
+    size the global token's teacher features are REPA's, of the target (the reference's reuse)."""
     cfg = self.config
     if noise_idx is None:
       clean = self.encode(images, max_tokens)
@@ -385,6 +386,7 @@ class Tokenizer(nnx.Module):
     losses = dict(vq, codebook_usage=self.quantize.update_usage(used),
                   fea_cosine_sim=group_cosine_similarity(jax.lax.stop_gradient(quant), cfg.group_size))
     align = jnp.float32(0.0)
+    teacher = None
     if cfg.repa:
       recon, hidden = self.decode(quant, num_tokens, decode_res, capture_layer=cfg.repa_layer_indices)
       teacher = jax.lax.stop_gradient(self.repa_model(target.astype(self.param_dtype)))
@@ -394,9 +396,13 @@ class Tokenizer(nnx.Module):
       recon = self.decode(quant, num_tokens, decode_res)
     if cfg.global_token_loss_weight and not decoder_finetune:
       # The first (global) token, mapped by an MLP, points the way of the mean SigLIP2 feature
-      # of the full-resolution input.
-      teacher = jax.lax.stop_gradient(self.repa_model(images.astype(self.param_dtype))).astype(jnp.float32)
-      goal = l2_normalize(jnp.mean(teacher, axis=1))
+      # of the full-resolution input; as the reference, REPA's features of a target of the
+      # input's size serve instead (one teacher pass; a degraded target's features, then).
+      if teacher is not None and target.shape[1:3] == images.shape[1:3]:
+        features = teacher[:images.shape[0]]
+      else:
+        features = jax.lax.stop_gradient(self.repa_model(images.astype(self.param_dtype)))
+      goal = l2_normalize(jnp.mean(features.astype(jnp.float32), axis=1))
       pred = l2_normalize(self.global_token_proj(clean.quant[:, 0]).astype(jnp.float32))
       losses["global_token_loss"] = jnp.mean(-jnp.sum(pred * goal, -1))
       align += cfg.global_token_loss_weight * losses["global_token_loss"]
