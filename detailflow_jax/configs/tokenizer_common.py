@@ -70,7 +70,9 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
   # bf16 autocast as the reference (models/precision.py): float32 master weights, bf16 matmuls.
   c.compute_dtype = "bfloat16"
   # Per-layer gradient checkpointing of the encoder / decoder towers: none | full | save_dots.
-  c.remat = ml_collections.ConfigDict(dict(encoder="none", decoder="none"))
+  # save_dots: the DF-16 step at 4 images per v5e chip needs 11.25 GiB of its 16 with it, 19.49
+  # without (no remat), for +1.4 % FLOPs (full: 9.54 GiB, +15 %); benchmarks/memory_plan.py.
+  c.remat = ml_collections.ConfigDict(dict(encoder="save_dots", decoder="save_dots"))
   add_run_sections(c)
   # Decoder-only fine-tune (the reference's --finetune-decoder): only decoder.* and
   # post_quant_conv train; the encoder and the codebook stay as init_from loaded them; no
@@ -105,6 +107,7 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
     c.total_steps = 2500
     c.optimizer.update(lr=2e-3, scale_lr_by_batch=False, warmup_steps=20, end_lr_fraction=0.1)
     c.compute_dtype = "float32"
+    c.remat.update(encoder="none", decoder="none")  # nothing to save at this size
     c.weights.encoder_from_scratch = True  # no SigLIP2 at this size
     c.checkpoint.update(save_every=500, keep=2, milestone_every=0)
     c.log_every = 100
