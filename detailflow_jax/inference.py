@@ -15,6 +15,15 @@ class TokenizerFns:
     self.schedule = model.schedule
     self._graphdef, self._state = nnx.split(model)
 
+  def load_weights(self, model) -> "TokenizerFns":
+    """The same compiled programs over the weights of `model`, a tokenizer of the same
+    structure (a training hook reuses them from one step's weights to the next)."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self._graphdef:
+      raise ValueError("load_weights needs a tokenizer of the same structure (config and dtypes)")
+    self._state = state
+    return self
+
   @functools.partial(jax.jit, static_argnums=(0, 3))
   def _encode(self, state, images, num_tokens):
     out = nnx.merge(self._graphdef, state).encode(images, num_tokens)

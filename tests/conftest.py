@@ -3,6 +3,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the session, this process and the CLIs / launches the
+# tests start (they inherit the environment): the same tiny programs compile once, not once per
+# test or process (a cached executable is the one a compile would give: results do not change).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="detailflow-jax-compile-cache-")
 
 import pathlib
 

@@ -66,3 +66,21 @@ def test_loss_curves_png_and_metrics_reading(tmp_path):
     read_metrics(tmp_path / "nothing.jsonl", "loss")
   with pytest.raises(ValueError, match="at least one curve"):
     save_curves(tmp_path / "x.png", {})
+
+
+def test_tokenizer_fns_load_weights_reuses_its_programs():
+  """A training hook's TokenizerFns takes each step's weights without compiling again."""
+  cfg = TokenizerConfig.from_dict(get_config("tiny").model)
+  fns = TokenizerFns(Tokenizer(cfg, rngs=0))
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  first = np.asarray(fns.encode(images)[1])
+  programs = fns._encode._cache_size()
+  other = Tokenizer(cfg, rngs=1)
+  assert fns.load_weights(other) is fns
+  reloaded = np.asarray(fns.encode(images)[1])
+  assert fns._encode._cache_size() == programs  # the same program for the new weights
+  assert not np.array_equal(first, reloaded)
+  np.testing.assert_array_equal(reloaded, TokenizerFns(other).encode(images)[1])
+  import dataclasses
+  with pytest.raises(ValueError, match="same structure"):
+    fns.load_weights(Tokenizer(dataclasses.replace(cfg, codebook_size=128), rngs=0))

@@ -83,6 +83,7 @@ def _train(workdir, steps, env=None):
           "--config.log_every=1", "--config.recon_every=4", "--config.num_recon_images=2",
           "--config.model.encoder.num_layers=1", "--config.model.decoder.num_layers=1",
           "--config.losses.ema_decay=0.9"]
+  # (The three runs share conftest's persistent compilation cache: each compiles once.)
   full_env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="",
                   **(env or {}))
   return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=900)

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from .. import images as image_io
-from .. import sharding
+from .. import inference, sharding
 from ..data.degradation import DynamicResolution
 from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
 from ..models import remat
@@ -465,11 +465,13 @@ def inference_export(model: Tokenizer) -> Tokenizer:
 
 # --- reconstructions for people to look at ------------------------------------------------------
 
-def reconstruction_rows(model: Tokenizer, images: np.ndarray) -> list:
-  """Per image: the input, then its coarse-to-fine decodes (images.coarse_to_fine_strips)."""
-  enc = model.encode(jnp.asarray(images))
-  counts = image_io.coarse_to_fine_counts(model.schedule.token_list, model.config.num_latent_tokens)
-  return image_io.coarse_to_fine_strips(lambda t: model.decode(enc.quant, t), counts,
+def reconstruction_rows(fns: inference.TokenizerFns, images: np.ndarray) -> list:
+  """Per image: the input, then its coarse-to-fine decodes (images.coarse_to_fine_strips),
+  through the jitted entry points (eager decodes took 19.5 s for the tiny tokenizer's 7 columns,
+  jitted 3.8 s with the compiles; later calls reuse them)."""
+  indices, _ = fns.encode(images)
+  counts = image_io.coarse_to_fine_counts(fns.schedule.token_list, fns.config.num_latent_tokens)
+  return image_io.coarse_to_fine_strips(lambda t: fns.decode(indices, t), counts,
                                         images.shape[1], inputs=images)
 
 
@@ -522,6 +524,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
     eval_cfg = ImagePipelineConfig(image_size=cfg.image_size, batch_size=c.num_recon_images,
                                    train=False, seed=0, num_epochs=1, shard_index=0, shard_count=1)
     recon_images = next(iter(image_dataset(source, eval_cfg)))["image"]
+    recon_fns = []  # one TokenizerFns: its programs compile at the first hook only
 
     def write_reconstructions(step, state):
       # Every process takes part in gathering the (sharded) EMA weights; process 0 draws.
@@ -529,7 +532,12 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
       host = driver.gather_to_host(sharded, mesh)
       if jax.process_index() != 0:
         return
-      rows = reconstruction_rows(nnx.merge(graphdef, host), recon_images)
+      model = nnx.merge(graphdef, host)
+      if recon_fns:
+        recon_fns[0].load_weights(model)
+      else:
+        recon_fns.append(inference.TokenizerFns(model))
+      rows = reconstruction_rows(recon_fns[0], recon_images)
       path = image_io.save_grid(run.workdir / "reconstructions" / f"step_{step:07d}.png", rows)
       run.writer.write_images(step, {"reconstruction": (rows[0][-1][None] + 1) / 2})
       log.info("wrote %s", path)
