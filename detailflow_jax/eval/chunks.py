@@ -12,7 +12,6 @@ of two different runs are never mixed.
 (one chunk in memory at a time, never all N rows), with fixed zip timestamps so the same rows
 give the same bytes, to a temporary name that is renamed into place at the end.
 """
-import hashlib
 import json
 import logging
 import pathlib
@@ -192,11 +191,3 @@ def write_npz_streaming(path, members: Mapping[str, Tuple[Sequence[int], np.dtyp
           if rows != shape[0]:
             raise ValueError(f"{path}: {key!r} got {rows} rows, {shape[0]} expected")
   return path
-
-
-def sha256_of_files(files: Iterable) -> str:
-  """One digest over several files (in the order given)."""
-  digest = hashlib.sha256()
-  for p in files:
-    digest.update(file_sha256(p).encode())
-  return digest.hexdigest()
