@@ -1,6 +1,6 @@
 """Memory and step-time plan for a TPU pod, by simulation: AOT-compile the real train steps.
 
-python benchmarks/memory_plan.py [--quick] [--devices N] [--mfu F] [--out FILE]
+python -m benchmarks.memory_plan [--quick] [--devices N] [--mfu F] [--out FILE]
     [--cpu-scheduler memory_optimized|default]  ->  one JSON object
 
 The GPT-L (DetailFlow-16, 128 tokens, batch 256) and DetailFlow-16 tokenizer (batch 256 at

@@ -87,7 +87,7 @@ def test_accelerator_quick_covers_every_section():
 def test_memory_plan_quick_reports_every_model_and_policy():
   """benchmarks/memory_plan.py --quick: both recipes' train steps compiled ahead of time from
   abstract states, once per remat policy, with the full-run keys."""
-  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--quick"],
+  out = subprocess.run([sys.executable, "-m", "benchmarks.memory_plan", "--quick"],
                        capture_output=True, text=True, check=True, cwd=ROOT, timeout=1200,
                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   result = json.loads(out.stdout.strip().splitlines()[-1])
