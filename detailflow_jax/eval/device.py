@@ -31,12 +31,6 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(x)
 
 
-def barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 class GlobalBatch:
   """Global batches of `size` rows split over the mesh's batch axes; each process feeds only
   the rows its devices hold (every process may read the whole batch on the host)."""

@@ -26,7 +26,7 @@ from .. import sharding
 
 from . import protocol
 from .chunks import ChunkStore, write_json_atomically, write_npz_streaming
-from .device import barrier, cast_floating, check_precision, decode_tokens, to_host
+from .device import cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
 PARAM_LAYOUTS = ("replicated", "fsdp")
@@ -150,7 +150,7 @@ class GenerationJob:
     store = ChunkStore(workdir, dict(s.protocol(), **(protocol_extra or {})), s.num_samples,
                        s.chunk_size, {"arr_0": ((size, size, 3), "uint8"), "arr_1": ((), "int32")},
                        writer=writer)
-    barrier("generation: manifest read")
+    sharding.barrier("generation: manifest read")
     pending = store.pending()
     log.info("generation: %d samples, %d chunks of %d (%d to make, %d done), global batch %d on %d devices",
              s.num_samples, store.num_chunks, s.chunk_size, len(pending),
@@ -161,10 +161,10 @@ class GenerationJob:
     made, seconds = store.fill(
         lambda start, stop: {"arr_0": self.images(start, stop), "arr_1": self.labels(start, stop)},
         "generation", log_every_s, after)
-    barrier("generation: chunks written")
+    sharding.barrier("generation: chunks written")
     if writer:
       write_npz_streaming(out, {"arr_0": store.member("arr_0"), "arr_1": store.member("arr_1")})
-    barrier("generation: assembled")
+    sharding.barrier("generation: assembled")
     summary = {"images_made": made, "chunks_made": len(pending),
                "chunks_reused": store.num_chunks - len(pending), "seconds": seconds,
                "images_per_second": made / seconds if made else None, "devices": self.mesh.size,

@@ -38,7 +38,7 @@ from ..ops.resize import resize_images
 from .. import sharding
 from . import protocol, scores
 from .chunks import ChunkStore, write_json_atomically
-from .device import GlobalBatch, barrier, cast_floating, check_precision, decode_tokens, to_host
+from .device import GlobalBatch, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
 from .inception import POOL_DIM
 from .pixel_metrics import psnr, ssim
@@ -267,18 +267,18 @@ class ReconstructionJob:
     proto = dict(s.protocol(), num_images=self.num_images, source_repr=repr(self.source),
                  inception_sha256=self.inception_sha256, image_size=self.size)
     store = ChunkStore(workdir / "chunks", proto, self.num_images, s.chunk_size, self._arrays(), writer=writer)
-    barrier("reconstruction: manifest read")
+    sharding.barrier("reconstruction: manifest read")
     pending = store.pending()
     log.info("tokenizer eval: %d images, passes %s, curve %s, %d chunks (%d to make), global batch %d",
              self.num_images, self.noise_indices, self.curve, store.num_chunks, len(pending), self.batch)
     made, seconds = store.fill(self.chunk, "tokenizer eval", log_every_s)
-    barrier("reconstruction: chunks written")
+    sharding.barrier("reconstruction: chunks written")
     results = self.summarize(store, workdir, writer)
     results["run"] = {"images_made": made, "seconds": seconds, "devices": self.mesh.size,
                       "processes": jax.process_count()}
     if writer:
       write_json_atomically(workdir / "results.json", results)
-    barrier("reconstruction: results written")
+    sharding.barrier("reconstruction: results written")
     return results
 
   def _reference(self, store: ChunkStore, workdir: pathlib.Path, key: str, res: int, writer: bool):

@@ -99,7 +99,7 @@ class Conv1d(PolicyLayer, nnx.Module):
     y = self._product(x, w, None)
     return y + self.bias[...].astype(y.dtype)
 
-  def _product(self, x, kernel, preferred_element_type=jnp.float32):
+  def _product(self, x, kernel, preferred_element_type):
     return jax.lax.conv_general_dilated(x, kernel, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
                                         preferred_element_type=preferred_element_type)
 

@@ -21,10 +21,10 @@ from .precision import Conv
 
 def _conv(rngs, cin: int, cout: int, stride: int, bias: bool) -> Conv:
   return Conv(cin, cout, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias,
-                  kernel_init=nnx.initializers.normal(0.02),
-                  bias_init=lambda key, shape, dtype=jnp.float32:
-                  torch_default_uniform(cin * 16)(key, shape, dtype),
-                  rngs=rngs)
+              kernel_init=nnx.initializers.normal(0.02),
+              bias_init=lambda key, shape, dtype=jnp.float32:
+              torch_default_uniform(cin * 16)(key, shape, dtype),
+              rngs=rngs)
 
 
 def patchgan_channels(ndf: int, n_layers: int):

@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 from clu import parameter_overview
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from .. import paths
 from ..export import TASK_KINDS
@@ -89,12 +88,6 @@ def _identity(tree):
   return tree
 
 
-def barrier(name: str) -> None:
-  """All processes wait here (no-op on one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def export_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Module, mesh) -> None:
   """The multi-host export policy: gather on every process, process 0 writes into a temporary
   directory renamed to DIRECTORY when complete, then a barrier (no process goes on before the
@@ -107,7 +100,7 @@ def export_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Mo
       paths.rmtree(directory)
     paths.write_dir_atomically(directory, lambda tmp: save_model_dir(
         tmp, kind, config, nnx.merge(graphdef, host_state)))
-  barrier(f"export {directory}")
+  sharding.barrier(f"export {directory}")
 
 
 def log_parameter_overview(name: str, params: Any) -> None:
@@ -129,7 +122,7 @@ class Driver:
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    barrier("workdir")
+    sharding.barrier("workdir")
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.writer = create_writer(self.workdir, process_index=jax.process_index())
 
