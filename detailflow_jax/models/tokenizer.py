@@ -379,7 +379,7 @@ class Tokenizer(nnx.Module):
     if noise_idx is None:
       clean = self.encode(images, max_tokens)
       vq = self.quantize.losses(clean)
-      quant, used = clean.quant, clean.indices.reshape(-1)
+      quant, usage = clean.quant, self.quantize.update_usage(clean.indices.reshape(-1))
     else:
       sc = self.self_correct(images, noise_idx, key, max_tokens, top_k, topk_ranks)
       clean = sc.clean
@@ -390,8 +390,11 @@ class Tokenizer(nnx.Module):
       vq = {k: vq_clean[k] * w_clean + vq_refined[k] * w_noisy for k in vq_clean}
       quant = jnp.concatenate([clean.quant, sc.quant], axis=0)
       target = jnp.concatenate([target, target], axis=0)
-      used = jnp.concatenate([clean.indices.reshape(-1), sc.refined.indices.reshape(-1)])
-    losses = dict(vq, codebook_usage=self.quantize.update_usage(used),
+      # The reference's quantizer measures usage in each call (the clean encode's indices
+      # pushed first, then all of the refine encode's) and weights the two like the losses.
+      usage = (w_clean * self.quantize.update_usage(clean.indices.reshape(-1))
+               + w_noisy * self.quantize.update_usage(sc.refined.indices.reshape(-1)))
+    losses = dict(vq, codebook_usage=usage,
                   fea_cosine_sim=group_cosine_similarity(jax.lax.stop_gradient(quant), cfg.group_size))
     align = jnp.float32(0.0)
     teacher = None

@@ -516,25 +516,36 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   return cfg
 
 
-def make_optimizers(c: ml_collections.ConfigDict, steps: int):
-  """Adam (decoupled weight decay 0 = the reference's Adam) for the tokenizer and the
-  discriminator, the same schedule for both: the reference's timm scheduler (lr_scheduler
-  cosine: warm-up from the absolute warmup_lr, cosine over all steps to end_lr_fraction * lr),
-  or a warm-up to a constant lr. lr is scaled by batch/256 as the reference does."""
-  from .optim import clipped_adamw, timm_cosine_schedule
+def learning_rate(c: ml_collections.ConfigDict, steps: int):
+  """The schedule both optimizers follow: the reference's timm scheduler (lr_scheduler cosine:
+  warm-up from the absolute warmup_lr, cosine over all steps to end_lr_fraction * lr), or a
+  constant lr (after an optional warm-up; the reference's lr_scheduler none has none). lr is
+  scaled by batch/256 as the reference does."""
+  from .optim import timm_cosine_schedule
   o = c.optimizer
   lr = o.lr * (c.data.batch_size / 256 if o.scale_lr_by_batch else 1.0)
   warmup = o.warmup_steps if o.warmup_steps >= 0 else int(
       o.warmup_epochs * c.data.examples_per_epoch // c.data.batch_size)
   if o.schedule == "cosine":
-    sched = timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, o.end_lr_fraction * lr)
-  elif o.schedule == "constant":
-    sched = timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, lr)  # min_lr = lr: flat
-  else:
-    raise ValueError(f"optimizer.schedule={o.schedule!r} (cosine | constant)")
-  make = lambda: clipped_adamw(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                               max_grad_norm=o.max_grad_norm)
-  return make(), make()
+    return timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, o.end_lr_fraction * lr)
+  if o.schedule == "constant":
+    return timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, lr)  # min_lr = lr: flat
+  raise ValueError(f"optimizer.schedule={o.schedule!r} (cosine | constant)")
+
+
+def make_optimizers(c: ml_collections.ConfigDict, steps: int):
+  """Adam(W) for the tokenizer and the discriminator on the same schedule (`learning_rate`):
+  decoupled weight decay on the reference's decay groups (torch.optim.Adam = weight_decay 0),
+  global-norm clipping at max_grad_norm (0: none)."""
+  from ..convert.tokenizer import MAPPING
+  from .optim import clipped_adamw, reference_decay_mask
+  o = c.optimizer
+  sched = learning_rate(c, steps)
+  make = lambda mask: clipped_adamw(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                                    max_grad_norm=o.max_grad_norm, mask=mask)
+  # The tokenizer's groups follow the reference's torch shapes (its decoder.mask_token is
+  # [1, 1, D], so it decays); the discriminators' layouts have the torch ranks already.
+  return make(reference_decay_mask(MAPPING)), make(None)
 
 
 def inference_export(model: Tokenizer) -> Tokenizer:
