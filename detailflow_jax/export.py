@@ -11,9 +11,10 @@ train state of step N, default the newest, holds the `model` and, when trained w
 `ema` weights).
 
 `--format reference` writes, atomically (a temporary directory renamed into place):
-  RUN/config.json, RUN/config.yaml   what the reference's load_vq / load_ar_model read (plus
-                                     RUN/siglip2_vision_config.json for tower sizes the
-                                     reference's builders do not have, see convert/tokenizer.py)
+  RUN/config.json, RUN/config.yaml   what the reference's load_vq / load_ar_model read
+  RUN/siglip2-so400m-patch16-naflex/ tokenizers: the SigLIP2 vision config the reference's
+                                     builders take the tower widths from (load with
+                                     CACHE_DATA_PATH=RUN; docs/export_reference.md)
   RUN/checkpoints/NAME.pt            torch.save({"model": sd, "ema": sd}) ("ema" when present)
   RUN/checkpoints/NAME.safetensors   one state dict (`--weights`; default: the GPT's ema, the
                                      tokenizer's model, as the reference evaluates), with
@@ -274,7 +275,8 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
         "# Written by detailflow_jax.export (the keys the reference's loaders read).\n"
         + yaml.safe_dump(config_yaml, sort_keys=False))
     for filename, content in extra_files.items():
-      (tmp / filename).write_text(json.dumps(content, indent=2))
+      (tmp / filename).parent.mkdir(parents=True, exist_ok=True)
+      (tmp / filename).write_bytes(content)
     (tmp / "checkpoints").mkdir()
     # Through file objects: torch and safetensors open local files only (tmp may be gs://...).
     with (tmp / "checkpoints" / f"{name}.pt").open("wb") as f:
