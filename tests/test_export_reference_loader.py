@@ -130,7 +130,7 @@ _TOKENIZER_ARGS = dict(
     image_size=32, max_image_size=32, codebook_size=256, codebook_embed_dim=8, codebook_l2_norm=True,
     codebook_show_usage=True, enc_type="siglip2", dec_type="siglip2", num_latent_tokens=16,
     enc_patch_size=8, dec_patch_size=8, causal_encoder=True, causal_decoder=False, group_size=4,
-    causal_num=None, correction_training=True, repa=False, repa_patch_size=8)
+    causal_num=None, correction_training=True, repa=False, repa_patch_size=8, repa_model="siglip2")
 
 
 def _siglip2(hidden, mlp, layers, heads=4):
