@@ -151,6 +151,15 @@ def _siglip2_of(tower: ViTConfig, num_layers: int, patch_size: int) -> Dict[str,
           "attention_dropout": 0.0}
 
 
+def _widths(tower: ViTConfig) -> Tuple[int, int, int]:
+  return tower.hidden_size, tower.num_heads, tower.mlp_dim
+
+
+def _describe(tower: ViTConfig) -> str:
+  return (f"{tower.num_layers} layers, {tower.hidden_size} wide, {tower.num_heads} heads, MLP {tower.mlp_dim}, "
+          f"{tower.position_grid}x{tower.position_grid} positions, eps {tower.layer_norm_eps}")
+
+
 def _siglip2_candidates(cfg: TokenizerConfig) -> Iterator[Dict[str, Any]]:
   """SigLIP2 configs both towers (and the teacher) might be read from: SigLIP2-so400m first (a
   released layout keeps its real SigLIP2), then one with a tower's widths. With a teacher the
@@ -161,9 +170,8 @@ def _siglip2_candidates(cfg: TokenizerConfig) -> Iterator[Dict[str, Any]]:
   if cfg.teacher is not None:
     yield _siglip2_of(cfg.teacher, cfg.teacher.num_layers, cfg.teacher.patch_size)
     return
-  widths = lambda t: (t.hidden_size, t.num_heads, t.mlp_dim)
   for like in (cfg.encoder, cfg.decoder):
-    depth = max(t.num_layers for t in (cfg.encoder, cfg.decoder) if widths(t) == widths(like))
+    depth = max(t.num_layers for t in (cfg.encoder, cfg.decoder) if _widths(t) == _widths(like))
     yield _siglip2_of(like, depth, cfg.encoder.patch_size)
 
 
@@ -187,15 +195,13 @@ def reference_layout(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Tuple[str, b
       if (_tower_or_none(*enc, siglip, cfg.encoder, True) == cfg.encoder
           and _tower_or_none(*dec, siglip, cfg.decoder, False) == cfg.decoder):
         return siglip, enc, dec
-  describe = lambda t: (f"{t.num_layers} layers, {t.hidden_size} wide, {t.num_heads} heads, MLP "
-                        f"{t.mlp_dim}, {t.position_grid}x{t.position_grid} positions, eps {t.layer_norm_eps}")
-  teacher = f"; teacher ({describe(cfg.teacher)})" if cfg.teacher is not None else ""
+  teacher = f"; teacher ({_describe(cfg.teacher)})" if cfg.teacher is not None else ""
   raise ConversionError(
       "the reference cannot build these towers: it reads both from one SigLIP2 vision config, "
       "a pretrained tower taking that config's width, heads and MLP with 12 (siglip2_base), 16 "
       "(siglip2_large) or all (siglip2) of its layers, the only other tower being siglip2_base "
       "from scratch (12 layers, 768 wide, 12 heads, MLP 3072); position grid and eps are shared"
-      f" (encoder: {describe(cfg.encoder)}; decoder: {describe(cfg.decoder)}{teacher}). "
+      f" (encoder: {_describe(cfg.encoder)}; decoder: {_describe(cfg.decoder)}{teacher}). "
       "--format model_dir writes any tokenizer")
 
 
