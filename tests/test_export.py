@@ -18,7 +18,8 @@ from detailflow_jax.convert.gpt import convert_gpt
 from detailflow_jax.convert.tokenizer import (MAPPING, SIGLIP2_DIR, config_from_reference, convert_tokenizer,
                                               expected_torch_keys, load_reference_config, reference_configs)
 from detailflow_jax.models.tokenizer import TokenizerConfig
-from detailflow_jax.pretrained import load_model_dir
+from detailflow_jax.weights.export import _torch_state
+from detailflow_jax.weights.load import load_model_dir
 
 CHECKPOINTS = {"tokenizer": TINY / "tokenizer" / "checkpoints" / "tokenizer.pt",
                "gpt": TINY / "gpt" / "checkpoints" / "gpt.pt"}
@@ -39,7 +40,7 @@ def test_fixture_tokenizer_key_table_round_trips_exactly(tmp_path):
   original = torch.load(CHECKPOINTS["tokenizer"], weights_only=True)
   for weights in ("model", "ema"):
     converted = convert_tokenizer(CHECKPOINTS["tokenizer"], tmp_path / weights, weights=weights)
-    state = export._torch_state(state_dict_from_model(load_model_dir(converted, "tokenizer"), MAPPING))
+    state = _torch_state(state_dict_from_model(load_model_dir(converted, "tokenizer"), MAPPING))
     _assert_same_state(state, original[weights], f"tokenizer {weights}")
 
 

@@ -28,8 +28,9 @@ from conftest import TINY
 from detailflow_jax import export
 from detailflow_jax.convert.gpt import convert_gpt
 from detailflow_jax.convert.tokenizer import convert_tokenizer
-from detailflow_jax.pretrained import load_model_dir
-from detailflow_jax.sampling import Sampler, SamplingOptions
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions
+from detailflow_jax.weights.export import source_from_workdir
+from detailflow_jax.weights.load import load_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_DIR = os.environ.get("DETAILFLOW_REFERENCE_DIR", "")
@@ -113,7 +114,7 @@ def tiny_workdir(tmp_path_factory):
 def test_tiny_recipe_tokenizer_export_loads_in_the_reference(tiny_workdir, tmp_path):
   out = tmp_path / "RUN"
   assert export.main(["--workdir", str(tiny_workdir), "--format", "reference", "--out", str(out)]) == 0
-  source = export.source_from_workdir(tiny_workdir)
+  source = source_from_workdir(tiny_workdir)
   assert source.weights["model"].config.encoder.mlp_dim == 2 * source.weights["model"].config.encoder.hidden_size
   inputs = tokenizer_inputs(tmp_path / "inputs.npz", source.weights["model"].config.codebook_size)
   checkpoint = str(out / "checkpoints" / "0000002.pt")
