@@ -9,14 +9,21 @@ import json
 
 import pytest
 import torch
+from conftest import MANIFESTS, TINY
 from safetensors import safe_open
 
-from conftest import MANIFESTS, TINY
 from detailflow_jax import __version__, export
 from detailflow_jax.convert.common import ConversionError, state_dict_from_model
 from detailflow_jax.convert.gpt import convert_gpt
-from detailflow_jax.convert.tokenizer import (MAPPING, SIGLIP2_DIR, config_from_reference, convert_tokenizer,
-                                              expected_torch_keys, load_reference_config, reference_configs)
+from detailflow_jax.convert.tokenizer import (
+  MAPPING,
+  SIGLIP2_DIR,
+  config_from_reference,
+  convert_tokenizer,
+  expected_torch_keys,
+  load_reference_config,
+  reference_configs,
+)
 from detailflow_jax.models.tokenizer import TokenizerConfig
 from detailflow_jax.weights.export import _torch_state
 from detailflow_jax.weights.load import load_model_dir

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 
-from conftest import TINY
 from detailflow_jax import export
 from detailflow_jax.convert.gpt import convert_gpt
 from detailflow_jax.convert.tokenizer import convert_tokenizer
