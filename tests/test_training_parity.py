@@ -11,7 +11,6 @@ sizes the reference hard-codes at full size) is mapped here, not in the package.
 Tolerances (issue 25): losses, logits, LR 1e-5 relative (1e-6 absolute near 0); gradients,
 updated parameters, EMA and buffers 1e-5 relative in norm per tensor; discrete draws identical.
 """
-import dataclasses
 import json
 import os
 import pathlib
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from conftest import FIXTURES
 
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.convert import frozen as convert_frozen
@@ -32,8 +32,7 @@ from detailflow_jax.models.tokenizer import TokenizerConfig
 from detailflow_jax.train import frozen_nets, gan
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.driver import total_steps
-
-from conftest import FIXTURES
+from detailflow_jax.train.optim import param_path
 
 GOLDEN_DIR = pathlib.Path(os.environ.get("DETAILFLOW_TRAINING_GOLDEN",
                                          FIXTURES / "detailflow_tiny_a" / "training"))
@@ -115,7 +114,9 @@ def _run_config():
 def _augment_draws(g, call, rows):
   """The reference's raw DiffAugment draws of one call (NaN / 0 where a policy did not run and so
   drew nothing: any value serves, the gate discards it)."""
-  f = lambda k, dtype: np.nan_to_num(np.asarray(g[f"aug_{call}_{k}"]), nan=0.5).astype(dtype).reshape(rows)
+  def f(k, dtype):
+    return np.nan_to_num(np.asarray(g[f"aug_{call}_{k}"]), nan=0.5).astype(dtype).reshape(rows)
+
   return gan.AugmentDraws(
       gate_u=jnp.asarray(g[f"aug_{call}_gate_u"], jnp.float32),
       brightness=f("brightness", np.float32), saturation=f("saturation", np.float32),
@@ -203,8 +204,8 @@ def run(golden):
 # --- our layouts of the reference's per-parameter arrays ---------------------------------------
 
 def _flat(tree):
-  return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path if not isinstance(k, jax.tree_util.GetAttrKey)): v
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{our path as a tuple of strings: leaf} (param_path's naming)."""
+  return {tuple(param_path(path).split("/")): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _tokenizer_arrays(golden, prefix, names, tree):
@@ -384,7 +385,8 @@ def test_discriminator_buffers(run, golden):
   # num_batches_tracked only matters for BatchNorm without momentum, which the reference's
   # heads do not use; this port keeps no counter.
   names = [str(n) for n in g["d_buffer_names"] if not str(n).endswith("num_batches_tracked")]
-  for prefix, tree in (("d_buffer_after_gen", run["disc_extras_gen"]), ("d_buffer_after", run["new_state"].disc_extras)):
+  after = (("d_buffer_after_gen", run["disc_extras_gen"]), ("d_buffer_after", run["new_state"].disc_extras))
+  for prefix, tree in after:
     for name, (ours, theirs) in _disc_arrays(run, g, prefix, names, tree).items():
       _check_tensor(f"{prefix}/{name}", ours, theirs, "buffer")
 

@@ -3,6 +3,7 @@ decay groups following the reference's torch shapes."""
 import jax
 import numpy as np
 import pytest
+from conftest import TINY
 
 from detailflow_jax.convert.common import ConversionError, load_state_dict
 from detailflow_jax.convert.tokenizer import MAPPING, load_reference_config
@@ -11,7 +12,6 @@ from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.optim import param_path
 
-from conftest import TINY
 
 def _released_yaml():
   """The values of the reference's configs/vq_8k_siglip_b_res_p02_pw15_enc.yaml with the
