@@ -16,7 +16,7 @@ from typing import Dict
 
 import numpy as np
 
-from .convert.inception import file_sha256
+from .model_dir import file_sha256
 from .eval import scores
 from .eval.reference import (EvalInputError, HASH_KEY, batch_statistics, load_batch,
                              save_npz_atomically)

@@ -43,7 +43,7 @@ class NpzImages:
   """`arr_0` of an npz, validated from its header and read sequentially in batches."""
 
   def __init__(self, path, key: str = IMAGES_KEY):
-    self.path, self.key = pathlib.Path(path), key
+    self.path, self.key = paths.run_path(path), key
     members = npz_keys(self.path)
     if key not in members:
       raise EvalInputError(f"{self.path}: missing key {key!r} (uint8 images [N, H, W, 3]); "
@@ -51,7 +51,7 @@ class NpzImages:
     with self._open() as f:
       header = _read_header(f)
     if header is None:  # an .npy format version without a public header reader: load it
-      with np.load(self.path, allow_pickle=False) as data:
+      with _open_npz(self.path) as data:
         arr = data[key]
       header = (arr.shape, True, arr.dtype)
     shape, self._fortran, dtype = header
@@ -67,7 +67,8 @@ class NpzImages:
 
   @contextlib.contextmanager
   def _open(self):
-    with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
+    with self.path.open("rb") as raw, zipfile.ZipFile(raw) as archive, \
+        archive.open(f"{self.key}.npy") as member:
       yield member
 
   def __len__(self) -> int:
@@ -75,7 +76,7 @@ class NpzImages:
 
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     if self._fortran:
-      with np.load(self.path, allow_pickle=False) as data:
+      with _open_npz(self.path) as data:
         arr = data[self.key]
       for i in range(0, len(arr), batch_size):
         yield np.ascontiguousarray(arr[i:i + batch_size])
@@ -101,12 +102,19 @@ def _read_header(f):
   return None
 
 
+@contextlib.contextmanager
+def _open_npz(path):
+  """np.load of a local or remote (`paths`) .npz, members read on demand."""
+  with paths.run_path(path).open("rb") as raw, np.load(raw, allow_pickle=False) as data:
+    yield data
+
+
 def npz_keys(path) -> set:
-  path = pathlib.Path(path)
+  path = paths.run_path(path)
   if not path.is_file():
     raise EvalInputError(f"batch file not found: {path}")
   try:
-    with zipfile.ZipFile(path) as z:
+    with path.open("rb") as raw, zipfile.ZipFile(raw) as z:
       return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
   except zipfile.BadZipFile as e:
     raise EvalInputError(f"{path} is not an .npz file: {e}") from e
@@ -115,7 +123,7 @@ def npz_keys(path) -> set:
 @dataclasses.dataclass
 class BatchFile:
   """A reference or sample batch: its images and what it carries besides."""
-  path: pathlib.Path
+  path: paths.AnyPath
   images: NpzImages
   stats: Optional[Dict[str, np.ndarray]]  # mu, sigma, mu_s, sigma_s (float64) or None
   pool: Optional[np.ndarray]  # cached pool_3 features of `images` (our files only)
@@ -124,13 +132,13 @@ class BatchFile:
 
 def load_batch(path, weights_sha256: str, min_images: int = 2) -> BatchFile:
   """Opens and validates a batch file against the Inception weights about to be used."""
-  path = pathlib.Path(path)
+  path = paths.run_path(path)
   keys = npz_keys(path)
   images = NpzImages(path)
   if len(images) < min_images:
     raise EvalInputError(f"{path}: {IMAGES_KEY!r} has shape {images.shape}; the covariance and "
                          f"precision/recall need at least {min_images} images")
-  with np.load(path, allow_pickle=False) as data:
+  with _open_npz(path) as data:
     stored_hash = str(data[HASH_KEY]) if HASH_KEY in keys else None
     if stored_hash is not None and stored_hash != weights_sha256:
       raise EvalInputError(f"{path}: {HASH_KEY} is {stored_hash[:16]}..., but the Inception weights "
@@ -174,8 +182,8 @@ def batch_statistics(batch: BatchFile, features: Dict[str, np.ndarray]) -> Dict[
   return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
 
 
-def save_npz_atomically(path, **arrays) -> pathlib.Path:
-  path = pathlib.Path(path)
+def save_npz_atomically(path, **arrays) -> paths.AnyPath:
+  path = paths.run_path(path)
   with paths.atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
     np.savez(f, **arrays)
   return path
