@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import zipfile
-from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -173,19 +173,25 @@ class ChunkStore:
     return (self.num_rows,) + shape, np.dtype(dtype), self.blocks(name)
 
 
-def write_npz_streaming(path, members: Mapping[str, Tuple[Sequence[int], np.dtype, Iterable[np.ndarray]]]) -> paths.AnyPath:
+def write_npz_streaming(path, members: Mapping[str, object]) -> paths.AnyPath:
   """An uncompressed `.npz` (what np.savez writes) from row blocks, atomically.
 
-  members: key -> (full shape, dtype, iterable of C-contiguous row blocks that add up to it).
+  members, written in order: key -> (full shape, dtype, iterable of C-contiguous row blocks
+  that add up to it), or key -> a callable returning a whole (small) array, called only when
+  its turn comes (so it may use what the blocks before it computed).
   """
   path = paths.run_path(path)
   with paths.atomic_file(path) as tmp:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-      for key, (shape, dtype, blocks) in members.items():
-        shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+      for key, member in members.items():
         info = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_EPOCH)
         info.external_attr = 0o600 << 16
         with archive.open(info, "w", force_zip64=True) as f:
+          if callable(member):
+            np.lib.format.write_array(f, np.asarray(member()), allow_pickle=False)
+            continue
+          shape, dtype, blocks = member
+          shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
           np.lib.format.write_array_header_1_0(
               f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
           rows = 0

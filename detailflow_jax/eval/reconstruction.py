@@ -44,6 +44,7 @@ from ..images import center_crop, to_uint8
 from ..ops.resize import resize_bicubic, resize_images
 from .. import paths, sharding
 from . import protocol, scores
+from .scores import RunningStatistics
 from .chunks import ChunkStore, write_json_atomically
 from .device import GlobalBatch, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
@@ -117,28 +118,8 @@ def normalize(crops: np.ndarray) -> np.ndarray:
   return (x - np.float32(0.5)) / np.float32(0.5)
 
 
-class RunningStatistics:
-  """mu and sigma (np.cov, ddof 1) of feature blocks seen one at a time, in float64."""
-
-  def __init__(self, dim: int = POOL_DIM):
-    self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
-
-  def add(self, features: np.ndarray) -> None:
-    x = np.asarray(features, np.float64)
-    self.n += len(x)
-    self.sum += x.sum(0)
-    self.outer += x.T @ x
-
-  def result(self) -> Tuple[np.ndarray, np.ndarray]:
-    if self.n < 2:
-      raise scores.ScoreError(f"a covariance needs at least 2 samples, got {self.n}")
-    mu = self.sum / self.n
-    sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
-    return mu, sigma
-
-
 def streamed_statistics(blocks: Iterable[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-  stats = RunningStatistics()
+  stats = RunningStatistics(POOL_DIM)
   for b in blocks:
     stats.add(b)
   return stats.result()
