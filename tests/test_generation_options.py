@@ -29,7 +29,7 @@ def test_bicubic_resize_equals_torch_golden():
     for name in names:
       x, want = g[f"in_{name}"], g[f"out_{name}"]
       np.testing.assert_allclose(resize_bicubic(x, want.shape[1:3]), want, atol=1e-5, rtol=0, err_msg=name)
-      jitted = jax.jit(lambda v: resize_bicubic(v, want.shape[1:3]))(jnp.asarray(x))
+      jitted = jax.jit(resize_bicubic, static_argnums=1)(jnp.asarray(x), want.shape[1:3])
       np.testing.assert_allclose(np.asarray(jitted), want, atol=1e-5, rtol=0, err_msg=name)
 
 
@@ -130,14 +130,14 @@ def test_options_give_the_same_bytes_on_one_and_eight_devices(short_gpt_dir, tmp
 
   # The stored images are the reference's pipeline on this job's tokens: decode 24 tokens at
   # 64 under autocast (bf16 out), torch bicubic to 48, uint8 in bf16.
-  from detailflow_jax.eval.generation import decode_for_eval
+  from detailflow_jax.eval.device import decode_tokens
   from detailflow_jax.eval import protocol
   labels = protocol.labels_for(5, 0, 2, 10, "uniform")
   from detailflow_jax.eval.generation import _row_keys
   tokens = job.sampler.sample(job.gpt_params, labels, _row_keys(jnp.uint32(5), np.arange(2, dtype=np.int32)),
                               settings.options)
-  full = decode_for_eval(job.tok_graphdef, job.tok_params, tokens, policy=job.decode_policy,
-                         num_tokens=24, image_size=64, eval_image_size=64)
+  full = decode_tokens(job.tok_graphdef, job.tok_params, tokens, policy=job.decode_policy,
+                       num_tokens=24, image_size=64)
   assert full.dtype == jnp.bfloat16 and full.shape == (2, 64, 64, 3)
   resized = resize_bicubic(full, 48)  # float32 inside, rounded back to bf16 as torch's kernel
   assert resized.dtype == jnp.bfloat16

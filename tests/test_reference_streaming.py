@@ -34,7 +34,8 @@ def _write(model, info, source, out):
 def test_streamed_reference_equals_the_whole_set_and_memory_stays_flat(model_and_info, tmp_path):
   from detailflow_jax.eval.features import extract_features
   model, info = model_and_info
-  small, large = _image_file(tmp_path / "small.npz", 3 * BLOCK, 0), _image_file(tmp_path / "large.npz", 9 * BLOCK + 2, 1)
+  small = _image_file(tmp_path / "small.npz", 3 * BLOCK, 0)
+  large = _image_file(tmp_path / "large.npz", 9 * BLOCK + 2, 1)
   peak_small = _write(model, info, small, tmp_path / "ref_small.npz")
   peak_large = _write(model, info, large, tmp_path / "ref_large.npz")
   block_bytes = BLOCK * SIDE * SIDE * 3
@@ -64,5 +65,5 @@ def test_image_folder_is_read_block_by_block(tmp_path):
   blocks = list(images.blocks(2))
   assert [len(b) for b in blocks] == [2, 2, 1] and images.shape == (5, 64, 64, 3)
   from detailflow_jax.images import center_crop
-  first = sorted(tmp_path.rglob("*.png"))[0]
+  first = min(tmp_path.rglob("*.png"))
   np.testing.assert_array_equal(blocks[0][0], np.asarray(center_crop(Image.open(first).convert("RGB"), 64)))

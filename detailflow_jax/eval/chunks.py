@@ -108,17 +108,17 @@ class ChunkStore:
            log_every_s: float = 10.0,
            after_chunk: Optional[Callable[[int, Mapping[str, np.ndarray]], None]] = None):
     """Makes and writes every pending chunk: `make_chunk(start, stop)` -> its arrays (every
-    process calls it: the work is sharded; only the writer writes), then
-    `after_chunk(start, arrays)`. Logs rate, chunks done and ETA. Returns (rows made, seconds)."""
+    process calls it: the work is sharded; only the writer writes), with `after_chunk(start,
+    arrays)` (e.g. PNGs) run before the chunk is recorded, so a resumed run never skips it. Logs rate, chunks done and ETA. Returns (rows made, seconds)."""
     pending = self.pending()
     todo = sum(self.rows(k)[1] - self.rows(k)[0] for k in pending)
     t0, made, last = time.time(), 0, 0.0
     for k in pending:
       start, stop = self.rows(k)
       arrays = make_chunk(start, stop)
-      self.write(k, **arrays)
-      if after_chunk is not None:
+      if after_chunk is not None:  # before the manifest lists the chunk: a kill in between redoes both
         after_chunk(start, arrays)
+      self.write(k, **arrays)
       made += stop - start
       now = time.time()
       if now - last >= log_every_s or made == todo:

@@ -21,7 +21,6 @@ Shapes: indices / labels / keys [B], tokens [B, T], pixels [B, H, W, 3]; B = per
 devices.
 """
 import dataclasses
-import functools
 import logging
 from typing import Dict, Optional
 
@@ -31,14 +30,13 @@ import numpy as np
 from flax import nnx
 
 from ..images import to_uint8
-from ..models.precision import Precision, set_precision
-from ..ops.resize import resize_bicubic
+from ..models.precision import Precision
 from ..sampling import Sampler, SamplingOptions
 from .. import paths, sharding
 
 from . import protocol
 from .chunks import ChunkStore, write_json_atomically, write_npz_streaming
-from .device import cast_floating, check_precision, to_host
+from .device import cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
 PARAM_LAYOUTS = ("replicated", "fsdp")
@@ -127,21 +125,6 @@ def decode_plan(tokenizer_config, schedule, block_size: int, image_size: int = 0
   return {"image_size": size, "num_tokens": min(block_size, table), "table_tokens": table}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "num_tokens", "image_size", "eval_image_size"))
-def decode_for_eval(graphdef, state, tokens, *, policy: Precision, num_tokens: int, image_size: int,
-                    eval_image_size: int):
-  """tokens [B, T] -> pixels [B, eval_image_size, eval_image_size, 3] (unclipped, about [-1, 1]),
-  in the decoder's output dtype: bfloat16 under autocast, as the reference's decode_code.
-  The first `num_tokens` are decoded at `image_size` under `policy`, then resized with torch's
-  bicubic (a = -0.75, align_corners=False) when eval_image_size differs; the resize computes
-  in float32 and rounds to the pixels' dtype, as torch's bf16 kernel does."""
-  model = set_precision(nnx.merge(graphdef, state), policy)
-  pixels = model.decode_indices(tokens, num_tokens, image_size)
-  if eval_image_size != image_size:
-    pixels = resize_bicubic(pixels, eval_image_size)
-  return pixels
-
-
 @jax.jit
 def _row_keys(seed, indices):
   return protocol.row_keys(seed, indices)
@@ -200,9 +183,9 @@ class GenerationJob:
                                    s.label_mode)
       keys = _row_keys(jnp.uint32(s.seed), np.arange(first, first + self.batch, dtype=np.int32))
       tokens = self.sampler.sample(self.gpt_params, labels, keys, s.options)
-      pixels = decode_for_eval(self.tok_graphdef, self.tok_params, tokens, policy=self.decode_policy,
-                               num_tokens=self.plan["num_tokens"], image_size=self.image_size,
-                               eval_image_size=self.eval_image_size)
+      pixels = decode_tokens(self.tok_graphdef, self.tok_params, tokens, policy=self.decode_policy,
+                             num_tokens=self.plan["num_tokens"], image_size=self.image_size,
+                             out_size=self.eval_image_size)
       out.append(to_uint8(to_host(pixels))[:stop - first])
     return np.concatenate(out)
 

@@ -46,6 +46,7 @@ from .. import paths, sharding
 from . import protocol, scores
 from .scores import RunningStatistics
 from .chunks import ChunkStore, write_json_atomically
+from ..models.precision import Precision, set_precision
 from .device import GlobalBatch, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
 from .inception import POOL_DIM
@@ -153,7 +154,10 @@ class ReconstructionJob:
       raise ValueError(f"num_images={self.num_images} but {self.source!r} has {len(self.source)}")
     graphdef, state = nnx.split(tokenizer)
     self.graphdef = graphdef
-    self.state = jax.device_put(cast_floating(state, check_precision(s.precision)),
+    # Precision as reconstruct_vq.py runs it: float32 weights under the autocast policy
+    # (bfloat16: bf16 matmul inputs, float32 accumulation; the pixels come out bf16).
+    self.policy = Precision.named(s.precision, "precision")
+    self.state = jax.device_put(cast_floating(state, jnp.float32),
                                 sharding.replicated(self.mesh))
     t = self.tokens
     noisy = s.noisy_eval and tokenizer.config.correction_training  # as the reference
@@ -173,12 +177,12 @@ class ReconstructionJob:
     self._reconstruct = jax.jit(self._reconstruct_batch, static_argnames=("noisy",))
 
   def _reconstruct_batch(self, state, images, keys, noise_idx, *, noisy: bool):
-    """images [B, S, S, 3] -> (float32 pixels [B, E, E, 3] from all T = self.tokens tokens, resized
+    """images [B, S, S, 3] -> (pixels [B, E, E, 3] (bf16 under autocast) from all T = self.tokens tokens, resized
     to E = eval_size when it differs from S, clean indices [B, T]).
     noisy: tokens from noise_idx (int32, traced: one program serves every noise pass) on are
     perturbed, row b drawing from keys[b] only (the same codes on any device count)."""
     self.trace_count += 1  # runs at trace time only
-    model = nnx.merge(self.graphdef, state)
+    model = set_precision(nnx.merge(self.graphdef, state), self.policy)
     enc = model.encode(images, self.tokens)
     if not noisy:
       quant = enc.quant
@@ -190,7 +194,7 @@ class ReconstructionJob:
     pixels = model.decode(quant, None, images.shape[1])
     if self.eval_size != images.shape[1]:
       pixels = resize_bicubic(pixels, self.eval_size)
-    return pixels.astype(jnp.float32), enc.indices
+    return pixels, enc.indices
 
   # -- one chunk -------------------------------------------------------------------------------
 
@@ -254,7 +258,8 @@ class ReconstructionJob:
         if r != self.size:
           out[f"real{r}_pool"] = self._features(targets[r])
       decoded = np.concatenate([
-          to_uint8(to_host(decode_tokens(self.graphdef, self.state, ind, num_tokens=c, image_size=r)))[:n]
+          to_uint8(to_host(decode_tokens(self.graphdef, self.state, ind, num_tokens=c, image_size=r,
+                                           policy=self.policy)))[:n]
           for ind, n in indices])
       dec01 = decoded.astype(np.float32) / np.float32(255.0)
       tgt01 = targets[r].astype(np.float32) / np.float32(255.0)
@@ -357,5 +362,6 @@ def run_tokenizer_eval(e, workdir, mesh=None) -> Dict:
       source=e.data.source, path=e.data.path, split=e.data.split, tfds_name=e.data.tfds_name,
       num_images=e.data.num_images, seed=e.seed, noisy_eval=e.noisy_eval, noise_top_k=e.noise_top_k,
       curve=e.curve, curve_tokens=tuple(e.curve_tokens), precision=e.precision,
-      image_size=e.image_size, image_size_eval=e.image_size_eval, per_device_batch=e.per_device_batch, chunk_size=e.chunk_size, inception_batch=e.inception_batch)
+      image_size=e.image_size, image_size_eval=e.image_size_eval, per_device_batch=e.per_device_batch,
+      chunk_size=e.chunk_size, inception_batch=e.inception_batch)
   return ReconstructionJob(tokenizer, inception, info["weights_sha256"], settings, mesh=mesh).run(workdir)
