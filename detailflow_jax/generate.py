@@ -12,7 +12,7 @@ tokenizer's best decode resolutions; the decode uses min(GPT tokens, the tokeniz
 budget for that side)); --eval-image-size resizes the decodes with torch's bicubic before
 uint8, as the reference does.
 
-Sample i's label and key are pure functions of (seed, i) (detailflow_jax/eval/protocol.py), so
+Sample i's label and key are pure functions of (seed, i) (detailflow_jax/data/protocol.py), so
 the file is the same on any number of devices. Chunks of finished samples go to --workdir
 (default: OUT's name + '.chunks'; local or gs://); a rerun after a kill resumes there. The output holds
 `arr_0` uint8 [N, H, W, 3] and `arr_1` int32 labels [N]; `results.json` (next to the chunks)
@@ -21,20 +21,17 @@ FID, sFID, precision and recall (mean ± std over --seeds). Pods and clusters:
 launch/evaluate.py with a `:eval` config.
 """
 import argparse
-import logging
 import sys
 
-from .eval.chunks import ChunkStoreError
-from .eval.generation import CFG_INTERVAL_NOTE, GenerationSettings, run_generation
-from .eval.protocol import LABEL_MODES
-from .eval.reference import EvalInputError
-from .eval.scores import ScoreError
 from . import paths
-from .cli import int_list
-from .hub import WEIGHT_HELP
+from .cli import command, int_list
+from .data.protocol import LABEL_MODES
+from .eval.generation import CFG_INTERVAL_NOTE, GenerationSettings, run_generation
+from .weights.hub import WEIGHT_HELP
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokenizer", required=True, help="tokenizer: converted dir, run dir or Hub id")
@@ -75,25 +72,19 @@ def main(argv=None) -> int:
   parser.add_argument("--inception", default=None, help="converted Inception directory (to score)")
   parser.add_argument("--inception-batch", type=int, default=256)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
-    settings = GenerationSettings(
-        num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
-        cfg_scale=args.cfg_scale, gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        precision=args.precision, image_size=args.image_size, eval_image_size=args.eval_image_size,
-        per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
-    out = paths.run_path(args.out)
-    workdir = paths.run_path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")
-    results = run_generation(args.tokenizer, args.gpt, settings, seeds=seeds, workdir=workdir, out=out,
-                             reference=args.reference, inception=args.inception,
-                             gpt_weights=args.gpt_weights, vq_weights=args.vq_weights,
-                             png_dir=args.png_dir, inception_batch=args.inception_batch)
-  except (ValueError, FileNotFoundError, EvalInputError, ScoreError, ChunkStoreError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
+  settings = GenerationSettings(
+      num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
+      cfg_scale=args.cfg_scale, gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval,
+      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+      precision=args.precision, image_size=args.image_size, eval_image_size=args.eval_image_size,
+      per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
+  out = paths.run_path(args.out)
+  workdir = paths.run_path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")
+  results = run_generation(args.tokenizer, args.gpt, settings, seeds=seeds, workdir=workdir, out=out,
+                           reference=args.reference, inception=args.inception,
+                           gpt_weights=args.gpt_weights, vq_weights=args.vq_weights,
+                           png_dir=args.png_dir, inception_batch=args.inception_batch)
   for run in results["runs"]:
     print(f"seed {run['seed']}: {run['samples']} ({run['summary']['images_made']} new images, "
           f"{run['summary']['images_per_second'] or 0:.2f} img/s)")

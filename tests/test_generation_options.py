@@ -14,7 +14,7 @@ import pytest
 
 from gpt_helpers import random_gpt
 from detailflow_jax.eval.generation import CFG_INTERVAL_NOTE, GenerationSettings, decode_plan
-from detailflow_jax.images import to_uint8
+from detailflow_jax.inference.images import to_uint8
 from detailflow_jax.ops.resize import resize_bicubic
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -76,7 +76,7 @@ def test_settings_check_the_sampling_options():
 @pytest.fixture(scope="module")
 def short_gpt_dir(tmp_path_factory):
   """A GPT making 24 tokens (the fixture tokenizer holds 32) with a null class, random weights."""
-  from detailflow_jax.model_dir import save_model_dir
+  from detailflow_jax.weights.model_dir import save_model_dir
   gpt = random_gpt(seed=3, dim=32, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=24,
                    group_size=4, class_dropout_prob=0.1, output_scale=2.0)
   out = tmp_path_factory.mktemp("short_gpt") / "gpt"
@@ -94,7 +94,7 @@ def test_options_give_the_same_bytes_on_one_and_eight_devices(short_gpt_dir, tmp
   from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.eval.generation import GenerationJob, resolve_models
   from detailflow_jax.generate import main
-  from detailflow_jax.pretrained import load_model_dir
+  from detailflow_jax.weights.load import load_model_dir
   monkeypatch.setenv("DETAILFLOW_JAX_CACHE", str(tmp_path / "cache"))  # the run dir's conversion
   assert jax.device_count() == 8
   rc = main(["--tokenizer", str(TOKENIZER_RUN), "--gpt", str(short_gpt_dir), *OPTION_ARGS,
@@ -131,7 +131,7 @@ def test_options_give_the_same_bytes_on_one_and_eight_devices(short_gpt_dir, tmp
   # The stored images are the reference's pipeline on this job's tokens: decode 24 tokens at
   # 64 under autocast (bf16 out), torch bicubic to 48, uint8 in bf16.
   from detailflow_jax.eval.device import decode_tokens
-  from detailflow_jax.eval import protocol
+  from detailflow_jax.data import protocol
   labels = protocol.labels_for(5, 0, 2, 10, "uniform")
   from detailflow_jax.eval.generation import _row_keys
   tokens = job.sampler.sample(job.gpt_params, labels, _row_keys(jnp.uint32(5), np.arange(2, dtype=np.int32)),

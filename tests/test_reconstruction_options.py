@@ -27,9 +27,10 @@ def image_folder(tmp_path_factory):
 
 def test_image_size_and_image_size_eval(tokenizer_dir, inception_random_dir, image_folder, tmp_path):
   from detailflow_jax.eval.reconstruction import ReconstructionJob, ReconstructionSettings, crop_record, normalize
-  from detailflow_jax.images import to_uint8
+  from detailflow_jax.inference.images import to_uint8
   from detailflow_jax.ops.resize import resize_bicubic
-  from detailflow_jax.pretrained import load_inception, load_tokenizer
+  from detailflow_jax.eval.inception import load_inception
+  from detailflow_jax.weights.load import load_tokenizer
   tokenizer = load_tokenizer(tokenizer_dir)
   # The fixture allows only 64 (min_image_size = max_image_size, as reconstruct_vq.py asserts):
   inception, info = load_inception(inception_random_dir)

@@ -13,7 +13,7 @@ SIDE, BLOCK = 128, 4
 
 @pytest.fixture(scope="module")
 def model_and_info(inception_random_dir):
-  from detailflow_jax.pretrained import load_inception
+  from detailflow_jax.eval.inception import load_inception
   return load_inception(inception_random_dir)
 
 
@@ -64,6 +64,6 @@ def test_image_folder_is_read_block_by_block(tmp_path):
   images = ImageSet(tmp_path, 64)
   blocks = list(images.blocks(2))
   assert [len(b) for b in blocks] == [2, 2, 1] and images.shape == (5, 64, 64, 3)
-  from detailflow_jax.images import center_crop
+  from detailflow_jax.data.transforms import center_crop_arr
   first = min(tmp_path.rglob("*.png"))
-  np.testing.assert_array_equal(blocks[0][0], np.asarray(center_crop(Image.open(first).convert("RGB"), 64)))
+  np.testing.assert_array_equal(blocks[0][0], center_crop_arr(Image.open(first).convert("RGB"), 64))

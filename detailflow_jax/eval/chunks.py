@@ -26,8 +26,7 @@ from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import paths
-from ..model_dir import file_sha256
-from ..train.loop import progress_bar
+from ..cli import progress_bar
 
 log = logging.getLogger("detailflow_jax")
 
@@ -144,7 +143,7 @@ class ChunkStore:
     with paths.atomic_file(self.path(k)) as tmp:  # hashed locally, before any upload
       with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
         np.savez(f, **arrays)
-      size, sha256 = tmp.stat().st_size, file_sha256(tmp)
+      size, sha256 = tmp.stat().st_size, paths.file_sha256(tmp)
     self.chunks[str(k)] = {"rows": [start, stop], "size": size, "sha256": sha256}
     write_json_atomically(self.directory / MANIFEST, dict(self._header, chunks=self.chunks))
 

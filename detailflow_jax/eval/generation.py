@@ -29,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..images import to_uint8
+from ..inference.images import to_uint8
+from ..inference.sampler import Sampler, SamplingOptions
 from ..models.precision import Precision
-from ..sampling import Sampler, SamplingOptions
 from .. import paths, sharding
 
-from . import protocol
+from ..data import protocol
 from .chunks import ChunkStore, write_json_atomically, write_npz_streaming
+from .evaluator import evaluate
 from .device import cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
@@ -255,7 +256,7 @@ def model_record(directory, kind: str) -> Dict:
   """A converted model directory and the hash of its weights (over its files' SHA-256s)."""
   import hashlib
   import json
-  from ..model_dir import verify_model_dir
+  from ..weights.model_dir import verify_model_dir
   meta = verify_model_dir(directory, kind)
   files = meta.get("files") or {}
   digest = hashlib.sha256(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}).encode())
@@ -267,8 +268,8 @@ def resolve_models(tokenizer_src, gpt_src, gpt_weights: Optional[str], tokenizer
   """(tokenizer dir, gpt dir): converted directories, released runs or Hub ids resolved; the
   weight choice ('ema' / 'model') applies to released checkpoints only (a converted directory
   holds one set, recorded at conversion)."""
-  from ..hub import resolve_model_dir
-  from ..model_dir import is_model_dir
+  from ..weights.hub import resolve_model_dir
+  from ..weights.model_dir import is_model_dir
 
   def one(src, kind, weights):
     if is_model_dir(src):
@@ -294,7 +295,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
   workdir, out and png_dir may be local or remote (gs://...: `paths`). gpt_weights /
   vq_weights: 'model' or 'ema' of a released checkpoint (the reference's use_gpt_ema /
   use_vq_ema); a converted directory holds one set and takes None."""
-  from ..pretrained import load_model_dir
+  from ..weights.load import load_model_dir
   seeds = list(seeds) if seeds else [settings.seed]
   if (reference is None) != (inception is None):
     raise ValueError("scoring needs both --reference and --inception (or neither)")
@@ -323,14 +324,12 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
                       png_dir=(paths.run_path(png_dir) / f"seed{seed}") if png_dir else None)
     run = {"seed": int(seed), "samples": str(path), "summary": summary}
     if reference is not None and jax.process_index() == 0:
-      from ..evaluate import evaluate
       run["scores"] = evaluate(reference, path, inception, inception_batch)
     elif reference is not None:
-      from ..evaluate import evaluate  # every process takes part in the Inception features
-      evaluate(reference, path, inception, inception_batch)
+      evaluate(  # every process takes part in the Inception features
+          reference, path, inception, inception_batch)
     else:
-      from ..model_dir import file_sha256
-      run["samples_sha256"] = file_sha256(path) if jax.process_index() == 0 else None
+      run["samples_sha256"] = paths.file_sha256(path) if jax.process_index() == 0 else None
     runs.append(run)
   results = {
       "protocol": {
@@ -347,7 +346,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
                     "decres2besttoken[image_size]) tokens at image_size, then torch bicubic "
                     "(a = -0.75, align_corners=False) to eval_image_size when it differs",
           "chunk_size": settings.chunk_size, "param_layout": settings.param_layout,
-          "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see eval/protocol.py",
+          "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see data/protocol.py",
           "uint8": "clip(127.5 x + 128, 0, 255) truncated, as the reference's samplers",
       },
       "precision": precision_record(settings.precision),

@@ -1,20 +1,13 @@
 """launch/evaluate.py's job selection: a `:eval` config (detailflow_jax/configs/eval_common.py) -> the
 generation job or the tokenizer job, on the config's mesh (jax.distributed when configured)."""
 from .. import paths, sharding
+from ..cli import int_list
 from .generation import GenerationSettings, run_generation
 from .reconstruction import run_tokenizer_eval
 
 
 class ConfigError(ValueError):
   """A config that cannot run an evaluation; the message names the key."""
-
-
-def _seeds(value):
-  if isinstance(value, str):
-    return [int(v) for v in value.split(",") if v.strip()]
-  if isinstance(value, int):
-    return [value]
-  return [int(v) for v in value]
 
 
 def run_from_config(c, workdir):
@@ -33,7 +26,7 @@ def run_from_config(c, workdir):
       raise ConfigError(f"eval.{key} is empty: give --config.eval.{key}=DIR")
   if bool(e.reference) != bool(e.inception):
     raise ConfigError("scoring needs both eval.reference and eval.inception (or neither)")
-  seeds = _seeds(e.seeds)
+  seeds = int_list(e.seeds, "eval.seeds", low=0, distinct=True)
   settings = GenerationSettings(
       num_samples=e.num_samples, seed=seeds[0], label_mode=e.label_mode, cfg_scale=e.cfg_scale,
       gradual_cfg=e.gradual_cfg, cfg_interval=e.cfg_interval, temperature=e.temperature,

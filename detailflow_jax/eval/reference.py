@@ -26,8 +26,9 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from ..cli import command
 from .. import paths
-from .inception import POOL_DIM, SPATIAL_DIM
+from .inception import POOL_DIM, SPATIAL_DIM, load_inception
 from .scores import ScoreError, check_statistics, statistics
 
 IMAGES_KEY = "arr_0"
@@ -229,13 +230,13 @@ class ImageSet:
       yield np.stack([self._image(i) for i in range(start, stop)])
 
   def _image(self, i: int) -> np.ndarray:
-    from ..images import center_crop
+    from ..data.transforms import center_crop_arr
     from PIL import Image
     if self._tfds is not None:
       img = Image.fromarray(np.asarray(self._tfds[i]["image"]))
-      return np.asarray(center_crop(img.convert("RGB"), self.size), np.uint8)
+      return np.asarray(center_crop_arr(img.convert("RGB"), self.size), np.uint8)
     with Image.open(self._files[i]) as img:
-      return np.asarray(center_crop(img.convert("RGB"), self.size), np.uint8)
+      return np.asarray(center_crop_arr(img.convert("RGB"), self.size), np.uint8)
 
 
 def read_image_set(source, size: int) -> np.ndarray:
@@ -297,8 +298,8 @@ def write_reference(path, images: ImageSet, model, weights_sha256: str, batch_si
     return write_npz_streaming(path, members)
 
 
-def main(argv=None) -> int:
-  from ..pretrained import load_inception
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.eval.reference",
                                    description="Write an ADM-format reference batch from an image set "
                                                "(streamed: memory holds one block of images).")
@@ -312,19 +313,14 @@ def main(argv=None) -> int:
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--block-size", type=int, default=1024, help="images read and held at a time")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   if not args.images and not args.tfds:
     parser.error("give --images DIR_OR_NPZ, or --tfds NAME [--images DATA_DIR]")
   for key in ("size", "batch_size", "block_size"):
     if getattr(args, key) < 1:
       parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-  try:
-    model, info = load_inception(args.inception)
-    images = ImageSet(args.images, args.size, tfds=args.tfds, split=args.split)
-    out = write_reference(args.out, images, model, info["weights_sha256"], args.batch_size, args.block_size)
-  except (EvalInputError, ScoreError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  model, info = load_inception(args.inception)
+  images = ImageSet(args.images, args.size, tfds=args.tfds, split=args.split)
+  out = write_reference(args.out, images, model, info["weights_sha256"], args.batch_size, args.block_size)
   print(f"wrote {out} ({len(images)} images)")
   return 0
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import paths
+from .. import paths
 
 PANEL_W, PANEL_H, MARGIN = 360, 220, 44
 
