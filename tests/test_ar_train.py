@@ -39,11 +39,11 @@ def test_config_validation_names_the_field():
 def test_self_correction_selection():
   tokens = jnp.stack([jnp.zeros((4, 8), jnp.int32), jnp.ones((4, 8), jnp.int32),
                       2 * jnp.ones((4, 8), jnp.int32)], axis=-1)
-  inputs, targets, corrected = ar.select_inputs_targets(tokens, 2, jax.random.key(0), 0.5)
+  inputs, targets, corrected = ar.select_inputs_targets(tokens, 2, jax.random.uniform(jax.random.key(0), (4,)), 0.5)
   assert inputs.shape == (4, 6) and targets.shape == (4, 8)
   for b in range(4):
     assert (int(inputs[b, 0]), int(targets[b, 0])) == ((1, 2) if corrected[b] else (0, 0))
-  inputs, targets, corrected = ar.select_inputs_targets(tokens[..., 0], 2, jax.random.key(0), 1.0)
+  inputs, targets, corrected = ar.select_inputs_targets(tokens[..., 0], 2, jnp.zeros(4), 1.0)
   assert not corrected.any() and inputs.shape == (4, 6)
 
 

@@ -120,6 +120,10 @@ class GPTConfig:
       hidden = int(self.ffn_dim_multiplier * hidden)
     return find_multiple(hidden, self.multiple_of)
 
+  def sequence_length(self, num_tokens: int) -> int:
+    """Positions the network sees for `num_tokens` input tokens (class + special tokens)."""
+    return 1 + num_tokens + (self.group_size - 1 if num_tokens >= self.causal_len else 0)
+
   @property
   def has_null_class(self) -> bool:
     """The label table has a null row (index num_classes) only when labels are dropped."""
@@ -183,8 +187,13 @@ class _DropKeys:
 def _dropout(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
   if not keys.active or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(keys(), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return apply_dropout_mask(x, jax.random.bernoulli(keys(), 1.0 - rate, x.shape), rate)
+
+
+def apply_dropout_mask(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+  """Dropout with a given kept-mask: x * (keep / (1 - rate)), the scale formed first as torch's
+  nn.Dropout does (its noise.div_(1 - p)), so the result rounds as the reference's."""
+  return (x * (keep.astype(x.dtype) / (1.0 - rate))).astype(x.dtype)
 
 
 def _drop_path(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
@@ -364,8 +373,10 @@ class GPT(nnx.Module):
     # The reference zero-initialises the output layer.
     self.output = _linear(rngs, cfg.dim, cfg.vocab_size, ("embed", "vocab"),
                           nnx.initializers.zeros_init())
+    # N(0, 1), not initializer_range: the reference builds its special-token nn.Embedding after
+    # initialize_weights, so it keeps torch's own Embedding init.
     self.spe_tok_embeddings = nnx.Param(
-        init(rngs.params(), (cfg.group_size - 1, cfg.dim)), out_sharding=(None, "embed"))
+        jax.random.normal(rngs.params(), (cfg.group_size - 1, cfg.dim)), out_sharding=(None, "embed"))
 
   # --- constants derived from the config -----------------------------------------------
 
@@ -430,8 +441,7 @@ class GPT(nnx.Module):
 
   def sequence_length(self, num_tokens: int) -> int:
     """Positions the network sees for `num_tokens` input tokens (class + special tokens)."""
-    cfg = self.config
-    return 1 + num_tokens + (cfg.group_size - 1 if num_tokens >= cfg.causal_len else 0)
+    return self.config.sequence_length(num_tokens)
 
   def special_embeddings(self) -> jax.Array:
     return self.spe_tok_embeddings[...]
@@ -477,20 +487,29 @@ class GPT(nnx.Module):
   # --- teacher forcing -----------------------------------------------------------------
 
   def __call__(self, tokens: jax.Array, labels: jax.Array, *, key: Optional[jax.Array] = None,
-               drop_labels: Optional[jax.Array] = None) -> jax.Array:
+               drop_labels: Optional[jax.Array] = None,
+               token_keep: Optional[jax.Array] = None) -> jax.Array:
     """Teacher-forced logits [B, L, V] float32 (L = 1 + T (+ group_size - 1 if T >= causal_num)).
 
     `key` switches training mode on: label dropout for CFG, token/residual/FFN dropout and
-    drop path. `drop_labels` ([B] bool) forces the null class for chosen examples.
+    drop path, each drawn from it unless given. Given draws (the trainer's, train/ar.py):
+    `drop_labels` ([B] bool) forces the null class for chosen examples; `token_keep`
+    ([B, L, dim] bool) is token dropout's kept-mask (scaled by 1 / (1 - token_dropout_p)).
     """
     keys = _DropKeys(key)
     h = self.embed_sequence(tokens, labels, keys, drop_labels)
-    h = _dropout(h, self.config.token_dropout_p, keys)
+    if token_keep is not None:
+      if token_keep.shape != h.shape:
+        raise ValueError(f"token_keep has shape {token_keep.shape}; the embedded sequence is {h.shape}")
+      h = apply_dropout_mask(h, token_keep, self.config.token_dropout_p)
+    else:
+      h = _dropout(h, self.config.token_dropout_p, keys)
     return self.run(h, keys=keys)[0]
 
   def loss(self, tokens: jax.Array, labels: jax.Array, targets: jax.Array,
            valid: Optional[jax.Array] = None, *, key: Optional[jax.Array] = None,
-           drop_labels: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+           drop_labels: Optional[jax.Array] = None,
+           token_keep: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """Mean next-detail cross-entropy and the logits it came from.
 
     Training feeds tokens[:, :-group_size] and targets all block_size tokens: logit position p
@@ -500,7 +519,8 @@ class GPT(nnx.Module):
     num_logits = self.sequence_length(tokens.shape[1]) - (cfg.cls_token_num - 1)
     if num_logits != targets.shape[1]:
       raise ValueError(f"{num_logits} logit positions for {targets.shape[1]} targets")
-    logits = self(tokens, labels, key=key, drop_labels=drop_labels)[:, cfg.cls_token_num - 1:]
+    logits = self(tokens, labels, key=key, drop_labels=drop_labels,
+                  token_keep=token_keep)[:, cfg.cls_token_num - 1:]
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     if valid is None:
       return per_token.mean(), logits
