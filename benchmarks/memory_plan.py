@@ -68,7 +68,8 @@ def gpt_lowered(quick: bool, policy: str, devices):
                       max_grad_norm=o.max_grad_norm, warmup_steps=10)
   graphdef, state, shardings = create_train_state(lambda: GPT(cfg, rngs=0), tx, mesh, abstract=True)
   loss_fn = ar.make_loss(cfg, c.correction_prob, c.compute_dtype, c.remat)
-  step = make_train_step(graphdef, loss_fn, tx, shardings, mesh, ema_decay=c.ema_decay)
+  step = make_train_step(graphdef, loss_fn, tx, shardings, mesh, ema_decay=c.ema_decay,
+                         draw=loss_fn.draw)
   b = c.data.batch_size
   batch = {"tokens": jax.ShapeDtypeStruct((b, cfg.block_size, 3), jnp.int32),
            "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}

@@ -66,8 +66,12 @@ def test_eight_devices_match_one_device():
   state1, losses1 = _run(mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   state8, losses8 = _run(mesh_lib.make_mesh(2, 2, 2))
   np.testing.assert_allclose(losses8, losses1, atol=1e-5)
+  # Adam moves every weight by up to lr = 1e-3 whatever its gradient's size; a weight whose
+  # gradient is a near-cancelling sum (~1e-8) moves by a different fraction of lr under another
+  # reduction order. With the reference's N(0, 1) special-token embeddings (large activations at
+  # those positions) that reaches 1.7e-5 = 1.7% of one step (1.5e-6 with the old N(0, 0.02)).
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state1.params), jax.tree.leaves(state8.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def _write_tokens(path, n=64, seed=0):
