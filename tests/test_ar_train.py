@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs.detailflow16_gpt_l import get_config
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.data.sources import TokenRecordWriter
 from detailflow_jax.models.gpt import GPT
-from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import ar
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
@@ -111,8 +111,9 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   assert sorted(want) == list(range(1, 9))
   for step in range(1, 9):
     assert got[step] == want[step], step  # bit-identical on CPU
-  from detailflow_jax.pretrained import load_gpt
   from flax import nnx
+
+  from detailflow_jax.weights.load import load_gpt
   a = nnx.state(load_gpt(tmp_path / "straight" / "export"))
   b = nnx.state(load_gpt(tmp_path / "run" / "export"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -127,8 +128,9 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
 
 
 def test_model_config_maps_onto_gpt_config():
-  from detailflow_jax.models.gpt import GPTConfig
   import dataclasses
+
+  from detailflow_jax.models.gpt import GPTConfig
   c = get_config()
   # The config section is GPTConfig's fields plus the preset: nothing to translate by hand.
   assert set(c.model) - {"preset"} == {f.name for f in dataclasses.fields(GPTConfig)}

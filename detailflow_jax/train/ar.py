@@ -7,7 +7,7 @@ to predict are the targets.
 import dataclasses
 import json
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import flax
 import jax
@@ -16,16 +16,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from .. import images, paths
+from .. import paths
 from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
 from ..data.sources import TokenRecordSource
-from ..inference import TokenizerFns
-from ..models import remat
-from ..models.gpt import GPT, PRESETS, GPTConfig
+from ..inference import images
+from ..inference.sampler import Sampler, SamplingOptions
+from ..inference.tokenizer import TokenizerFns
+from ..models import config_mapping, remat
+from ..models.gpt import GPT, GPTConfig
 from ..models.precision import Precision, set_precision
-from ..pretrained import load_tokenizer
-from ..sampling import Sampler, SamplingOptions
 from ..schedule import causal_length
+from ..weights.load import load_tokenizer
 from . import driver
 from .driver import total_steps, validate_run
 from .optim import clipped_adamw, learning_rate_schedule
@@ -33,16 +34,13 @@ from .state import create_train_state, make_train_step
 
 log = logging.getLogger("detailflow_jax")
 
-GPT_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
-
-
 # GPT fields the extracted codes decide, as train_c2i.py reads them from the codes' json:
 # field -> (where in codes.json, its key there).
 CODES_FIELDS = {"vocab_size": ("tokenizer", "codebook_size"), "block_size": ("", "ar_token_num"),
                 "group_size": ("tokenizer", "group_size"), "causal_num": ("tokenizer", "causal_num")}
 
 
-def codes_json_path(data_path) -> Optional[Any]:
+def codes_json_path(data_path) -> Any | None:
   """The codes.json the extraction wrote beside the token records of `data_path` (a directory
   of shards, or one shard file), or None when there is none."""
   if not data_path:
@@ -52,7 +50,7 @@ def codes_json_path(data_path) -> Optional[Any]:
   return path if path.exists() else None
 
 
-def codes_model_fields(meta: Dict[str, Any], source) -> Dict[str, Any]:
+def codes_model_fields(meta: dict[str, Any], source) -> dict[str, Any]:
   """{vocab_size, block_size, group_size, causal_num} of the codes described by `meta`: ours
   (train/extract.py: the tokenizer config under 'tokenizer') or the reference's flat json (the
   VQ config with ar_token_num added)."""
@@ -66,7 +64,7 @@ def codes_model_fields(meta: Dict[str, Any], source) -> Dict[str, Any]:
   return fields
 
 
-def resolve_model_fields(c: ml_collections.ConfigDict) -> Dict[str, Any]:
+def resolve_model_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """c.model with vocab_size, block_size, group_size and causal_num taken from data.path's
   codes.json where unset (None), and checked against it where set: a GPT trained with another
   codebook size, token count or grouping than its codes is wrong in silence otherwise."""
@@ -97,29 +95,10 @@ def resolve_model_fields(c: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 
 def gpt_config_from(c: ml_collections.ConfigDict) -> GPTConfig:
-  """c.model -> GPTConfig: `preset` gives dim / n_layer / n_head, the codes' fields come from
-  (or are checked against) data.path's codes.json (`resolve_model_fields`), every other key is
-  the GPTConfig field of its name (unset = None = GPTConfig's default); unknown keys are
-  errors."""
-  m = c.model.to_dict()
-  unknown = sorted(set(m) - set(GPT_FIELDS) - {"preset"})
-  if unknown:
-    raise ValueError(f"model.{unknown[0]} is not a GPTConfig field (fields: {', '.join(GPT_FIELDS)})")
+  """c.model -> GPTConfig (models/config_mapping.py) after the codes' fields are taken from, or
+  checked against, data.path's codes.json (`resolve_model_fields`)."""
   m = resolve_model_fields(c)
-  preset = m.pop("preset", "")
-  fields = {k: v for k, v in m.items() if v is not None}
-  if preset:
-    if preset not in PRESETS:
-      raise ValueError(f"model.preset={preset!r} is not a GPT preset (known: {', '.join(PRESETS)})")
-    fields = {**dict(zip(("n_layer", "n_head", "dim"), PRESETS[preset])), **fields}
-  else:
-    missing = [k for k in ("dim", "n_layer", "n_head") if k not in fields]
-    if missing:
-      raise ValueError(f"model.preset is empty: set model.{', model.'.join(missing)}")
-  try:
-    return GPTConfig(**fields)
-  except ValueError as e:  # GPTConfig's own checks name the field; here it is a config key
-    raise ValueError(f"model.{e}") from None
+  return config_mapping.gpt_config_from(ml_collections.ConfigDict({"model": m}))
 
 
 def warmup_steps(c: ml_collections.ConfigDict) -> int:
@@ -128,8 +107,11 @@ def warmup_steps(c: ml_collections.ConfigDict) -> int:
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> GPTConfig:
-  """Catches config mistakes before anything compiles; each message names the field."""
+  """Catches config mistakes before anything compiles; each message names the field. The
+  codes' fields taken from data.path's codes.json are written into c.model, so the run's saved
+  config (workdir/config.json, written after this) holds the GPT that was trained."""
   m = resolve_model_fields(c)
+  c.model.update({k: m[k] for k in CODES_FIELDS})
   if m["block_size"] % m["group_size"]:
     raise ValueError(f"model.group_size={m['group_size']} does not divide model.block_size={m['block_size']}")
   causal = causal_length(m["group_size"], m["causal_num"])
@@ -165,12 +147,12 @@ class GPTDraws:
   """
   correction_u: jax.Array
   class_u: jax.Array
-  token_keep: Optional[jax.Array] = None
-  block_key: Optional[jax.Array] = None
+  token_keep: jax.Array | None = None
+  block_key: jax.Array | None = None
 
 
 def select_inputs_targets(tokens: jax.Array, group_size: int, correction_u: jax.Array,
-                          correction_prob: float) -> Tuple[jax.Array, jax.Array, jax.Array]:
+                          correction_prob: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The reference's generate_z_input_target.
 
   tokens: [B, T] clean codes, or [B, T, 3] = (clean, noisy input, target) triples from the
@@ -207,7 +189,7 @@ class ARLoss:
     Precision.named(self.compute_dtype)  # an unknown dtype fails here, not at the first step
     remat.check_policy(self.remat_policy, "remat")
 
-  def draw(self, key: jax.Array, batch: Dict[str, jax.Array]) -> GPTDraws:
+  def draw(self, key: jax.Array, batch: dict[str, jax.Array]) -> GPTDraws:
     cfg = self.cfg
     b, t = batch["tokens"].shape[:2]
     k_corr, k_class, k_tok, k_block = jax.random.split(key, 4)
@@ -220,7 +202,7 @@ class ARLoss:
                     class_u=jax.random.uniform(k_class, (b,)), token_keep=token_keep,
                     block_key=k_block if in_blocks else None)
 
-  def decisions(self, batch: Dict[str, jax.Array], draws: GPTDraws):
+  def decisions(self, batch: dict[str, jax.Array], draws: GPTDraws):
     """The draws turned into the step's choices by the recipe's rates: (inputs [B, T - g],
     targets [B, T], corrected [B] bool, dropped labels [B] bool or None)."""
     cfg = self.cfg
@@ -230,7 +212,7 @@ class ARLoss:
     drop_labels = draws.class_u < cfg.class_dropout_prob if cfg.has_null_class else None
     return inputs, targets, corrected, drop_labels
 
-  def forward(self, model: GPT, batch: Dict[str, jax.Array], draws: GPTDraws):
+  def forward(self, model: GPT, batch: dict[str, jax.Array], draws: GPTDraws):
     """(loss, logits [B, block_size, V], corrected [B]) of one teacher-forced step."""
     inputs, targets, corrected, drop_labels = self.decisions(batch, draws)
     # The model was merged inside this trace, so setting its static policies is local to
@@ -241,7 +223,7 @@ class ARLoss:
                               drop_labels=drop_labels, token_keep=draws.token_keep)
     return loss, logits, corrected
 
-  def __call__(self, model: GPT, batch: Dict[str, jax.Array], draws):
+  def __call__(self, model: GPT, batch: dict[str, jax.Array], draws):
     if not isinstance(draws, GPTDraws):
       draws = self.draw(draws, batch)
     loss, _, corrected = self.forward(model, batch, draws)

@@ -1,7 +1,8 @@
 """AdamW as the reference trains both models: betas (0.9, 0.95), decay on >= 2-D weights only,
 global-norm clipping; the GPT's LambdaLR warm-up + cosine and the tokenizer's timm cosine."""
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,8 @@ Nothing is ever materialised whole on one device: the state's shapes come from
 `jax.eval_shape`, its shardings from the parameters' logical axis names and the rules table,
 and `jax.jit(init, out_shardings=...)` creates every shard where it lives.
 """
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -33,7 +34,7 @@ def split_model(model: nnx.Module):
 
 def create_train_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                        mesh: Mesh, *, seed: int = 0, use_ema: bool = True,
-                       rules=sharding.DEFAULT_RULES, abstract: bool = False) -> Tuple[Any, TrainState, Any]:
+                       rules=sharding.DEFAULT_RULES, abstract: bool = False) -> tuple[Any, TrainState, Any]:
   """Returns (graphdef, sharded TrainState, its shardings). `build_model` creates the model
   with freshly initialised parameters; it runs only inside jit/eval_shape. abstract=True:
   the state is ShapeDtypeStructs carrying the shardings (nothing allocated), for AOT
@@ -64,7 +65,7 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
 
 
 def apply_gradients(params: Any, grads: Any, opt_state: Any,
-                    tx: optax.GradientTransformation) -> Tuple[Any, Any]:
+                    tx: optax.GradientTransformation) -> tuple[Any, Any]:
   """One optimizer update: (params, grads, opt_state, tx) -> (new params, new opt_state).
   Every trainer's update goes through here (the GPT step, the tokenizer's generator and
   discriminator)."""
@@ -86,7 +87,7 @@ def loss_and_grads(graphdef, loss_fn: Callable, params: Any, extras: Any, batch,
 
 
 def train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float,
-               state: TrainState, batch, draws) -> Tuple[TrainState, Any]:
+               state: TrainState, batch, draws) -> tuple[TrainState, Any]:
   """One step as a pure function of (state, batch, draws): gradients, the optimizer update
   (`apply_gradients`), the EMA of the updated parameters, the step count."""
   (loss, metrics, extras), grads = loss_and_grads(graphdef, loss_fn, state.params, state.extras,
@@ -103,7 +104,7 @@ def train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, em
 
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     state_shardings, mesh: Mesh, *, ema_decay: float = 0.9999,
-                    rules=sharding.DEFAULT_RULES, draw: Optional[Callable] = None):
+                    rules=sharding.DEFAULT_RULES, draw: Callable | None = None):
   """A jitted `step(state, batch, draws=None) -> (state, metrics)` with a donated state.
 
   loss_fn(model, batch, draws) -> (scalar loss, dict of scalar metrics). Buffers the model
