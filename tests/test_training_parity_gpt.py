@@ -340,7 +340,8 @@ def test_model_fields_are_read_from_codes_json(tmp_path):
                                                 "ar_token_num": 32, "ar_image_size": 64}))
   cfg = ar.gpt_config_from(c)
   assert (cfg.vocab_size, cfg.block_size, cfg.group_size, cfg.causal_len) == (64, 32, 4, 8)
-  ar.validate(c, 8)
+  ar.validate(c, 8)  # writes the codes' fields into the run config (saved as workdir/config.json)
+  assert (c.model.vocab_size, c.model.block_size, c.model.group_size, c.model.causal_num) == (64, 32, 4, 8)
 
 
 def test_model_fields_that_disagree_with_the_codes_are_errors(tmp_path):
