@@ -13,7 +13,7 @@ import pytest
 
 from detailflow_jax import app as app_cli
 from detailflow_jax import sample as sample_cli
-from detailflow_jax.sampling import SamplingOptions
+from detailflow_jax.sampling import Sampler, SamplingOptions
 
 from gpt_helpers import converted_gpt_dir
 
@@ -32,7 +32,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tokenizer_dir):
-  app = app_cli.build(tokenizer_dir, converted_gpt_dir(tmp_path_factory), max_batch=8)
+  app = app_cli.build(tokenizer_dir, converted_gpt_dir(tmp_path_factory), max_batch=4)
+  app.traces_after_warm_up = app.batcher.sampler.trace_count
+  app.decodes_after_warm_up = set(app.batcher.decoded_shapes)
   port = free_port()
   page = app.launch(port=port, server_name="127.0.0.1", prevent_thread_lock=True)
   client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -87,9 +89,10 @@ def test_concurrent_clients_share_sampler_calls(served):
   finals = [np.load(job.result()[5]) for job in jobs]
   used = app.batcher.sampler_calls - calls
   assert used < 8, f"8 requests took {used} sampler calls"
+  assert used >= 2  # 4 rows per call
   assert max(app.batcher.batch_sizes[-used:]) > 1
-  for i in (0, 5):  # batched rows equal the request run alone (per-row keys)
-    alone = app.batcher.sampler.sample(app.batcher.params, np.asarray([i % 10]),
+  for i in (0, 5):  # batched rows (another Sampler: the app's trace count stays the app's) equal the request run alone (per-row keys)
+    alone = Sampler(app.batcher.sampler.graphdef).sample(app.batcher.params, np.asarray([i % 10]),
                                        jax.random.split(jax.random.key(100 + i), 1),
                                        SamplingOptions(cfg_scale=GOOD["cfg_scale"]))
     np.testing.assert_array_equal(finals[i], np.asarray(alone))
@@ -100,7 +103,7 @@ def test_concurrent_clients_share_sampler_calls(served):
     (dict(class_value="no such class"), "is not one of"),
     (dict(num_tokens=0), "token budget must be an integer in \\[1, 32\\]"),
     (dict(num_tokens=33), "token budget must be an integer in \\[1, 32\\]"),
-    (dict(num_images=9), "number of images must be an integer in \\[1, 8\\]"),
+    (dict(num_images=5), "number of images must be an integer in \\[1, 4\\]"),
     (dict(top_k=-1), "top-k must be an integer in \\[0, "),
 ])
 def test_bad_input_gets_its_message_and_the_server_keeps_serving(served, overrides, message):
@@ -136,3 +139,12 @@ def test_class_names():
   assert app_cli.class_names(6, shapes=True)[:2] == ["red disc", "green square"]
   assert app_cli.parse_class("207: golden retriever", names) == 207
   assert app_cli.parse_class("Golden Retriever", names) == 207
+
+
+def test_nothing_compiled_while_serving(served):
+  """Runs last: every request above reused the programs the start-up compiled."""
+  app, _ = served
+  assert app.batcher.sampler.trace_count == app.traces_after_warm_up
+  # every preview decode had a (rows, tokens, side) the warm-up decoded (jit's cache: no compile)
+  assert app.batcher.decoded_shapes == app.decodes_after_warm_up
+  assert {rows for rows, _, _ in app.decodes_after_warm_up} == {4}
