@@ -358,6 +358,15 @@ def build(tokenizer_src, gpt_src, *, tokenizer_weights=None, gpt_weights=None, m
   from .pretrained import load_gpt, load_tokenizer
   gpt = load_gpt(gpt_src, weights=gpt_weights)
   tokenizer = load_tokenizer(tokenizer_src, weights=tokenizer_weights)
+  return build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, tokenizer_weights=tokenizer_weights,
+                           gpt_weights=gpt_weights, max_batch=max_batch, max_waiting=max_waiting,
+                           every=every, shapes=shapes, warm_up=warm_up)
+
+
+def build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, *, tokenizer_weights=None,
+                      gpt_weights=None, max_batch=8, max_waiting=16, every=1,
+                      shapes: Optional[bool] = None, warm_up: bool = True) -> App:
+  """The App over models already loaded (the notebook's); *_src name them in command lines."""
   if gpt.config.vocab_size != tokenizer.config.codebook_size:
     raise ValueError(f"GPT vocabulary ({gpt.config.vocab_size}) does not match the tokenizer "
                      f"codebook ({tokenizer.config.codebook_size})")
