@@ -262,8 +262,10 @@ class App:
     return Request(np.full(n, label, np.int32), seed, options, budget)
 
   def preview_grid(self, images) -> np.ndarray:
+    """Images [n, s, s, 3] in [-1, 1] -> a uint8 grid, each enlarged (nearest) to the display
+    size (converted to uint8 first: the conversion then runs on s x s pixels, not the display's)."""
     per_row = min(len(images), 4)
-    enlarged = [image_io.enlarge_nearest(x, self.display) for x in images]
+    enlarged = [image_io.enlarge_nearest(x, self.display) for x in image_io.to_uint8(images)]
     return image_io.grid_canvas([enlarged[i:i + per_row] for i in range(0, len(enlarged), per_row)])
 
   def generate(self, *controls):
@@ -275,22 +277,31 @@ class App:
       raise gr.Error(str(e), print_exception=False) from None
     start = time.time()
     previews = {}
-    while True:
-      kind, *payload = request.updates.get()
-      if kind == "error":
-        raise gr.Error(payload[0], print_exception=False)
-      if kind == "preview":
-        t, side, images = payload
-        previews[t] = images
-        status = f"{t} / {request.num_tokens} tokens: {side} px ({time.time() - start:.1f} s)"
-        yield status, self.preview_grid(images), None, None, None, None, ""
-        continue
-      tokens = payload[0]
-      break
     with self._lock:
       self._count += 1
       out = self.out_dir / f"result_{self._count:05d}"
     out.mkdir(parents=True, exist_ok=True)
+    tokens = None
+    while tokens is None:
+      # Everything that arrived while the last preview was on its way: the sampler never waits
+      # for the page, and a slow page (a busy server, a slow link) skips to the newest preview
+      # instead of falling behind (the strip below still shows every one).
+      updates = [request.updates.get()]
+      while not request.updates.empty():
+        updates.append(request.updates.get())
+      latest = None
+      for kind, *payload in updates:
+        if kind == "error":
+          raise gr.Error(payload[0], print_exception=False)
+        if kind == "preview":
+          previews[payload[0]] = payload[2]
+          latest = payload
+        else:
+          tokens = payload[0]
+      if latest is not None and tokens is None:
+        t, side, images = latest
+        status = f"{t} / {request.num_tokens} tokens: {side} px ({time.time() - start:.1f} s)"
+        yield status, self.png(self.preview_grid(images), out / f"preview_{t}.png"), None, None, None, None, ""
     final = previews[tokens.shape[1]]
     per_row = 8  # the sample CLI's default: the PNG is the grid it writes
     grid_rows = [list(final[i:i + per_row]) for i in range(0, len(final), per_row)]
@@ -303,8 +314,16 @@ class App:
                              request.options, request.num_tokens, self.weights)
     status = (f"done: {len(tokens)} image(s), {tokens.shape[1]} tokens, {final.shape[1]} px in "
               f"{time.time() - start:.1f} s")
-    yield (status, self.preview_grid(final), image_io.grid_canvas(grid_rows), strip, str(png),
-           str(out / "tokens.npy"), command)
+    yield (status, self.png(self.preview_grid(final), out / "preview.png"), str(png),
+           self.png(strip, out / "strip.png"), str(png), str(out / "tokens.npy"), command)
+
+  @staticmethod
+  def png(canvas: np.ndarray, path: pathlib.Path) -> str:
+    """Writes a uint8 canvas as a fast PNG (zlib level 1) and returns its path: Gradio serves
+    the file as it is, instead of encoding the array again on its own (one event loop)."""
+    from PIL import Image
+    Image.fromarray(canvas).save(path, compress_level=1)
+    return str(path)
 
   def blocks(self):
     import gradio as gr
