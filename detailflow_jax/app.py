@@ -227,8 +227,9 @@ class App:
   """The Gradio page over one StreamingBatcher: validation, previews, final outputs."""
 
   def __init__(self, batcher: StreamingBatcher, names: List[str], tokenizer_src: str, gpt_src: str,
-               weights: Optional[Dict[str, Optional[str]]] = None, out_dir=None):
-    self.batcher, self.names = batcher, names
+               weights: Optional[Dict[str, Optional[str]]] = None, out_dir=None,
+               all_previews: bool = False):
+    self.batcher, self.names, self.all_previews = batcher, names, all_previews
     self.tokenizer_src, self.gpt_src, self.weights = tokenizer_src, gpt_src, weights or {}
     self.out_dir = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="detailflow-app-"))
     self.display = max(batcher.image_size, MIN_DISPLAY)
@@ -287,7 +288,7 @@ class App:
       # for the page, and a slow page (a busy server, a slow link) skips to the newest preview
       # instead of falling behind (the strip below still shows every one).
       updates = [request.updates.get()]
-      while not request.updates.empty():
+      while not self.all_previews and not request.updates.empty():
         updates.append(request.updates.get())
       latest = None
       for kind, *payload in updates:
@@ -372,19 +373,21 @@ class App:
 
 
 def build(tokenizer_src, gpt_src, *, tokenizer_weights=None, gpt_weights=None, max_batch=8,
-          max_waiting=16, every=1, shapes: Optional[bool] = None, warm_up: bool = True) -> App:
+          max_waiting=16, every=1, shapes: Optional[bool] = None, warm_up: bool = True,
+          all_previews: bool = False) -> App:
   """Loads the models and returns the App (raises FileNotFoundError / ValueError)."""
   from .pretrained import load_gpt, load_tokenizer
   gpt = load_gpt(gpt_src, weights=gpt_weights)
   tokenizer = load_tokenizer(tokenizer_src, weights=tokenizer_weights)
   return build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, tokenizer_weights=tokenizer_weights,
                            gpt_weights=gpt_weights, max_batch=max_batch, max_waiting=max_waiting,
-                           every=every, shapes=shapes, warm_up=warm_up)
+                           every=every, shapes=shapes, warm_up=warm_up, all_previews=all_previews)
 
 
 def build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, *, tokenizer_weights=None,
                       gpt_weights=None, max_batch=8, max_waiting=16, every=1,
-                      shapes: Optional[bool] = None, warm_up: bool = True) -> App:
+                      shapes: Optional[bool] = None, warm_up: bool = True,
+                      all_previews: bool = False) -> App:
   """The App over models already loaded (the notebook's); *_src name them in command lines."""
   if gpt.config.vocab_size != tokenizer.config.codebook_size:
     raise ValueError(f"GPT vocabulary ({gpt.config.vocab_size}) does not match the tokenizer "
@@ -397,7 +400,7 @@ def build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, *, tokenizer_weigh
     batcher.warm_up()
   names = class_names(gpt.config.num_classes, shapes=bool(shapes))
   return App(batcher, names, str(tokenizer_src), str(gpt_src),
-             {"tokenizer": tokenizer_weights, "gpt": gpt_weights})
+             {"tokenizer": tokenizer_weights, "gpt": gpt_weights}, all_previews=all_previews)
 
 
 def main(argv=None) -> int:
@@ -414,6 +417,8 @@ def main(argv=None) -> int:
                       help="rows of every sampler call (padded; also the per-request limit)")
   parser.add_argument("--max-waiting", type=int, default=16, help="requests that may wait; more get 'busy'")
   parser.add_argument("--every", type=int, default=1, help="decode steps between previews")
+  parser.add_argument("--all-previews", action="store_true",
+                      help="send every preview, even when the page falls behind (default: the newest)")
   parser.add_argument("--class-names", choices=["auto", "shapes", "ids"], default="auto",
                       help="auto: ImageNet's for 1000 classes, the shapes' for the demo's models")
   args = parser.parse_args(argv)
@@ -429,7 +434,7 @@ def main(argv=None) -> int:
   try:
     app = build(tokenizer_src, gpt_src, tokenizer_weights=args.tokenizer_weights,
                 gpt_weights=args.gpt_weights, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                every=args.every, shapes=shapes)
+                every=args.every, shapes=shapes, all_previews=args.all_previews)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
