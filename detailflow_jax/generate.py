@@ -5,7 +5,7 @@ every local device, resumable, optionally scored.
       --out samples.npz [--seed 0 | --seeds 0,1,2] [--labels uniform|balanced] [--cfg-scale 1.45] \
       [--workdir CHUNKS] [--precision bfloat16] [--reference REF.npz --inception DIR]
 
-Sample i's label and key are pure functions of (seed, i) (detailflow_jax/eval/protocol.py), so
+Sample i's label and key are pure functions of (seed, i) (detailflow_jax/data/protocol.py), so
 the file is the same on any number of devices. Chunks of finished samples go to --workdir
 (default: OUT's name + '.chunks'); a rerun after a kill resumes there. The output holds
 `arr_0` uint8 [N, H, W, 3] and `arr_1` int32 labels [N]; `results.json` (next to the chunks)
@@ -14,20 +14,17 @@ FID, sFID, precision and recall (mean ± std over --seeds). Pods and clusters:
 launch/evaluate.py with a `:eval` config.
 """
 import argparse
-import logging
 import pathlib
 import sys
 
-from .eval.chunks import ChunkStoreError
 from .eval.generation import GenerationSettings, run_generation
-from .eval.protocol import LABEL_MODES
-from .eval.reference import EvalInputError
-from .eval.scores import ScoreError
-from .cli import int_list
-from .hub import WEIGHT_HELP
+from .data.protocol import LABEL_MODES
+from .cli import command, int_list
+from .weights.hub import WEIGHT_HELP
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokenizer", required=True, help="tokenizer: converted dir, run dir or Hub id")
@@ -54,23 +51,17 @@ def main(argv=None) -> int:
   parser.add_argument("--inception", default=None, help="converted Inception directory (to score)")
   parser.add_argument("--inception-batch", type=int, default=256)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
-    settings = GenerationSettings(
-        num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
-        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        precision=args.precision, per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
-    out = pathlib.Path(args.out)
-    workdir = pathlib.Path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")
-    results = run_generation(args.tokenizer, args.gpt, settings, seeds=seeds, workdir=workdir, out=out,
-                             reference=args.reference, inception=args.inception,
-                             gpt_weights=args.gpt_weights, png_dir=args.png_dir,
-                             inception_batch=args.inception_batch)
-  except (ValueError, FileNotFoundError, EvalInputError, ScoreError, ChunkStoreError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
+  settings = GenerationSettings(
+      num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
+      cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+      precision=args.precision, per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
+  out = pathlib.Path(args.out)
+  workdir = pathlib.Path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")
+  results = run_generation(args.tokenizer, args.gpt, settings, seeds=seeds, workdir=workdir, out=out,
+                           reference=args.reference, inception=args.inception,
+                           gpt_weights=args.gpt_weights, png_dir=args.png_dir,
+                           inception_batch=args.inception_batch)
   for run in results["runs"]:
     print(f"seed {run['seed']}: {run['samples']} ({run['summary']['images_made']} new images, "
           f"{run['summary']['images_per_second'] or 0:.2f} img/s)")

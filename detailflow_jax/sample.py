@@ -3,7 +3,7 @@
 Each of --tokenizer / --gpt is a converted directory, a released run directory, or a Hub id
 (`python -m detailflow_jax.sample --tokenizer ByteFlow-AI/DetailFlow-16 --gpt
 ByteFlow-AI/DetailFlow-16-GPT-L --labels 207,360 --out grid.png` downloads, converts and caches
-both on first use; see detailflow_jax/hub.py).
+both on first use; see detailflow_jax/weights/hub.py).
 
 Samples one token sequence per label with the KV-cache sampler, decodes each with the tokenizer
 at the resolution its tokens stand for, and writes a PNG grid. `--progressive` also writes, per
@@ -16,12 +16,13 @@ import time
 
 import numpy as np
 
-from . import images as image_io
-from .cli import int_list
-from .hub import WEIGHT_HELP
+from .inference import images as image_io
+from .cli import command, int_list
+from .weights.hub import WEIGHT_HELP
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.sample", description=__doc__)
   parser.add_argument("--tokenizer", required=True,
                       help="tokenizer: converted directory, released run directory or Hub id "
@@ -57,31 +58,27 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   import jax
-  from .inference import TokenizerFns
-  from .pretrained import load_gpt, load_tokenizer
-  from .sampling import Sampler, SamplingOptions
+  from .inference.tokenizer import TokenizerFns
+  from .weights.load import load_gpt, load_tokenizer
+  from .inference.sampler import Sampler, SamplingOptions
 
-  try:
-    start = time.time()
-    gpt = load_gpt(args.gpt, weights=args.gpt_weights)
-    tokenizer = load_tokenizer(args.tokenizer, weights=args.tokenizer_weights)
-    cfg = gpt.config
-    labels = int_list(args.labels, "--labels", low=0, high=cfg.num_classes - 1)
-    if cfg.vocab_size != tokenizer.config.codebook_size:
-      raise ValueError(f"GPT vocabulary ({cfg.vocab_size}) does not match the tokenizer codebook "
-                       f"({tokenizer.config.codebook_size})")
-    if cfg.block_size > tokenizer.config.num_latent_tokens:
-      raise ValueError(f"GPT block_size {cfg.block_size} exceeds the tokenizer's "
-                       f"{tokenizer.config.num_latent_tokens} tokens")
-    num_tokens = cfg.block_size if args.num_tokens is None else args.num_tokens
-    if not 1 <= num_tokens <= cfg.block_size:
-      raise ValueError(f"--num-tokens must be in [1, {cfg.block_size}], got {num_tokens}")
-    options = SamplingOptions(cfg_scale=args.cfg_scale, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
-                              gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  start = time.time()
+  gpt = load_gpt(args.gpt, weights=args.gpt_weights)
+  tokenizer = load_tokenizer(args.tokenizer, weights=args.tokenizer_weights)
+  cfg = gpt.config
+  labels = int_list(args.labels, "--labels", low=0, high=cfg.num_classes - 1)
+  if cfg.vocab_size != tokenizer.config.codebook_size:
+    raise ValueError(f"GPT vocabulary ({cfg.vocab_size}) does not match the tokenizer codebook "
+                     f"({tokenizer.config.codebook_size})")
+  if cfg.block_size > tokenizer.config.num_latent_tokens:
+    raise ValueError(f"GPT block_size {cfg.block_size} exceeds the tokenizer's "
+                     f"{tokenizer.config.num_latent_tokens} tokens")
+  num_tokens = cfg.block_size if args.num_tokens is None else args.num_tokens
+  if not 1 <= num_tokens <= cfg.block_size:
+    raise ValueError(f"--num-tokens must be in [1, {cfg.block_size}], got {num_tokens}")
+  options = SamplingOptions(cfg_scale=args.cfg_scale, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                            gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval)
   print(f"loaded GPT ({cfg.n_layer} layers, dim {cfg.dim}, {cfg.block_size} tokens, group "
         f"{cfg.group_size}) and tokenizer in {time.time() - start:.1f}s", flush=True)
 
