@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from detailflow_jax import app as app_cli
-from detailflow_jax.sampling import SamplingOptions
+from detailflow_jax.inference.sampler import SamplingOptions
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "detailflow_tiny_a"
 

@@ -25,11 +25,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import images as image_io
+from .inference import images as image_io
 
 DEMO_DIR = pathlib.Path("detailflow_demo")
 DEMO_MODELS = {"tokenizer": DEMO_DIR / "tokenizer" / "export", "gpt": DEMO_DIR / "gpt" / "export"}
@@ -43,7 +42,7 @@ class BusyError(RuntimeError):
   """The bounded request queue is full."""
 
 
-def imagenet_class_names() -> List[str]:
+def imagenet_class_names() -> list[str]:
   """ImageNet's 1000 class names in class-id order, from the list tensorflow-datasets ships
   (SI-Score's IMAGENET_LABELS_LIST; imagenet2012/labels.txt holds only WordNet ids)."""
   from tensorflow_datasets.datasets.siscore.labels import IMAGENET_LABELS_LIST
@@ -52,13 +51,13 @@ def imagenet_class_names() -> List[str]:
   return list(IMAGENET_LABELS_LIST)
 
 
-def class_names(num_classes: int, shapes: bool) -> List[str]:
+def class_names(num_classes: int, shapes: bool) -> list[str]:
   """Names of a GPT's classes: ImageNet's for 1000 classes, the procedural shapes' (the demo's
   classes) with `shapes`, else "class k"."""
   if num_classes == 1000:
     return imagenet_class_names()
   if shapes:
-    from .demo import class_names as shape_names
+    from .demo.run import class_names as shape_names
     return shape_names(num_classes)
   return [f"class {k}" for k in range(num_classes)]
 
@@ -92,8 +91,8 @@ class StreamingBatcher:
                window_s: float = 0.05, every: int = 1):
     from flax import nnx
 
-    from .inference import TokenizerFns
-    from .sampling import Sampler
+    from .inference.sampler import Sampler
+    from .inference.tokenizer import TokenizerFns
     if max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     self.config = gpt.config
@@ -104,9 +103,9 @@ class StreamingBatcher:
     self.image_size = tokenizer.config.image_size
     self.max_batch, self.max_waiting, self.window_s, self.every = max_batch, max_waiting, window_s, every
     self.sampler_calls = 0
-    self.batch_sizes: List[int] = []   # images per sampler call (before padding)
+    self.batch_sizes: list[int] = []   # images per sampler call (before padding)
     self.decoded_shapes = set()        # (rows, tokens, side) of every preview decode run
-    self._waiting: List[Request] = []
+    self._waiting: list[Request] = []
     self._cond = threading.Condition()
     self._worker = threading.Thread(target=self._loop, name="detailflow-app-batcher", daemon=True)
     self._worker.start()
@@ -122,7 +121,7 @@ class StreamingBatcher:
       self._cond.notify()
     return request
 
-  def _take_batch(self) -> List[Request]:
+  def _take_batch(self) -> list[Request]:
     with self._cond:
       while not self._waiting:
         self._cond.wait()
@@ -149,7 +148,7 @@ class StreamingBatcher:
 
   # --- one sampler call ---------------------------------------------------------------
 
-  def run_batch(self, batch: List[Request]) -> None:
+  def run_batch(self, batch: list[Request]) -> None:
     import jax
     rows = sum(len(r.labels) for r in batch)
     padded = self.max_batch  # one batch shape: the start-up programs serve every call
@@ -179,7 +178,7 @@ class StreamingBatcher:
   def warm_up(self, guidance_options=None) -> None:
     """Compiles the largest batch's stream and preview decodes (with and without guidance when
     the GPT has a null class) before the first user arrives."""
-    from .sampling import SamplingOptions
+    from .inference.sampler import SamplingOptions
     variants = [SamplingOptions(cfg_scale=1.0)]
     if self.config.has_null_class:
       variants.append(SamplingOptions(cfg_scale=1.5))
@@ -192,7 +191,7 @@ class StreamingBatcher:
 # --- the page ------------------------------------------------------------------------------
 
 def sample_command(tokenizer_src: str, gpt_src: str, labels, seed: int, options, num_tokens: int,
-                   weights: Dict[str, Optional[str]]) -> str:
+                   weights: dict[str, str | None]) -> str:
   """The `python -m detailflow_jax.sample` command line that reproduces a result exactly."""
   parts = ["python -m detailflow_jax.sample", f"--tokenizer {tokenizer_src}", f"--gpt {gpt_src}"]
   for name in ("tokenizer", "gpt"):
@@ -207,7 +206,7 @@ def sample_command(tokenizer_src: str, gpt_src: str, labels, seed: int, options,
   return " ".join(parts)
 
 
-def parse_class(value, names: List[str]) -> int:
+def parse_class(value, names: list[str]) -> int:
   """A class from the dropdown: "k: name", a bare id or an exact name -> its id (checked)."""
   text = str(value if value is not None else "").strip()
   head = text.split(":", 1)[0].strip()
@@ -226,8 +225,8 @@ def parse_class(value, names: List[str]) -> int:
 class App:
   """The Gradio page over one StreamingBatcher: validation, previews, final outputs."""
 
-  def __init__(self, batcher: StreamingBatcher, names: List[str], tokenizer_src: str, gpt_src: str,
-               weights: Optional[Dict[str, Optional[str]]] = None, out_dir=None,
+  def __init__(self, batcher: StreamingBatcher, names: list[str], tokenizer_src: str, gpt_src: str,
+               weights: dict[str, str | None] | None = None, out_dir=None,
                all_previews: bool = False):
     self.batcher, self.names, self.all_previews = batcher, names, all_previews
     self.tokenizer_src, self.gpt_src, self.weights = tokenizer_src, gpt_src, weights or {}
@@ -239,7 +238,7 @@ class App:
   def request(self, class_value, num_images, cfg_scale, gradual_cfg, temperature, top_k, top_p,
               num_tokens, seed) -> Request:
     """A checked Request; ValueError names the first bad control."""
-    from .sampling import SamplingOptions
+    from .inference.sampler import SamplingOptions
     cfg = self.batcher.config
 
     def integer(value, name, low, high):
@@ -361,8 +360,8 @@ class App:
                    api_name="generate", concurrency_limit=None)
     return page
 
-  def launch(self, *, port: Optional[int] = None, share: bool = False, server_name=None,
-             inline: Optional[bool] = None, prevent_thread_lock: bool = False):
+  def launch(self, *, port: int | None = None, share: bool = False, server_name=None,
+             inline: bool | None = None, prevent_thread_lock: bool = False):
     page = self.blocks()
     # Gradio's queue only forwards: the handlers wait on the batcher, whose own bound says busy.
     page.queue(max_size=None, default_concurrency_limit=None)
@@ -373,10 +372,10 @@ class App:
 
 
 def build(tokenizer_src, gpt_src, *, tokenizer_weights=None, gpt_weights=None, max_batch=8,
-          max_waiting=16, every=1, shapes: Optional[bool] = None, warm_up: bool = True,
+          max_waiting=16, every=1, shapes: bool | None = None, warm_up: bool = True,
           all_previews: bool = False) -> App:
   """Loads the models and returns the App (raises FileNotFoundError / ValueError)."""
-  from .pretrained import load_gpt, load_tokenizer
+  from .weights.load import load_gpt, load_tokenizer
   gpt = load_gpt(gpt_src, weights=gpt_weights)
   tokenizer = load_tokenizer(tokenizer_src, weights=tokenizer_weights)
   return build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, tokenizer_weights=tokenizer_weights,
@@ -386,7 +385,7 @@ def build(tokenizer_src, gpt_src, *, tokenizer_weights=None, gpt_weights=None, m
 
 def build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, *, tokenizer_weights=None,
                       gpt_weights=None, max_batch=8, max_waiting=16, every=1,
-                      shapes: Optional[bool] = None, warm_up: bool = True,
+                      shapes: bool | None = None, warm_up: bool = True,
                       all_previews: bool = False) -> App:
   """The App over models already loaded (the notebook's); *_src name them in command lines."""
   if gpt.config.vocab_size != tokenizer.config.codebook_size:

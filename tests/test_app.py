@@ -10,12 +10,11 @@ import threading
 import jax
 import numpy as np
 import pytest
+from gpt_helpers import converted_gpt_dir
 
 from detailflow_jax import app as app_cli
 from detailflow_jax import sample as sample_cli
-from detailflow_jax.sampling import Sampler, SamplingOptions
-
-from gpt_helpers import converted_gpt_dir
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -91,7 +90,8 @@ def test_concurrent_clients_share_sampler_calls(served):
   assert used < 8, f"8 requests took {used} sampler calls"
   assert used >= 2  # 4 rows per call
   assert max(app.batcher.batch_sizes[-used:]) > 1
-  for i in (0, 5):  # batched rows (another Sampler: the app's trace count stays the app's) equal the request run alone (per-row keys)
+  # batched rows equal the request run alone (per-row keys; another Sampler keeps the app's trace count)
+  for i in (0, 5):
     alone = Sampler(app.batcher.sampler.graphdef).sample(app.batcher.params, np.asarray([i % 10]),
                                        jax.random.split(jax.random.key(100 + i), 1),
                                        SamplingOptions(cfg_scale=GOOD["cfg_scale"]))

@@ -9,10 +9,9 @@ import socket
 import time
 
 import pytest
+from gpt_helpers import converted_gpt_dir
 
 from detailflow_jax import app as app_cli
-
-from gpt_helpers import converted_gpt_dir
 
 pytestmark = pytest.mark.slow
 webdriver = pytest.importorskip("selenium.webdriver")

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from detailflow_jax.sampling import Sampler, SamplingOptions
-from detailflow_jax.sharding import batch_sharding, make_mesh
-
 from gpt_helpers import fixture_sampler, loaded_gpt, random_gpt
+
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions
+from detailflow_jax.sharding import batch_sharding, make_mesh
 
 OPTIONS = {
     "cfg": SamplingOptions(cfg_scale=2.0, temperature=1.3, top_k=12),

@@ -28,7 +28,8 @@ previews as the image arrives): one more compiled program, whose step range is t
 the tokens and the KV cache from segment to segment.
 """
 import math
-from typing import Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +176,7 @@ def choose_tokens(logits: jax.Array, key: jax.Array, opts: SamplingOptions) -> j
 
 def _generate(model: GPT, labels, key, opts: SamplingOptions, num_tokens, forced_tokens, *,
               guidance: bool, record_logits: bool, cache_attention: str, constrain,
-              state: Optional[SamplingState] = None, steps=None):
+              state: SamplingState | None = None, steps=None):
   """The final SamplingState: tokens [B, block_size] (valid up to num_tokens) and, with
   `record_logits`, the guided logits each was chosen from. With `forced_tokens`, those tokens
   are fed instead of the chosen ones (teacher forcing through the cache). `constrain` pins a
@@ -419,7 +420,7 @@ class Sampler:
       return tokens[:, :num_tokens], record[:, :num_tokens]
     return tokens[:, :num_tokens]
 
-  def step_token_counts(self, num_tokens: Optional[int] = None) -> List[int]:
+  def step_token_counts(self, num_tokens: int | None = None) -> list[int]:
     """Tokens known after each decode step for a budget of `num_tokens`: 1 .. causal_len one
     by one, then one group per step, the last cut to the budget (the schedule's token_list for
     the full budget)."""
@@ -430,7 +431,7 @@ class Sampler:
     return counts
 
   def sample_stream(self, params, labels, key: jax.Array, options: SamplingOptions = SamplingOptions(),
-                    *, num_tokens: Optional[int] = None, every: int = 1) -> Iterator[jax.Array]:
+                    *, num_tokens: int | None = None, every: int = 1) -> Iterator[jax.Array]:
     """`sample`, streamed: a generator of int32 token prefixes [B, t] after every `every` decode
     steps (step_token_counts: each causal-prefix token, then each group), the last of which is
     exactly what `sample(params, labels, key, options, num_tokens=...)` returns.
