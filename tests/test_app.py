@@ -31,7 +31,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tokenizer_dir):
-  app = app_cli.build(tokenizer_dir, converted_gpt_dir(tmp_path_factory), max_batch=4)
+  app = app_cli.build(tokenizer_dir, converted_gpt_dir(tmp_path_factory), max_batch=4,
+                      all_previews=True)  # every preview reaches the client (skipping: below)
   app.traces_after_warm_up = app.batcher.sampler.trace_count
   app.decodes_after_warm_up = set(app.batcher.decoded_shapes)
   port = free_port()
@@ -148,3 +149,23 @@ def test_nothing_compiled_while_serving(served):
   # every preview decode had a (rows, tokens, side) the warm-up decoded (jit's cache: no compile)
   assert app.batcher.decoded_shapes == app.decodes_after_warm_up
   assert {rows for rows, _, _ in app.decodes_after_warm_up} == {4}
+
+
+def test_a_page_that_falls_behind_skips_to_the_newest_preview(served, monkeypatch):
+  """Updates that queued up while the page was busy: one preview (the newest) is sent, then the
+  final result, whose strip still holds every preview."""
+  app, _ = served
+  batcher = app.batcher
+  request = app.request("1", 1, 1.5, False, 1.0, 0, 1.0, 32, 0)
+  counts = batcher.sampler.step_token_counts(32)
+  for t in counts:
+    side = batcher.schedule.decode_resolution(t)
+    request.updates.put(("preview", t, side, np.zeros((1, side, side, 3), np.float32)))
+  request.updates.put(("final", np.zeros((1, 32), np.int32)))
+  monkeypatch.setattr(batcher, "submit", lambda r: request)
+  monkeypatch.setattr(app, "all_previews", False)
+  outputs = list(app.generate("1", 1, 1.5, False, 1.0, 0, 1.0, 32, 0))
+  assert len(outputs) == 1 and outputs[0][0].startswith("done")  # all had arrived: no preview
+  from PIL import Image
+  strip = np.asarray(Image.open(outputs[0][3]))
+  assert strip.shape[1] >= len(counts) * batcher.image_size
