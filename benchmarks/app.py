@@ -10,7 +10,9 @@ python -m benchmarks.app [--quick] [--tokenizer X --gpt Y] [--every K] [--rounds
   cli_images_per_s: what `python -m detailflow_jax.sample` does for 8 images once compiled
     (Sampler.sample + one decode, same models, options and batch), best of --rounds;
   throughput_ratio = images_per_s / cli_images_per_s (the target: >= 0.9), sampler_calls of the
-  concurrent rounds, device, models.
+  concurrent rounds, device, models;
+  stream_images_per_s: the batcher's own work for 8 images (sample_stream + every preview decode),
+  in process, no HTTP; stream_ratio = that / cli_images_per_s (what streaming itself costs).
 The app serves on 127.0.0.1 in this process (max batch 8, start-up compile excluded, reported as
 warm_up_s). Models: X / Y as `sample` takes them (default: the demo's ./detailflow_demo);
 --quick: the test fixture's tiny tokenizer and GPT, converted into a temporary directory.
@@ -135,6 +137,12 @@ def main(argv=None) -> int:
     np.asarray(batcher.fns.decode(tokens, budget))
     cli.append(8 / (time.perf_counter() - start))
   cli_images_per_s = max(cli[1:])
+  # the server's own work for the same 8 images (stream + every preview decode), without HTTP
+  server = []
+  for r in range(args.rounds):
+    start = time.perf_counter()
+    batcher.run_batch([app_cli.Request(labels, r, options, budget)])
+    server.append(8 / (time.perf_counter() - start))
   client.close()
   page.close()
   images_per_s = max(rounds)
@@ -142,6 +150,8 @@ def main(argv=None) -> int:
       "first_preview_s": first_preview, "final_s": final,
       "images_per_s": round(images_per_s, 3), "cli_images_per_s": round(cli_images_per_s, 3),
       "throughput_ratio": round(images_per_s / cli_images_per_s, 3),
+      "stream_images_per_s": round(max(server), 3),
+      "stream_ratio": round(max(server) / cli_images_per_s, 3),
       "sampler_calls_per_8_clients": calls, "every": args.every, "warm_up_s": round(warm_up_s, 1),
       "tokens": budget, "cfg_scale": args.cfg_scale, "device": str(jax.devices()[0]),
       "models": {"tokenizer": str(tokenizer_src), "gpt": str(gpt_src)}}))
