@@ -170,7 +170,7 @@ def run(golden):
     noise_idx = schedule.noise_index(int(g["draw_noise_raw"]))
   batch = {"image": images, "target": target, "t": t, "max_tokens": max_tokens,
            "decode_res": decode_res, "noise_idx": noise_idx}
-  prog = trainer.programs(batch, 0)
+  prog = trainer.programs(batch)
   rows = images.shape[0] * (2 if prog.correct else 1)
   calls = [str(x) for x in g["aug_calls"]]
   aug = {name: _augment_draws(g, name, rows) if name in calls else None for name in recipe.AUGMENT_CALLS}
@@ -196,7 +196,7 @@ def run(golden):
     out.update(d_loss=d_loss, lecam_ema=lecam_ema, d_extras=d_extras, d_metrics=d_metrics,
                d_logits=d_logits, d_grads=d_grads)
   # The whole jitted step (what training runs), from a copy of the state (the step donates it).
-  new_state, step_metrics = trainer.step(jax.tree.map(jnp.copy, state), batch, 0, draws)
+  new_state, step_metrics = trainer.step(jax.tree.map(jnp.copy, state), batch, draws)
   out.update(new_state=new_state, step_metrics=step_metrics)
   return out
 

@@ -389,10 +389,9 @@ class TokenizerTrainer:
       new = new.replace(disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt)
     return new, metrics
 
-  def programs(self, batch, step: int) -> StepPrograms:
-    """`step` (updates done so far) no longer selects a program: the GAN weight is traced from
-    it (kept in the signature for the callers)."""
-    del step
+  def programs(self, batch) -> StepPrograms:
+    """The static settings of the program that runs `batch` (the GAN weight and the step count
+    are traced, so they never select one)."""
     decode_res = int(batch["decode_res"])
     gan_on = self._disc_graphdef is not None
     if gan_on and decode_res < self.disc_min_size:
@@ -405,30 +404,28 @@ class TokenizerTrainer:
                         bool(self.config.correction_training and int(batch["noise_idx"]) >= 0),
                         bool(gan_on))
 
-  def step(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None,
-           draws: Optional[TokenizerDraws] = None):
-    """One update. `step` (the host's count, to avoid a device sync) defaults to state.step.
-    `draws`: the step's random draws (default: drawn inside the step from state.rng)."""
-    fn, arrays = self._program(state, batch, step, draws is not None)
+  def step(self, state: TokenizerTrainState, batch: Dict[str, Any], draws: Optional[TokenizerDraws] = None):
+    """One update. `draws`: the step's random draws (default: drawn inside the step from
+    state.rng)."""
+    fn, arrays = self._program(batch, draws is not None)
     with jax.set_mesh(self.mesh):
       if draws is not None:
         return fn(state, self.frozen, arrays, draws)
       return fn(state, self.frozen, arrays)
 
-  def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
+  def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any]):
     """The compiled executable `step` runs for this batch (for cost analysis)."""
-    return self.lower(state, batch, step).compile()
+    return self.lower(state, batch).compile()
 
-  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
+  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any]):
     """The program `step` runs for this batch, lowered ahead of time (state and images may be
     ShapeDtypeStructs, e.g. from init_state(abstract=True))."""
-    fn, arrays = self._program(state, batch, step)
+    fn, arrays = self._program(batch)
     with jax.set_mesh(self.mesh):
       return fn.lower(state, self.frozen, arrays)
 
-  def _program(self, state, batch, step, given_draws: bool = False):
-    step = int(jax.device_get(state.step)) if step is None else step
-    prog = self.programs(batch, step)
+  def _program(self, batch, given_draws: bool = False):
+    prog = self.programs(batch)
     # (image/target may be ShapeDtypeStructs when lowering ahead of time)
     arrays = {"image": batch["image"], "target": batch["target"],
               "noise_idx": jnp.int32(batch["noise_idx"])}
@@ -608,14 +605,6 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
       dynamic=dynamic, num_workers=d.num_workers)
   data_iter = image_iterator(source, pipeline, tokenizer.schedule, log_every=0)
   batches = (global_batch(b, mesh) for b in data_iter)
-  host_step = []  # the step count on the host, read from the (restored) state once
-
-  def step_fn(state, batch):
-    if not host_step:
-      host_step.append(int(jax.device_get(state.step)))
-    state, metrics = trainer.step(state, batch, host_step[0])
-    host_step[0] += 1
-    return state, metrics
 
   hooks = []
   if c.recon_every:
@@ -646,7 +635,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
     model = inference_export(trainer.model(state, ema=True))
     return "tokenizer", model.config.to_dict(), model
 
-  state = run.run(state=state, state_shardings=trainer.state_shardings, step_fn=step_fn,
+  state = run.run(state=state, state_shardings=trainer.state_shardings, step_fn=trainer.step,
                   data_iterator=data_iter, batches=batches, num_steps=steps, export=export, hooks=hooks)
   log.info("%d step programs compiled", trainer.num_programs)
   return state
