@@ -590,7 +590,7 @@ def test_gradients_and_global_norm(step, golden_gpt):
   _, grads = fn(step.state.params, step.state.extras, step.batch, step.draws)
   ours = torch_layout(step.graphdef, grads, step.state.extras)
   prefix = "gpt_grad" if step.case == "nodrop" else "gpt_tokdrop_grad"
-  names = [k.split("/", 1)[1] for k in golden if k.startswith(prefix + "/")]
+  names = [k.split("/", 1)[1] for k in golden_gpt if k.startswith(prefix + "/")]
   assert set(names) <= set(ours) and names
   if step.case == "nodrop":
     assert set(names) == set(ours) == set(golden_gpt["gpt_param_names"])
@@ -634,7 +634,7 @@ def test_one_step_updates_parameters_ema_and_moments(step, golden_gpt):
   clip = min(1.0, TRAIN_C2I_DEFAULTS["max_grad_norm"] / (norm + 1e-6))
   mu = torch_layout(step.graphdef, optax.tree_utils.tree_get(new.opt_state, "mu"), step.state.extras)
   prefix = "gpt_grad" if step.case == "nodrop" else "gpt_tokdrop_grad"
-  names = [k.split("/", 1)[1] for k in golden if k.startswith(prefix + "/")]
+  names = [k.split("/", 1)[1] for k in golden_gpt if k.startswith(prefix + "/")]
   want_mu = {f"mu/{n}": (1 - TRAIN_C2I_DEFAULTS["beta1"]) * clip * golden_gpt[f"{prefix}/{n}"] for n in names}
   check_tensors(f"{step.case} Adam first moment (clip factor {clip:.6f})", mu, want_mu, "mu", names)
   grad_norm = np.linalg.norm(np.concatenate([golden_gpt[f"{prefix}/{n}"].ravel() for n in names]))
