@@ -16,7 +16,9 @@ from typing import Dict
 
 import numpy as np
 
+from .cli import add_compile_cache_flags, use_compile_cache
 from .convert.inception import file_sha256
+from .hub import cache_root
 from .eval import scores
 from .eval.reference import (EvalInputError, HASH_KEY, batch_statistics, load_batch,
                              save_npz_atomically)
@@ -81,11 +83,13 @@ def main(argv=None) -> int:
   parser.add_argument("--batch-size", type=int, default=256, help="global batch (rounded up to the device count)")
   parser.add_argument("--json", default=None, help="also write the scores and input hashes here")
   parser.add_argument("--save-features", default=None, help="write the samples' pool/spatial/logits .npz")
+  add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
   if args.batch_size < 1:
     parser.error(f"--batch-size must be positive, got {args.batch_size}")
   try:
+    use_compile_cache(args, cache_root())
     result = evaluate(args.reference, args.samples, args.inception, args.batch_size, args.save_features)
   except (EvalInputError, scores.ScoreError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -13,8 +13,8 @@ import numpy as np
 
 from . import images as image_io
 from .images import enlarge_nearest
-from .cli import int_list
-from .hub import WEIGHT_HELP
+from .cli import add_compile_cache_flags, int_list, use_compile_cache
+from .hub import WEIGHT_HELP, cache_root
 
 
 def main(argv=None) -> int:
@@ -32,12 +32,14 @@ def main(argv=None) -> int:
                       help=".npz of float32 NHWC decodes before clipping, keys t{t}")
   parser.add_argument("--no-enlarge", action="store_true",
                       help="show partial decodes at their own size instead of enlarged")
+  add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
 
   from .inference import TokenizerFns
   from .pretrained import load_tokenizer
 
   try:
+    use_compile_cache(args, cache_root())
     model = load_tokenizer(args.tokenizer, weights=args.weights)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

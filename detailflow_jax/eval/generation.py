@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ..images import to_uint8
-from ..sampling import Sampler, SamplingOptions
+from ..sampling import Sampler, SamplingOptions, check_weights_dtype
 from .. import sharding
 
 from . import protocol
@@ -45,6 +45,7 @@ class GenerationSettings:
   top_k: int = 0
   top_p: float = 1.0
   precision: str = "float32"
+  weights_dtype: str = "float32"  # GPT matmul kernels (sampling.Sampler's weights_dtype)
   per_device_batch: int = 4      # the reference's per-rank batch
   chunk_size: int = 1000
   param_layout: str = "replicated"
@@ -52,6 +53,11 @@ class GenerationSettings:
   def __post_init__(self):
     protocol.check_label_mode(self.label_mode)
     check_precision(self.precision)
+    check_weights_dtype(self.weights_dtype)
+    if self.weights_dtype != "float32" and self.precision != "float32":
+      raise ValueError(f"weights_dtype={self.weights_dtype!r} (weight-only, float32 activations) "
+                       f"needs precision='float32'; precision={self.precision!r} already runs "
+                       "every GPT weight in that dtype")
     if self.param_layout not in PARAM_LAYOUTS:
       raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {self.param_layout!r}")
     for name in ("num_samples", "per_device_batch", "chunk_size"):
@@ -66,11 +72,19 @@ class GenerationSettings:
   def protocol(self) -> Dict:
     d = dataclasses.asdict(self)
     d.pop("per_device_batch")  # the images do not depend on it
+    if d["weights_dtype"] == "float32":
+      d.pop("weights_dtype")  # the default: protocols written before the field existed still match
     return d
 
 
-def precision_record(precision: str) -> Dict:
-  """What `precision` means in this job, for the output metadata."""
+def precision_record(precision: str, weights_dtype: str = "float32") -> Dict:
+  """What `precision` (and the GPT's `weights_dtype`) mean in this job, for the output metadata."""
+  if precision == "float32" and weights_dtype == "bfloat16":
+    return {"name": "float32", "weights_dtype": "bfloat16",
+            "gpt": "matmul kernels cast to bfloat16 (weight-only: inputs rounded to bfloat16 for "
+                   "each product, float32 accumulation and result); norms, embeddings, "
+                   "activations, KV cache and logits float32",
+            "tokenizer_decode": "float32 weights and activations"}
   if precision == "float32":
     return {"name": "float32", "gpt": "float32 weights and activations",
             "tokenizer_decode": "float32 weights and activations"}
@@ -119,7 +133,8 @@ class GenerationJob:
     self.image_size = tokenizer.config.image_size
     # Labels, keys and tokens are batch-sharded over the mesh by the sampler; each device
     # always samples per_device_batch rows, whatever the device count.
-    self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh)
+    self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh, weights_dtype=settings.weights_dtype)
+    self.gpt_params = self.sampler.cast_weights(self.gpt_params)
 
   def images(self, start: int, stop: int) -> np.ndarray:
     """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""
@@ -286,7 +301,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
           "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see eval/protocol.py",
           "uint8": "clip(127.5 x + 128, 0, 255) truncated, as the reference's samplers",
       },
-      "precision": precision_record(settings.precision),
+      "precision": precision_record(settings.precision, settings.weights_dtype),
       "models": models, "packages": package_versions(),
       "devices": {"count": jax.device_count(), "processes": jax.process_count(),
                   "platform": jax.default_backend(),
