@@ -21,7 +21,7 @@ import jax
 def fixture_models(tmp: pathlib.Path):
   from detailflow_jax.convert.gpt import convert_gpt
   from detailflow_jax.convert.tokenizer import convert_tokenizer
-  from detailflow_jax.pretrained import load_gpt, load_tokenizer
+  from detailflow_jax.weights.load import load_gpt, load_tokenizer
   tiny = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "detailflow_tiny_a"
   convert_tokenizer(tiny / "tokenizer" / "checkpoints" / "tokenizer.pt", tmp / "tok")
   convert_gpt(tiny / "gpt" / "checkpoints" / "gpt.pt", tmp / "gpt")

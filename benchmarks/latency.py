@@ -52,7 +52,7 @@ from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
 from detailflow_jax.convert.common import load_state_dict  # noqa: E402
 from detailflow_jax.models.gpt import GPTConfig  # noqa: E402
 from detailflow_jax.models.keys import InitKeys  # noqa: E402
-from detailflow_jax.sampling import (Sampler, SamplingOptions, WEIGHTS_DTYPES,  # noqa: E402
+from detailflow_jax.inference.sampler import (Sampler, SamplingOptions, WEIGHTS_DTYPES,  # noqa: E402
                                      weight_bytes_per_step)
 
 TARGETS = {"speedup_float32": 6.0, "speedup_bfloat16": 10.0, "bandwidth_fraction_float32": 0.8}

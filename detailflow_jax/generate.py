@@ -14,20 +14,17 @@ FID, sFID, precision and recall (mean ± std over --seeds). Pods and clusters:
 launch/evaluate.py with a `:eval` config.
 """
 import argparse
-import logging
 import pathlib
 import sys
 
-from .eval.chunks import ChunkStoreError
 from .eval.generation import GenerationSettings, run_generation
-from .eval.protocol import LABEL_MODES
-from .eval.reference import EvalInputError
-from .eval.scores import ScoreError
-from .cli import add_compile_cache_flags, int_list, use_compile_cache
-from .hub import WEIGHT_HELP, cache_root
+from .data.protocol import LABEL_MODES
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
+from .weights.hub import WEIGHT_HELP, cache_root
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokenizer", required=True, help="tokenizer: converted dir, run dir or Hub id")
@@ -59,25 +56,19 @@ def main(argv=None) -> int:
   parser.add_argument("--inception-batch", type=int, default=256)
   add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    use_compile_cache(args, cache_root())
-    seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
-    settings = GenerationSettings(
-        num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
-        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        precision=args.precision, weights_dtype=args.weights_dtype,
-        per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
-    out = pathlib.Path(args.out)
-    workdir = pathlib.Path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")
-    results = run_generation(args.tokenizer, args.gpt, settings, seeds=seeds, workdir=workdir, out=out,
-                             reference=args.reference, inception=args.inception,
-                             gpt_weights=args.gpt_weights, png_dir=args.png_dir,
-                             inception_batch=args.inception_batch)
-  except (ValueError, FileNotFoundError, EvalInputError, ScoreError, ChunkStoreError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  use_compile_cache(args, cache_root())
+  seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
+  settings = GenerationSettings(
+      num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
+      cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+      precision=args.precision, weights_dtype=args.weights_dtype,
+      per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
+  out = pathlib.Path(args.out)
+  workdir = pathlib.Path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")
+  results = run_generation(args.tokenizer, args.gpt, settings, seeds=seeds, workdir=workdir, out=out,
+                           reference=args.reference, inception=args.inception,
+                           gpt_weights=args.gpt_weights, png_dir=args.png_dir,
+                           inception_batch=args.inception_batch)
   for run in results["runs"]:
     print(f"seed {run['seed']}: {run['samples']} ({run['summary']['images_made']} new images, "
           f"{run['summary']['images_per_second'] or 0:.2f} img/s)")

@@ -3,6 +3,7 @@ scheme epath has a backend for) with the same code. Local paths come back as pat
 before, so local callers see no difference. Also the one owner of atomic writes (a file or a
 directory appears whole under its final name, or not at all)."""
 import contextlib
+import hashlib
 import io
 import os
 import pathlib
@@ -115,3 +116,12 @@ def write_dir_atomically(out_dir, write: Callable[[AnyPath], None],
       rmtree(tmp)
     raise
   return out_dir
+
+
+def file_sha256(path, chunk: int = 1 << 24) -> str:
+  """The SHA-256 of a local or gs:// file, read in chunks."""
+  digest = hashlib.sha256()
+  with run_path(path).open("rb") as f:
+    while block := f.read(chunk):
+      digest.update(block)
+  return digest.hexdigest()

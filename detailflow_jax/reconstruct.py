@@ -11,13 +11,14 @@ import time
 
 import numpy as np
 
-from . import images as image_io
-from .images import enlarge_nearest
-from .cli import add_compile_cache_flags, int_list, use_compile_cache
-from .hub import WEIGHT_HELP, cache_root
+from .inference import images as image_io
+from .inference.images import enlarge_nearest
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
+from .weights.hub import WEIGHT_HELP, cache_root
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.reconstruct", description=__doc__)
   parser.add_argument("--tokenizer", required=True,
                       help="converted directory, released run directory or Hub id "
@@ -34,25 +35,17 @@ def main(argv=None) -> int:
                       help="show partial decodes at their own size instead of enlarged")
   add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
+  use_compile_cache(args, cache_root())
 
-  from .inference import TokenizerFns
-  from .pretrained import load_tokenizer
+  from .inference.tokenizer import TokenizerFns
+  from .weights.load import load_tokenizer
 
-  try:
-    use_compile_cache(args, cache_root())
-    model = load_tokenizer(args.tokenizer, weights=args.weights)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  model = load_tokenizer(args.tokenizer, weights=args.weights)
   fns = TokenizerFns(model)
   size, max_tokens = model.config.image_size, model.config.num_latent_tokens
-  try:
-    ts = (int_list(args.num_tokens, "--num-tokens", low=1, high=max_tokens) if args.num_tokens
-          else list(fns.schedule.token_list))
-    batch = np.stack([image_io.load_image(p, size) for p in args.images])
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  ts = (int_list(args.num_tokens, "--num-tokens", low=1, high=max_tokens) if args.num_tokens
+        else list(fns.schedule.token_list))
+  batch = np.stack([image_io.load_image(p, size) for p in args.images])
 
   start = time.time()
   indices, _ = fns.encode(batch)

@@ -16,12 +16,13 @@ import time
 
 import numpy as np
 
-from . import images as image_io
-from .cli import add_compile_cache_flags, int_list, use_compile_cache
-from .hub import WEIGHT_HELP, cache_root
+from .inference import images as image_io
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
+from .weights.hub import WEIGHT_HELP, cache_root
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.sample", description=__doc__)
   parser.add_argument("--tokenizer", required=True,
                       help="tokenizer: converted directory, released run directory or Hub id "
@@ -56,34 +57,30 @@ def main(argv=None) -> int:
                            "docs/latency.md)")
   add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
+  use_compile_cache(args, cache_root())
 
   import jax
-  from .inference import TokenizerFns
-  from .pretrained import load_gpt, load_tokenizer
-  from .sampling import Sampler, SamplingOptions
+  from .inference.tokenizer import TokenizerFns
+  from .weights.load import load_gpt, load_tokenizer
+  from .inference.sampler import Sampler, SamplingOptions
 
-  try:
-    use_compile_cache(args, cache_root())
-    start = time.time()
-    gpt = load_gpt(args.gpt, weights=args.gpt_weights)
-    tokenizer = load_tokenizer(args.tokenizer, weights=args.tokenizer_weights)
-    cfg = gpt.config
-    labels = int_list(args.labels, "--labels", low=0, high=cfg.num_classes - 1)
-    if cfg.vocab_size != tokenizer.config.codebook_size:
-      raise ValueError(f"GPT vocabulary ({cfg.vocab_size}) does not match the tokenizer codebook "
-                       f"({tokenizer.config.codebook_size})")
-    if cfg.block_size > tokenizer.config.num_latent_tokens:
-      raise ValueError(f"GPT block_size {cfg.block_size} exceeds the tokenizer's "
-                       f"{tokenizer.config.num_latent_tokens} tokens")
-    num_tokens = cfg.block_size if args.num_tokens is None else args.num_tokens
-    if not 1 <= num_tokens <= cfg.block_size:
-      raise ValueError(f"--num-tokens must be in [1, {cfg.block_size}], got {num_tokens}")
-    options = SamplingOptions(cfg_scale=args.cfg_scale, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
-                              gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  start = time.time()
+  gpt = load_gpt(args.gpt, weights=args.gpt_weights)
+  tokenizer = load_tokenizer(args.tokenizer, weights=args.tokenizer_weights)
+  cfg = gpt.config
+  labels = int_list(args.labels, "--labels", low=0, high=cfg.num_classes - 1)
+  if cfg.vocab_size != tokenizer.config.codebook_size:
+    raise ValueError(f"GPT vocabulary ({cfg.vocab_size}) does not match the tokenizer codebook "
+                     f"({tokenizer.config.codebook_size})")
+  if cfg.block_size > tokenizer.config.num_latent_tokens:
+    raise ValueError(f"GPT block_size {cfg.block_size} exceeds the tokenizer's "
+                     f"{tokenizer.config.num_latent_tokens} tokens")
+  num_tokens = cfg.block_size if args.num_tokens is None else args.num_tokens
+  if not 1 <= num_tokens <= cfg.block_size:
+    raise ValueError(f"--num-tokens must be in [1, {cfg.block_size}], got {num_tokens}")
+  options = SamplingOptions(cfg_scale=args.cfg_scale, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                            gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval)
   print(f"loaded GPT ({cfg.n_layer} layers, dim {cfg.dim}, {cfg.block_size} tokens, group "
         f"{cfg.group_size}) and tokenizer in {time.time() - start:.1f}s", flush=True)
 

@@ -13,9 +13,9 @@ curve in DIR/results.json, DIR/curve.json, DIR/curve.png. Both resume in DIR aft
 Multi-host: the same command on every host (TPU pods are detected; elsewhere
 --config.distributed.coordinator/num_processes/process_id), as launch/train.py.
 """
-from detailflow_jax import launcher
+from detailflow_jax.cli import launch_main
 from detailflow_jax.eval.launch import ConfigError, run_from_config
 
 if __name__ == "__main__":
-  launcher.main(run_from_config, config_help="a configs/*.py file with :eval",
-                workdir_help="chunks, samples, results.json", usage_errors=(ConfigError,))
+  launch_main(run_from_config, config_help="a configs/*.py file with :eval",
+              workdir_help="chunks, samples, results.json", usage_errors=(ConfigError,))

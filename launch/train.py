@@ -9,7 +9,7 @@ The run resumes from the newest checkpoint in DIR. Multi-host: the same command 
 TPU pods are detected automatically, elsewhere set --config.distributed.coordinator=HOST:PORT,
 --config.distributed.num_processes=N and --config.distributed.process_id=I.
 """
-from detailflow_jax import launcher
+from detailflow_jax.cli import launch_main
 from detailflow_jax.train import ar, tokenizer
 
 RECIPES = {"ar": ar.train, "tokenizer": tokenizer.train}
@@ -22,5 +22,5 @@ def train(c, workdir):
 
 
 if __name__ == "__main__":
-  launcher.main(train, config_help="a configs/*.py file, optionally :variant",
-                workdir_help="checkpoints, metrics, exports", usage_errors=(KeyError,))
+  launch_main(train, config_help="a configs/*.py file, optionally :variant",
+              workdir_help="checkpoints, metrics, exports", usage_errors=(KeyError,))

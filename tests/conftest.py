@@ -52,7 +52,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-  from detailflow_jax.pretrained import load_tokenizer
+  from detailflow_jax.weights.load import load_tokenizer
   return load_tokenizer(tokenizer_dir)
 
 

@@ -7,9 +7,11 @@ from flax import nnx
 from safetensors import safe_open
 
 from detailflow_jax import export
+from detailflow_jax.weights import export as weights_export
+from detailflow_jax.weights import hub
 from detailflow_jax.convert.gpt import convert_gpt
 from detailflow_jax.convert.tokenizer import convert_tokenizer
-from detailflow_jax.pretrained import load_model_dir
+from detailflow_jax.weights.load import load_model_dir
 
 CONVERTERS = {"tokenizer": convert_tokenizer, "gpt": convert_gpt}
 
@@ -32,8 +34,8 @@ def assert_workdir_export_round_trips(workdir, out_root, kind, step, outputs):
   assert sorted(torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)) == ["ema", "model"]
   with safe_open(str(run / "checkpoints" / f"{name}.safetensors"), framework="pt") as f:
     meta = f.metadata()
-  assert meta["step"] == str(step) and meta["weights"] == export.DEFAULT_WEIGHTS[kind]
-  source = export.source_from_workdir(workdir, step=step)
+  assert meta["step"] == str(step) and meta["weights"] == hub.DEFAULT_WEIGHTS[kind]
+  source = weights_export.source_from_workdir(workdir, step=step)
   for weights in ("model", "ema"):
     back_dir = CONVERTERS[kind](run / "checkpoints" / f"{name}.pt", out_root / f"{kind}_{step}_{weights}",
                                 weights=weights)

@@ -107,7 +107,7 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   assert sorted(want) == list(range(1, 9))
   for step in range(1, 9):
     assert got[step] == want[step], step  # bit-identical on CPU
-  from detailflow_jax.pretrained import load_gpt
+  from detailflow_jax.weights.load import load_gpt
   from flax import nnx
   a = nnx.state(load_gpt(tmp_path / "straight" / "export"))
   b = nnx.state(load_gpt(tmp_path / "run" / "export"))

@@ -43,7 +43,7 @@ def test_vs_reference_skips_with_a_reason(tmp_path):
 def test_reference_flop_count_matches_the_issue_figure():
   """generate_group_par re-runs the prefix: 8.7x our KV-cache FLOPs at GPT-B, 128 tokens."""
   from detailflow_jax.models.gpt import GPTConfig
-  from detailflow_jax.sampling import sampling_flops
+  from detailflow_jax.inference.sampler import sampling_flops
   cfg = GPTConfig.preset("GPT-B", vocab_size=8192, block_size=128, group_size=8)
   ratio = vs_reference.reference_sampler_flops(cfg, 8, 128) / sampling_flops(cfg, 8, 128)
   assert 8.6 < ratio < 8.9

@@ -13,6 +13,7 @@ from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
 from detailflow_jax import export
+from detailflow_jax.weights import saved_steps
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.checkpoint import Checkpointer, DamagedCheckpointError, abstract_with_shardings
@@ -114,10 +115,10 @@ def _tokenizer_workdir(workdir: pathlib.Path):
 
 
 def test_export_reads_any_retained_step_with_either_weights(tmp_path, capsys):
-  from detailflow_jax.pretrained import load_model_dir
+  from detailflow_jax.weights.load import load_model_dir
   workdir = tmp_path / "run"
   trainer, states = _tokenizer_workdir(workdir)
-  assert export.workdir_steps(workdir) == [2, 4, 5]         # milestones 2, 4 + the newest
+  assert saved_steps.workdir_steps(workdir) == [2, 4, 5]         # milestones 2, 4 + the newest
   for step in (2, 4, 5):
     for weights, ema in (("model", False), ("ema", True)):
       out = tmp_path / f"{step}_{weights}"

@@ -94,8 +94,8 @@ def test_cli_converts_both_formats_to_one_model(inception_random_dir, tmp_path):
   """The session's .pth conversion (golden seed) and the CLI on a GraphDef of the same weights."""
   from flax import nnx
   from detailflow_jax.convert.__main__ import main
-  from detailflow_jax.convert.inception import file_sha256
-  from detailflow_jax.pretrained import load_inception
+  from detailflow_jax.paths import file_sha256
+  from detailflow_jax.eval.inception import load_inception
   pb = write_synthetic_graphdef(random_inception_state_dict(), tmp_path / "classify_image_graph_def.pb", GRAPH_NAMES)
   assert main(["inception", "--checkpoint", str(pb), "--out", str(tmp_path / "b")]) == 0
   (model_a, info_a), (model_b, info_b) = load_inception(inception_random_dir), load_inception(tmp_path / "b")

@@ -71,10 +71,10 @@ def test_demo_writes_pngs_and_reports_progress(demo):
 
 
 def test_tiny_tokenizer_learned_coarse_to_fine(demo):
-  from detailflow_jax.demo import labelled_images, load_demo_config
-  from detailflow_jax.inference import TokenizerFns
+  from detailflow_jax.demo.run import labelled_images, load_demo_config
+  from detailflow_jax.inference.tokenizer import TokenizerFns
   from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
-  from detailflow_jax.pretrained import load_tokenizer
+  from detailflow_jax.weights.load import load_tokenizer
   workdir, m, _ = demo
   images, _ = labelled_images(6, 32, 256, seed=123, style="plain")
 

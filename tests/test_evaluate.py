@@ -15,7 +15,7 @@ SIZE = 64  # every network call here is [8, 64, 64, 3]: one compile for the modu
 
 @pytest.fixture(scope="module")
 def model_and_info(inception_random_dir):
-  from detailflow_jax.pretrained import load_inception
+  from detailflow_jax.eval.inception import load_inception
   return load_inception(inception_random_dir)
 
 
@@ -68,7 +68,7 @@ def test_evaluate_cli_end_to_end(inception_random_dir, model_and_info, tmp_path,
   ref_pool = _features(model, ref_images)["pool"]
   assert (result["precision"], result["recall"]) == scores.precision_recall(ref_pool, feats["pool"])
   assert printed[-1] == f"Recall: {result['recall']}"
-  from detailflow_jax.convert.inception import file_sha256
+  from detailflow_jax.paths import file_sha256
   assert result["inputs"]["samples"]["sha256"] == file_sha256(tmp_path / "samples.npz")
 
 

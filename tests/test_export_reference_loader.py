@@ -38,7 +38,7 @@ def test_reference_load_ar_model_reads_our_export(tmp_path):
   import torch
   from detailflow_jax import export
   from detailflow_jax.convert.gpt import CUSTOM_PRESET, convert_gpt
-  from detailflow_jax.pretrained import load_model_dir
+  from detailflow_jax.weights.load import load_model_dir
   ref_gpt, load_ar_model = _reference_gpt_loader()
   ref_gpt.GPT_models[CUSTOM_PRESET] = lambda **kw: ref_gpt.Transformer(
       ref_gpt.ModelArgs(dim=64, n_layer=2, n_head=4, **kw))

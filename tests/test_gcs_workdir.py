@@ -27,10 +27,11 @@ from safetensors import safe_open
 
 from configs.detailflow16_gpt_l import get_config
 from detailflow_jax import export, paths
+from detailflow_jax.weights import saved_steps
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.models.gpt import GPT
-from detailflow_jax.pretrained import load_gpt
-from detailflow_jax.sampling import Sampler, SamplingOptions
+from detailflow_jax.weights.load import load_gpt
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions
 from detailflow_jax.train import ar
 from detailflow_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from detailflow_jax.train.optim import make_optimizer
@@ -162,10 +163,10 @@ def test_checkpoints_and_export_on_gcs(gcs_emulator, gcs_bucket, tmp_path):
   ckpt = Checkpointer(f"{workdir}/checkpoints", save_every=1, keep=2, async_save=False)
   assert ckpt.save(4, _with_step(state, 4))
   ckpt.close()
-  assert export.workdir_steps(workdir) == [2, 4]
+  assert saved_steps.workdir_steps(workdir) == [2, 4]
   emulator.delete_object(bucket, "run/checkpoints/4/commit_success.txt")
   _fresh_gcs_clients()
-  assert export.workdir_steps(workdir) == [2]
+  assert saved_steps.workdir_steps(workdir) == [2]
 
   assert export.main(["--workdir", workdir, "--format", "model_dir",
                       "--out", f"gs://{bucket}/model"]) == 0

@@ -13,7 +13,7 @@ import pytest
 
 from generation_settings import CLI_ARGS, SETTINGS
 from gpt_helpers import converted_gpt_dir, loaded_gpt
-from detailflow_jax.eval import protocol
+from detailflow_jax.data import protocol
 from detailflow_jax.eval.chunks import ChunkStore, ChunkStoreError, write_npz_streaming
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_output_file_and_results_json(eight_devices, models, reference):
   run = results["runs"][0]
   assert run["summary"]["images_made"] == 10 and run["summary"]["chunks_made"] == 3
   assert run["summary"]["images_per_second"] > 0
-  from detailflow_jax.model_dir import file_sha256
+  from detailflow_jax.paths import file_sha256
   assert run["scores"]["inputs"]["samples"]["sha256"] == file_sha256(samples)
   assert results["inputs"]["reference"]["path"] == str(reference)
   for k in ("inception_score", "fid", "sfid", "precision", "recall"):
@@ -149,7 +149,7 @@ def test_output_file_and_results_json(eight_devices, models, reference):
 
 def test_one_device_gives_the_same_bytes(eight_devices, models, tmp_path):
   from detailflow_jax.eval.generation import GenerationJob
-  from detailflow_jax.pretrained import load_gpt, load_tokenizer
+  from detailflow_jax.weights.load import load_gpt, load_tokenizer
   from detailflow_jax import sharding as mesh_lib
   _, samples, _ = eight_devices
   one = mesh_lib.make_mesh(devices=jax.devices()[:1])
@@ -167,7 +167,7 @@ def test_sharded_sampler_equals_single_device_sampler_token_for_token(models, tm
   """The job's sampling call (8-device mesh, per-row keys of (seed, i)) against the
   single-device Sampler run one row at a time with the same key."""
   from flax import nnx
-  from detailflow_jax.sampling import Sampler
+  from detailflow_jax.inference.sampler import Sampler
   from detailflow_jax import sharding as mesh_lib
   gpt = loaded_gpt(tmp_path_factory)
   mesh = mesh_lib.make_mesh()
@@ -236,7 +236,7 @@ def test_launcher_refuses_a_training_config():
 def test_fsdp_sharded_gpt_params_give_the_same_bytes(eight_devices, models, tmp_path):
   import dataclasses
   from detailflow_jax.eval.generation import GenerationJob
-  from detailflow_jax.pretrained import load_gpt, load_tokenizer
+  from detailflow_jax.weights.load import load_gpt, load_tokenizer
   from detailflow_jax import sharding as mesh_lib
   _, samples, _ = eight_devices
   mesh = mesh_lib.make_mesh(data=4, fsdp=2)

@@ -12,7 +12,7 @@ from flax import nnx
 
 import hub_helpers as hh
 from conftest import TINY
-from detailflow_jax import hub
+from detailflow_jax.weights import hub
 from detailflow_jax.convert.common import load_state_dict
 from detailflow_jax.convert.gpt import torch_name
 
@@ -35,7 +35,7 @@ def offline_cache(tmp_path, monkeypatch):
 
 
 def _gpt_params(directory):
-  from detailflow_jax.pretrained import load_gpt
+  from detailflow_jax.weights.load import load_gpt
   return {torch_name(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(load_gpt(directory)))}
 
 
@@ -139,7 +139,7 @@ def test_damaged_cached_conversion_is_redone(offline_cache, capsys, damage):
   err = capsys.readouterr().err
   assert "converting again" in err
   assert ("has changed (SHA-256 differs)" if damage == "flip" else "bytes, ") in err
-  from detailflow_jax.pretrained import load_tokenizer
+  from detailflow_jax.weights.load import load_tokenizer
   from conftest import nchw_to_nhwc
   with np.load(TINY / "golden.npz") as g:
     images, want = nchw_to_nhwc(g["images"]), g["tok_indices_full"]

@@ -117,8 +117,8 @@ def test_config_keys_are_checked(tmp_path_factory):
 def test_from_a_released_run_model_and_its_ema(tmp_path, monkeypatch):
   """A released run directory (torch.save({'model', 'ema'})): the weights are 'model', the EMA
   starts from the file's 'ema' (the reference's fine-tune loads checkpoint['ema'])."""
-  from detailflow_jax.hub import CACHE_ENV
-  from detailflow_jax.pretrained import load_gpt
+  from detailflow_jax.weights.hub import CACHE_ENV
+  from detailflow_jax.weights.load import load_gpt
   from gpt_helpers import GPT_RUN
   monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
   _, state = fresh_state()

@@ -14,7 +14,7 @@ from flax import nnx
 from detailflow_jax import cli
 from detailflow_jax.models.gpt import GPTConfig
 from detailflow_jax.models.precision import Linear, Precision
-from detailflow_jax.sampling import (Sampler, SamplingOptions, cast_kernels, weight_bytes_per_step)
+from detailflow_jax.inference.sampler import (Sampler, SamplingOptions, cast_kernels, weight_bytes_per_step)
 
 from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt, random_gpt
 

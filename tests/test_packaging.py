@@ -17,7 +17,7 @@ spec = importlib.util.spec_from_file_location("run_config", sys.argv[2])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 print("config", len(module.get_config("tiny").to_dict()))
-from detailflow_jax.demo import load_demo_config
+from detailflow_jax.demo.run import load_demo_config
 print("demo", len(load_demo_config("quick").to_dict()))
 """
 

@@ -1,4 +1,4 @@
-"""The README's package table names every module under detailflow_jax/, and only real paths."""
+"""docs/architecture.md's module table names every module under detailflow_jax/, and only real paths."""
 import itertools
 import pathlib
 import re
@@ -14,10 +14,10 @@ def _expand(path: str):
 
 
 def _table_paths():
-  text = (ROOT / "README.md").read_text()
-  section = text.split("## Package layout", 1)[1].split("\n## ", 1)[0]
+  text = (ROOT / "docs" / "architecture.md").read_text()
+  section = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
   rows = [line for line in section.splitlines() if line.startswith("| `")]
-  assert rows, "no package table under '## Package layout'"
+  assert rows, "no module table under '## Modules'"
   cells = [row.split("|")[1] for row in rows]
   return [p for cell in cells for name in re.findall(r"`([^`]+)`", cell) for p in _expand(name)]
 
@@ -26,6 +26,6 @@ def test_every_module_is_in_the_package_table():
   listed = set(_table_paths())
   modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "detailflow_jax").rglob("*.py")
              if p.name != "__init__.py"}
-  assert not sorted(modules - listed), f"modules missing from README's package table: {sorted(modules - listed)}"
+  assert not sorted(modules - listed), f"modules missing from docs/architecture.md's table: {sorted(modules - listed)}"
   missing = [p for p in listed if not (ROOT / p).exists()]
-  assert not missing, f"README's package table names paths that do not exist: {missing}"
+  assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from detailflow_jax.eval import protocol, scores
+from detailflow_jax.eval import scores
+from detailflow_jax.data import protocol
 from detailflow_jax.eval.pixel_metrics import psnr, ssim
 from detailflow_jax.eval.reconstruction import RunningStatistics, normalize, streamed_statistics
 
@@ -67,7 +68,7 @@ def image_folder(tmp_path_factory):
 
 def test_tokenizer_job_end_to_end(tokenizer, inception_random_dir, image_folder, tmp_path, monkeypatch):
   from detailflow_jax.eval.reconstruction import ReconstructionJob, ReconstructionSettings, crop_record
-  from detailflow_jax.pretrained import load_inception
+  from detailflow_jax.eval.inception import load_inception
   monkeypatch.setenv("DETAILFLOW_CACHE", str(tmp_path / "cache"))
   inception, info = load_inception(inception_random_dir)
   # t = 28 and 32 decode at 64 px: one Inception input shape for the whole test.
@@ -85,8 +86,8 @@ def test_tokenizer_job_end_to_end(tokenizer, inception_random_dir, image_folder,
       (clean["psnr"], clean["ssim"], clean["ssim_dr2"], clean["rfid"])
   assert results["ssim_dr2"] > results["ssim"]
   # The clean pass recomputed here: reconstruct, uint8, PSNR / SSIM per image, mean.
-  from detailflow_jax.images import to_uint8
-  from detailflow_jax.inference import TokenizerFns
+  from detailflow_jax.inference.images import to_uint8
+  from detailflow_jax.inference.tokenizer import TokenizerFns
   crops = np.stack([crop_record(job.source[i], 64) for i in range(5)])
   x = normalize(crops)
   indices, _ = TokenizerFns(tokenizer).encode(x)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from detailflow_jax.sampling import (CACHE_ATTENTION_DEFAULTS, Sampler, SamplingOptions,
+from detailflow_jax.inference.sampler import (CACHE_ATTENTION_DEFAULTS, Sampler, SamplingOptions,
                                      default_cache_attention, filter_logits)
 from detailflow_jax.sharding import batch_sharding, make_mesh, shardings_for
 

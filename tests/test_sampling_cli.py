@@ -4,8 +4,8 @@ import numpy as np
 from PIL import Image
 
 from detailflow_jax import sample as sample_cli
-from detailflow_jax.inference import TokenizerFns
-from detailflow_jax.sampling import SamplingOptions
+from detailflow_jax.inference.tokenizer import TokenizerFns
+from detailflow_jax.inference.sampler import SamplingOptions
 
 from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt
 

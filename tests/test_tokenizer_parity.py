@@ -6,7 +6,7 @@ import pytest
 
 from detailflow_jax.convert.common import load_state_dict
 from detailflow_jax.convert.tokenizer import convert_state_dict, load_reference_config
-from detailflow_jax.inference import TokenizerFns
+from detailflow_jax.inference.tokenizer import TokenizerFns
 
 from conftest import TINY
 
@@ -122,7 +122,7 @@ def test_ema_weights(tmp_path, golden, golden_images_nhwc):
 
 def test_bfloat16_conversion_runs_close(tmp_path, golden, golden_images_nhwc):
   from detailflow_jax.convert.tokenizer import convert_tokenizer
-  from detailflow_jax.pretrained import load_tokenizer
+  from detailflow_jax.weights.load import load_tokenizer
   out = convert_tokenizer(TINY / "tokenizer" / "checkpoints" / "tokenizer.pt", tmp_path / "bf16",
                           dtype="bfloat16")
   model = load_tokenizer(out)

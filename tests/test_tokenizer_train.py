@@ -116,7 +116,7 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   png = tmp_path / "straight" / "reconstructions" / "step_0000004.png"
   with Image.open(png) as im:
     assert im.size[0] > 32 * 5 and im.size[1] > 32 * 2  # input + several decodes, two images
-  from detailflow_jax.pretrained import load_tokenizer
+  from detailflow_jax.weights.load import load_tokenizer
   tok = load_tokenizer(tmp_path / "straight" / "export")
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   for t in (1, 4, 8, 16):

@@ -12,8 +12,10 @@ from flax import nnx
 
 from conftest import run_two_processes, write_token_records
 from detailflow_jax import export
-from detailflow_jax.pretrained import load_gpt
-from detailflow_jax.sampling import Sampler
+from detailflow_jax.weights import saved_steps
+from detailflow_jax.weights import export as weights_export
+from detailflow_jax.weights.load import load_gpt
+from detailflow_jax.inference.sampler import Sampler
 from detailflow_jax.train.driver import KILL_AFTER_STEP_ENV
 from gpt_helpers import converted_gpt_dir, loaded_gpt
 
@@ -40,15 +42,15 @@ def test_finetune_kill_resume_export_on_two_processes(tmp_path, tmp_path_factory
   monkeypatch.setenv(KILL_AFTER_STEP_ENV, "4")
   results = run_two_processes(SCRIPT, resumed, *args, timeout=600)
   assert [r["returncode"] for r in results] == [-9, -9]
-  steps = export.workdir_steps(resumed)
+  steps = saved_steps.workdir_steps(resumed)
   assert 2 in steps and steps[-1] == 4 and not (resumed / "export").exists()
   monkeypatch.delenv(KILL_AFTER_STEP_ENV)
   run_two_processes(SCRIPT, resumed, *args, timeout=600)
 
   # Resumed == uninterrupted, for the final checkpoint (model and EMA) and the export.
   for weights in ("model", "ema"):
-    a = _flat(export.source_from_workdir(straight, 6).weights[weights])
-    b = _flat(export.source_from_workdir(resumed, 6).weights[weights])
+    a = _flat(weights_export.source_from_workdir(straight, 6).weights[weights])
+    b = _flat(weights_export.source_from_workdir(resumed, 6).weights[weights])
     for name in a:
       np.testing.assert_array_equal(a[name], b[name], err_msg=f"{weights} {name}")
   a, b = _flat(load_gpt(straight / "export")), _flat(load_gpt(resumed / "export"))

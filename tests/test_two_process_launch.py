@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import run_two_processes, write_token_records
-from detailflow_jax.pretrained import load_gpt, load_tokenizer
+from detailflow_jax.weights.load import load_gpt, load_tokenizer
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_launch.py"
 

@@ -2,13 +2,15 @@
 import argparse
 import sys
 
+from ..cli import command
 from .common import ConversionError
 from .gpt import convert_gpt
 from .inception import convert_inception
 from .tokenizer import convert_tokenizer
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m detailflow_jax.convert",
       description="Convert a released PyTorch DetailFlow checkpoint, or the Inception weights "
@@ -27,21 +29,17 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                       help="tokenizer/gpt only (default: float32)")
   args = parser.parse_args(argv)
-  try:
-    if args.model == "inception":
-      given = [f for f, v in (("--weights", args.weights), ("--config-dir", args.config_dir),
-                              ("--dtype", args.dtype)) if v is not None]
-      if given:
-        raise ConversionError(f"{', '.join(given)} do(es) not apply to inception (float32 weights, "
-                              "no config files)")
-      out = convert_inception(args.checkpoint, args.out)
-    else:
-      convert = convert_tokenizer if args.model == "tokenizer" else convert_gpt
-      out = convert(args.checkpoint, args.out, weights=args.weights or "model",
-                    config_dir=args.config_dir, dtype=args.dtype or "float32")
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.model == "inception":
+    given = [f for f, v in (("--weights", args.weights), ("--config-dir", args.config_dir),
+                            ("--dtype", args.dtype)) if v is not None]
+    if given:
+      raise ConversionError(f"{', '.join(given)} do(es) not apply to inception (float32 weights, "
+                            "no config files)")
+    out = convert_inception(args.checkpoint, args.out)
+  else:
+    convert = convert_tokenizer if args.model == "tokenizer" else convert_gpt
+    out = convert(args.checkpoint, args.out, weights=args.weights or "model",
+                  config_dir=args.config_dir, dtype=args.dtype or "float32")
   print(f"wrote {out}")
   return 0
 

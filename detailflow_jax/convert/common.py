@@ -22,7 +22,7 @@ import yaml
 from flax import nnx
 from safetensors import safe_open
 
-from ..model_dir import save_model_dir
+from ..weights.model_dir import save_model_dir
 
 from .. import paths
 

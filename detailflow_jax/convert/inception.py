@@ -24,8 +24,9 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 from flax import nnx
 
+from .. import paths
 from ..eval.inception import InceptionV3
-from ..model_dir import save_model_dir
+from ..weights.model_dir import save_model_dir
 from .common import ConversionError, StateDictReader, load_state_dict, write_atomically
 
 KIND = "inception"
@@ -221,14 +222,6 @@ def weights_sha256(values: Mapping[Path, np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def file_sha256(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def model_from_values(values: Mapping[Path, np.ndarray]) -> InceptionV3:
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))))
   flat = [(p, var.replace(np.asarray(values[p]))) for p, var in nnx.to_flat_state(abstract)]
@@ -255,5 +248,5 @@ def convert_inception(checkpoint, out) -> pathlib.Path:
   values, fmt = read_values(checkpoint)
   model = model_from_values(values)
   config = {"source_file": pathlib.Path(checkpoint).name, "source_format": fmt,
-            "source_sha256": file_sha256(checkpoint), "weights_sha256": weights_sha256(values)}
+            "source_sha256": paths.file_sha256(checkpoint), "weights_sha256": weights_sha256(values)}
   return write_atomically(out, lambda tmp: save_model_dir(tmp, KIND, config, model))

@@ -12,3 +12,7 @@ from .pipeline import (ImagePipelineConfig, Progress, global_batch, image_datase
                        to_iterator, token_dataset)
 from .sources import (ImageFolderSource, ProceduralShapes, TFDSSource, TokenRecordSource,
                       TokenRecordWriter)
+
+__all__ = ["DynamicResolution", "batch_shapes", "degrade_batch", "ImagePipelineConfig", "Progress", "global_batch",
+           "image_dataset", "image_iterator", "to_iterator", "token_dataset", "ImageFolderSource", "ProceduralShapes",
+           "TFDSSource", "TokenRecordSource", "TokenRecordWriter"]

@@ -341,3 +341,16 @@ class ProceduralShapes:
   def __repr__(self):
     return (f"ProceduralShapes({self.num_classes} classes, {self.style}, {self.image_size} px, "
             f"{self.size} images)")
+
+
+def build_image_source(e):
+  """The image source a config section names (`extract`, or the tokenizer recipe's `data`):
+  `source` imagefolder | tfds | shapes and its keys."""
+  if e.source == "imagefolder":
+    return ImageFolderSource(e.path, e.split)
+  if e.source == "tfds":
+    return TFDSSource(e.get("tfds_name", "imagenet2012"), e.split, e.path or None)
+  if e.source == "shapes":
+    return ProceduralShapes(e.num_classes, e.shapes_size, e.num_images, e.seed,
+                                    style=e.shapes_style)
+  raise ValueError(f"extract.source={e.source!r} (imagefolder | tfds | shapes)")

@@ -22,8 +22,7 @@ from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequen
 import numpy as np
 
 from .. import paths
-from ..model_dir import file_sha256
-from ..train.loop import progress_bar
+from ..cli import progress_bar
 from .reference import save_npz_atomically
 
 log = logging.getLogger("detailflow_jax")
@@ -139,7 +138,7 @@ class ChunkStore:
     if not self.writer:
       return
     p = save_npz_atomically(self.path(k), **arrays)
-    self.chunks[str(k)] = {"rows": [start, stop], "size": p.stat().st_size, "sha256": file_sha256(p)}
+    self.chunks[str(k)] = {"rows": [start, stop], "size": p.stat().st_size, "sha256": paths.file_sha256(p)}
     write_json_atomically(self.directory / MANIFEST, dict(self._header, chunks=self.chunks))
 
   def read(self, k: int, name: str) -> np.ndarray:

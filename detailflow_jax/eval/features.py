@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..train.loop import progress_bar
+from ..cli import progress_bar
 from .inception import InceptionV3
 
 log = logging.getLogger("detailflow_jax")

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..images import to_uint8
-from ..sampling import Sampler, SamplingOptions, check_weights_dtype
-from .. import sharding
+from ..inference.images import to_uint8
+from ..inference.sampler import Sampler, SamplingOptions, check_weights_dtype
+from .. import paths, sharding
 
-from . import protocol
+from ..data import protocol
 from .chunks import ChunkStore, write_json_atomically, write_npz_streaming
+from .evaluator import evaluate
 from .device import cast_floating, check_precision, decode_tokens, to_host
 
 log = logging.getLogger("detailflow_jax")
@@ -45,7 +46,7 @@ class GenerationSettings:
   top_k: int = 0
   top_p: float = 1.0
   precision: str = "float32"
-  weights_dtype: str = "float32"  # GPT matmul kernels (sampling.Sampler's weights_dtype)
+  weights_dtype: str = "float32"  # GPT matmul kernels (inference.sampler.Sampler's weights_dtype)
   per_device_batch: int = 4      # the reference's per-rank batch
   chunk_size: int = 1000
   param_layout: str = "replicated"
@@ -217,7 +218,7 @@ def model_record(directory, kind: str) -> Dict:
   """A converted model directory and the hash of its weights (over its files' SHA-256s)."""
   import hashlib
   import json
-  from ..model_dir import verify_model_dir
+  from ..weights.model_dir import verify_model_dir
   meta = verify_model_dir(directory, kind)
   files = meta.get("files") or {}
   digest = hashlib.sha256(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}).encode())
@@ -230,8 +231,8 @@ def resolve_models(tokenizer_src, gpt_src, gpt_weights: Optional[str], tokenizer
   weight choice ('ema' / 'model') applies to released checkpoints only (a converted directory
   holds one set, recorded at conversion)."""
   import pathlib
-  from ..hub import resolve_model_dir
-  from ..model_dir import is_model_dir
+  from ..weights.hub import resolve_model_dir
+  from ..weights.model_dir import is_model_dir
 
   def one(src, kind, weights):
     path = pathlib.Path(str(src)).expanduser()
@@ -256,7 +257,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
   `out` with `{seed}` filled in, or OUT-seedS.npz for several seeds), scores with
   `reference` + `inception`, and results.json (protocol, hashes, scores, mean +- std)."""
   import pathlib
-  from ..pretrained import load_model_dir
+  from ..weights.load import load_model_dir
   seeds = list(seeds) if seeds else [settings.seed]
   if (reference is None) != (inception is None):
     raise ValueError("scoring needs both --reference and --inception (or neither)")
@@ -283,14 +284,12 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
                       png_dir=(pathlib.Path(png_dir) / f"seed{seed}") if png_dir else None)
     run = {"seed": int(seed), "samples": str(path), "summary": summary}
     if reference is not None and jax.process_index() == 0:
-      from ..evaluate import evaluate
       run["scores"] = evaluate(reference, path, inception, inception_batch)
     elif reference is not None:
-      from ..evaluate import evaluate  # every process takes part in the Inception features
-      evaluate(reference, path, inception, inception_batch)
+      evaluate(  # every process takes part in the Inception features
+          reference, path, inception, inception_batch)
     else:
-      from ..model_dir import file_sha256
-      run["samples_sha256"] = file_sha256(path) if jax.process_index() == 0 else None
+      run["samples_sha256"] = paths.file_sha256(path) if jax.process_index() == 0 else None
     runs.append(run)
   results = {
       "protocol": {

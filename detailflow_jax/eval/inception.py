@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..weights.model_dir import restore_model_dir
 from .resize import tf1_resize_bilinear
 
 INPUT_SIZE = 299
@@ -247,3 +248,10 @@ def cast_model(model: InceptionV3, dtype) -> InceptionV3:
   graphdef, state = nnx.split(model)
   state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
   return nnx.merge(graphdef, state)
+
+
+def load_inception(directory):
+  """(InceptionV3, info) from a converted directory (see `python -m detailflow_jax.convert
+  inception`); info holds `weights_sha256`, `source_sha256`, `source_file`."""
+  model, info = restore_model_dir(directory, "inception", lambda config: InceptionV3(rngs=nnx.Rngs(0)))
+  return model, info

@@ -3,20 +3,13 @@ generation job or the tokenizer job, on the config's mesh (jax.distributed when 
 import pathlib
 
 from .. import sharding
+from ..cli import int_list
 from .generation import GenerationSettings, run_generation
 from .reconstruction import run_tokenizer_eval
 
 
 class ConfigError(ValueError):
   """A config that cannot run an evaluation; the message names the key."""
-
-
-def _seeds(value):
-  if isinstance(value, str):
-    return [int(v) for v in value.split(",") if v.strip()]
-  if isinstance(value, int):
-    return [value]
-  return [int(v) for v in value]
 
 
 def run_from_config(c, workdir):
@@ -35,7 +28,7 @@ def run_from_config(c, workdir):
       raise ConfigError(f"eval.{key} is empty: give --config.eval.{key}=DIR")
   if bool(e.reference) != bool(e.inception):
     raise ConfigError("scoring needs both eval.reference and eval.inception (or neither)")
-  seeds = _seeds(e.seeds)
+  seeds = int_list(e.seeds, "eval.seeds", low=0, distinct=True)
   settings = GenerationSettings(
       num_samples=e.num_samples, seed=seeds[0], label_mode=e.label_mode, cfg_scale=e.cfg_scale,
       temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, precision=e.precision,

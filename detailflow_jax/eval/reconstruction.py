@@ -33,10 +33,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ..images import center_crop, to_uint8
+from ..data.transforms import center_crop_arr
+from ..inference.images import to_uint8
 from ..ops.resize import resize_images
 from .. import sharding
-from . import protocol, scores
+from . import scores
+from ..data import protocol
 from .chunks import ChunkStore, write_json_atomically
 from .device import GlobalBatch, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
@@ -96,7 +98,7 @@ def crop_record(record: dict, size: int) -> np.ndarray:
   """uint8 [size, size, 3]: ADM's centre crop of a source record (bytes or an HWC array)."""
   image = record["image"]
   img = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else Image.open(io.BytesIO(image))
-  return np.asarray(center_crop(img.convert("RGB"), size), np.uint8)
+  return np.asarray(center_crop_arr(img.convert("RGB"), size), np.uint8)
 
 
 def normalize(crops: np.ndarray) -> np.ndarray:
@@ -325,7 +327,7 @@ class ReconstructionJob:
         "settings": self.settings.protocol(), "inception_sha256": self.inception_sha256,
     }
     if writer and curve:
-      from ..plots import save_curves
+      from ..inference.plots import save_curves
       (workdir / "curve.json").write_text(json.dumps(curve, indent=1))
       ts = [c["tokens"] for c in curve]
       save_curves(workdir / "curve.png", {"PSNR (dB) vs tokens": (ts, [c["psnr"] for c in curve]),
@@ -336,9 +338,10 @@ class ReconstructionJob:
 
 def run_tokenizer_eval(e, workdir, mesh=None) -> Dict:
   """The tokenizer job from a config's `eval` section (detailflow_jax/configs/eval_common.py)."""
-  from ..hub import resolve_model_dir
-  from ..model_dir import is_model_dir
-  from ..pretrained import load_inception, load_model_dir
+  from ..weights.hub import resolve_model_dir
+  from ..weights.model_dir import is_model_dir
+  from ..weights.load import load_model_dir
+  from .inception import load_inception
   if not e.tokenizer:
     raise ValueError("eval.tokenizer is empty: give --config.eval.tokenizer=DIR (converted dir, run dir or Hub id)")
   if not e.inception:

@@ -23,8 +23,9 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from ..cli import command
 from .. import paths
-from .inception import POOL_DIM, SPATIAL_DIM
+from .inception import POOL_DIM, SPATIAL_DIM, load_inception
 from .scores import ScoreError, check_statistics, statistics
 
 IMAGES_KEY = "arr_0"
@@ -197,7 +198,7 @@ def write_reference(path, images: np.ndarray, features: Dict[str, np.ndarray],
 def read_image_set(source, size: int) -> np.ndarray:
   """uint8 [N, size, size, 3]: a directory of images (sorted, recursive; ADM's center crop) or
   an npz's arr_0 (used as it is)."""
-  from ..images import center_crop
+  from ..data.transforms import center_crop_arr
   from PIL import Image
   source = pathlib.Path(source)
   if source.is_file():
@@ -211,12 +212,12 @@ def read_image_set(source, size: int) -> np.ndarray:
   out = np.empty((len(files), size, size, 3), np.uint8)
   for i, f in enumerate(files):
     with Image.open(f) as img:
-      out[i] = np.asarray(center_crop(img.convert("RGB"), size))
+      out[i] = center_crop_arr(img.convert("RGB"), size)
   return out
 
 
-def main(argv=None) -> int:
-  from ..pretrained import load_inception
+@command
+def main(argv=None):
   from .features import extract_features
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.eval.reference",
                                    description="Write an ADM-format reference batch from an image set.")
@@ -226,16 +227,11 @@ def main(argv=None) -> int:
   parser.add_argument("--size", type=int, default=256, help="center-crop size for image directories")
   parser.add_argument("--batch-size", type=int, default=256)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-  try:
-    model, info = load_inception(args.inception)
-    images = read_image_set(args.images, args.size)
-    feats = extract_features(model, (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)),
-                             len(images), args.batch_size, name=str(args.images))
-    out = write_reference(args.out, images, feats, info["weights_sha256"])
-  except (EvalInputError, ScoreError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  model, info = load_inception(args.inception)
+  images = read_image_set(args.images, args.size)
+  feats = extract_features(model, (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)),
+                           len(images), args.batch_size, name=str(args.images))
+  out = write_reference(args.out, images, feats, info["weights_sha256"])
   print(f"wrote {out} ({len(images)} images)")
   return 0
 

@@ -4,7 +4,6 @@ Batches are {"tokens": [B, T] clean codes or [B, T, 3] (clean, noisy input, targ
 triples, "labels": [B] class ids}; "label" always means the class id, the codes the GPT learns
 to predict are the targets.
 """
-import dataclasses
 import logging
 from typing import Any, Callable, Dict, Tuple
 
@@ -14,46 +13,23 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from .. import images, paths
+from .. import paths
+from ..inference import images
 from ..data.pipeline import Progress, global_batch, to_iterator, token_dataset
 from ..data.sources import TokenRecordSource
-from ..inference import TokenizerFns
+from ..inference.tokenizer import TokenizerFns
 from ..models import remat
-from ..models.gpt import GPT, PRESETS, GPTConfig
+from ..models.config_mapping import gpt_config_from
+from ..models.gpt import GPT, GPTConfig
 from ..models.precision import Precision, set_precision
-from ..pretrained import load_tokenizer
-from ..sampling import Sampler, SamplingOptions
+from ..weights.load import load_tokenizer
+from ..inference.sampler import Sampler, SamplingOptions
 from . import driver
 from .driver import total_steps, validate_run
 from .optim import make_optimizer
 from .state import create_train_state, make_train_step
 
 log = logging.getLogger("detailflow_jax")
-
-GPT_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
-
-
-def gpt_config_from(c: ml_collections.ConfigDict) -> GPTConfig:
-  """c.model -> GPTConfig: `preset` gives dim / n_layer / n_head, every other key is the
-  GPTConfig field of its name (unset = None = GPTConfig's default); unknown keys are errors."""
-  m = c.model.to_dict()
-  preset = m.pop("preset", "")
-  unknown = sorted(set(m) - set(GPT_FIELDS))
-  if unknown:
-    raise ValueError(f"model.{unknown[0]} is not a GPTConfig field (fields: {', '.join(GPT_FIELDS)})")
-  fields = {k: v for k, v in m.items() if v is not None}
-  if preset:
-    if preset not in PRESETS:
-      raise ValueError(f"model.preset={preset!r} is not a GPT preset (known: {', '.join(PRESETS)})")
-    fields = {**dict(zip(("n_layer", "n_head", "dim"), PRESETS[preset])), **fields}
-  else:
-    missing = [k for k in ("dim", "n_layer", "n_head") if k not in fields]
-    if missing:
-      raise ValueError(f"model.preset is empty: set model.{', model.'.join(missing)}")
-  try:
-    return GPTConfig(**fields)
-  except ValueError as e:  # GPTConfig's own checks name the field; here it is a config key
-    raise ValueError(f"model.{e}") from None
 
 
 def warmup_steps(c: ml_collections.ConfigDict) -> int:

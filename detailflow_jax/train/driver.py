@@ -25,8 +25,8 @@ from clu import parameter_overview
 from flax import nnx
 
 from .. import paths
-from ..export import TASK_KINDS
-from ..model_dir import save_model_dir
+from ..weights.saved_steps import TASK_KINDS
+from ..weights.model_dir import save_model_dir
 from .. import sharding
 from . import init_from as init_from_lib
 from .checkpoint import Checkpointer, abstract_with_shardings

@@ -41,10 +41,10 @@ from ..data import sources
 from ..data.pipeline import global_batch
 from ..data.sources import TokenRecordWriter
 from ..data.transforms import center_crop_arr, decode_image, to_float
-from ..eval import protocol
+from ..data import protocol
 from ..models.precision import Precision, set_precision
-from ..pretrained import load_tokenizer
-from .loop import progress_bar
+from ..weights.load import load_tokenizer
+from ..cli import progress_bar
 
 log = logging.getLogger("detailflow_jax")
 
@@ -66,18 +66,6 @@ def views_of(image_u8: np.ndarray, size: int, ten_crop: bool, crop_range: float)
     return to_float(ten_crops(big, size))
   arr = center_crop_arr(img, size)
   return to_float(np.stack([arr, arr[:, ::-1]]))
-
-
-def build_image_source(e):
-  """The image source an `extract` config section names."""
-  if e.source == "imagefolder":
-    return sources.ImageFolderSource(e.path, e.split)
-  if e.source == "tfds":
-    return sources.TFDSSource(e.get("tfds_name", "imagenet2012"), e.split, e.path or None)
-  if e.source == "shapes":
-    return sources.ProceduralShapes(e.num_classes, e.shapes_size, e.num_images, e.seed,
-                                    style=e.shapes_style)
-  raise ValueError(f"extract.source={e.source!r} (imagefolder | tfds | shapes)")
 
 
 class CodeEncoder:
@@ -190,7 +178,7 @@ def extract(c, tokenizer_dir, workdir, mesh=None) -> paths.AnyPath:
   num_tokens = schedule.decres2besttoken[size]
   # A single token has nothing after it to correct (the schedule draws no noise index for t=1).
   correction = bool(tokenizer.config.correction_training and e.self_correction and num_tokens > 1)
-  source = build_image_source(e)
+  source = sources.build_image_source(e)
   num_views = 10 if e.ten_crop else 2
   _write_or_check_meta(workdir, {
       "tokenizer": tokenizer.config.to_dict(), "ar_image_size": size, "ar_token_num": num_tokens,

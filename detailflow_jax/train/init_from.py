@@ -28,12 +28,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .. import export as export_lib
+from ..weights import saved_steps
 from .. import paths
 from ..convert.common import ConversionError
-from ..hub import resolve_model_dir
-from ..model_dir import is_model_dir
-from ..pretrained import load_model_dir
+from ..weights.hub import resolve_model_dir
+from ..weights.model_dir import is_model_dir
+from ..weights.load import load_model_dir
 
 log = logging.getLogger("detailflow_jax")
 
@@ -115,8 +115,8 @@ def read_source(spec: str, kind: str, step: int = -1) -> InitSource:
   """The weights `spec` names (see the module docstring), as flat host arrays."""
   path = paths.run_path(spec)
   if path.is_dir() and _is_workdir(path):
-    saved = export_lib.read_saved_step(path, None if step < 0 else step,
-                                       groups=export_lib.SAVED_GROUPS)
+    saved = saved_steps.read_saved_step(path, None if step < 0 else step,
+                                        groups=saved_steps.SAVED_GROUPS)
     if saved.kind != kind:
       raise ValueError(f"init_from={spec}: that run trains a {saved.kind}, this one a {kind}")
     model, ema, disc = (None if w is None else flat_of_pure(w) for w in

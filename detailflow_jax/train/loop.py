@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import jax
 
+from ..cli import format_duration, progress_bar
 from .checkpoint import Checkpointer, PreemptionGuard
 from .metrics import MetricWindow
 
@@ -14,18 +15,6 @@ log = logging.getLogger("detailflow_jax")
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf; the last checkpoint on disk predates it."""
-
-
-def _fmt_seconds(s: float) -> str:
-  s = int(max(s, 0))
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-  """'[#####...............]  25%' (a text bar that reads the same in a log file)."""
-  frac = min(max(done / max(total, 1), 0.0), 1.0)
-  filled = int(frac * width)
-  return f"[{'#' * filled}{'.' * (width - filled)}] {frac:4.0%}"
 
 
 def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps: int,
@@ -73,8 +62,8 @@ def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps:
         if writer is not None:
           writer.write_scalars(done, scalars)
         log.info("step %d/%d %s loss %.4f | %.2f steps/s | elapsed %s | ETA %s", done, num_steps,
-                 progress_bar(done, num_steps), scalars["loss"], rate, _fmt_seconds(time.time() - t0),
-                 _fmt_seconds((num_steps - done) / rate))
+                 progress_bar(done, num_steps), scalars["loss"], rate, format_duration(time.time() - t0),
+                 format_duration((num_steps - done) / rate))
         window_start, window_steps = time.time(), 0
       stop = guard.requested(done)
       if checkpointer is not None:

@@ -27,8 +27,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .. import images as image_io
-from .. import inference, sharding
+from ..inference import images as image_io
+from .. import sharding
+from ..inference import tokenizer as inference
+from ..data import sources
 from ..data.degradation import DynamicResolution
 from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
 from ..models import remat
@@ -37,7 +39,6 @@ from ..models.precision import Precision, set_precision
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from . import driver, frozen_nets, gan
 from .driver import total_steps, validate_run
-from .extract import build_image_source
 from .optim import train_only
 from .state import apply_gradients, ema_update
 
@@ -503,7 +504,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   if d.dynamic_resolution_prob or d.max_resolution_prob:
     dynamic = DynamicResolution(cfg.image_size, cfg.min_image_size, cfg.max_image_size,
                                 d.dynamic_resolution_prob, d.max_resolution_prob)
-  source = build_image_source(d)
+  source = sources.build_image_source(d)
   pipeline = ImagePipelineConfig(
       image_size=cfg.image_size, batch_size=d.batch_size // jax.process_count(), seed=c.seed,
       degradation_prob=d.degradation_prob, correction_training=cfg.correction_training,

@@ -18,7 +18,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 import json
 
 from detailflow_jax.eval.generation import GenerationJob
-from detailflow_jax.pretrained import load_gpt, load_tokenizer
+from detailflow_jax.weights.load import load_gpt, load_tokenizer
 from generation_settings import SETTINGS
 
 job = GenerationJob(load_gpt(gpt_dir), load_tokenizer(tokenizer_dir), SETTINGS)

@@ -21,7 +21,7 @@ import numpy as np
 
 from inception_helpers import golden_inputs
 from detailflow_jax.eval.features import extract_features
-from detailflow_jax.pretrained import load_inception
+from detailflow_jax.eval.inception import load_inception
 
 SIZE = 64
 model, _ = load_inception(inception_dir)

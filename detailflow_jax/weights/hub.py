@@ -35,11 +35,11 @@ import sys
 import uuid
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from . import __version__, paths
-from .convert.common import find_run_dir, weight_sets
-from .convert.gpt import convert_gpt
-from .convert.tokenizer import convert_tokenizer
-from .model_dir import DamagedModelError, file_sha256, is_model_dir, verify_model_dir
+from .. import __version__, paths
+from ..convert.common import find_run_dir, weight_sets
+from ..convert.gpt import convert_gpt
+from ..convert.tokenizer import convert_tokenizer
+from .model_dir import DamagedModelError, is_model_dir, verify_model_dir
 
 CACHE_ENV = "DETAILFLOW_JAX_CACHE"
 SOURCE_FILE = "source.json"
@@ -152,7 +152,7 @@ def _source_hashes(checkpoint: pathlib.Path, run_dir: pathlib.Path, checkpoint_s
   hashes = {"checkpoint": checkpoint_sha}
   for name in ("config.json", "config.yaml"):
     if (run_dir / name).is_file():
-      hashes[name] = file_sha256(run_dir / name)
+      hashes[name] = paths.file_sha256(run_dir / name)
   return hashes
 
 
@@ -195,7 +195,7 @@ def convert_cached(kind: str, checkpoint, label: str, cache_key: Tuple[str, ...]
   if weights not in (None, "model", "ema"):
     raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
   run_dir = find_run_dir(checkpoint)
-  sha = file_sha256(checkpoint)
+  sha = paths.file_sha256(checkpoint)
   sources = _source_hashes(checkpoint, run_dir, sha)
   requested = weights or "default"
   target = cache_root().joinpath(kind, *map(_safe, cache_key),

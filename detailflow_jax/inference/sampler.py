@@ -41,9 +41,9 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from .models.gpt import GPT, GPTConfig, KVCache, cache_chunk
-from .models.precision import Precision, set_precision
-from .sharding import batch_sharding, replicated
+from ..models.gpt import GPT, GPTConfig, KVCache, cache_chunk
+from ..models.precision import Precision, set_precision
+from ..sharding import batch_sharding, replicated
 
 CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
 # One entry per measured backend. CPU (2 cores, GPT-B, batch 8, CFG): "whole" was 1 % faster at

@@ -21,24 +21,23 @@ import argparse
 import json
 import logging
 import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
 
-from .data.sources import COLOURS, SHAPES, ProceduralShapes, class_shape_colour_index
-from .evaluation import coarse_to_fine_errors, judge_images, train_judge
-from .images import coarse_to_fine_counts, coarse_to_fine_strips, enlarge_nearest, save_grid
-from .inference import TokenizerFns
-from .plots import read_metrics, save_curves
-from .pretrained import load_gpt, load_tokenizer
-from .sampling import Sampler, SamplingOptions
-from .train import ar as ar_recipe
-from .train import tokenizer as tokenizer_recipe
-from .train.extract import extract
+from ..data.sources import COLOURS, SHAPES, ProceduralShapes, class_shape_colour_index
+from .judge import coarse_to_fine_errors, judge_images, train_judge
+from ..inference.images import coarse_to_fine_counts, coarse_to_fine_strips, enlarge_nearest, save_grid
+from ..inference.tokenizer import TokenizerFns
+from ..inference.plots import read_metrics, save_curves
+from ..weights.load import load_gpt, load_tokenizer
+from ..inference.sampler import Sampler, SamplingOptions
+from ..train import ar as ar_recipe
+from ..train import tokenizer as tokenizer_recipe
+from ..train.extract import extract
 
-from .configs import demo as demo_settings
+from ..configs import demo as demo_settings
 
 
 def load_demo_config(variant: str = ""):
@@ -220,7 +219,3 @@ def main(argv=None) -> int:
     print(f"  {path}")
   print(f"  {workdir / 'metrics.json'}")
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

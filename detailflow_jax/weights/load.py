@@ -3,13 +3,11 @@
 SRC is a converted directory, a released run directory / checkpoint file, or a Hub id
 (`org/name[@revision][:path/in/repo.pt]`); see `hub.resolve_model_dir`, the one resolver.
 """
-from flax import nnx
 
-from .eval.inception import InceptionV3
 from .hub import resolve_model_dir
 from .model_dir import restore_model_dir
-from .models.gpt import GPT, GPTConfig
-from .models.tokenizer import Tokenizer, TokenizerConfig
+from ..models.gpt import GPT, GPTConfig
+from ..models.tokenizer import Tokenizer, TokenizerConfig
 
 
 def build_tokenizer(config):
@@ -37,10 +35,3 @@ def load_tokenizer(source, dtype=None, weights=None):
 def load_gpt(source, dtype=None, weights=None):
   """A DetailFlow GPT; `weights` ('model'/'ema') picks the set of a released checkpoint."""
   return load_model_dir(resolve_model_dir(source, "gpt", weights), "gpt", dtype)
-
-
-def load_inception(directory):
-  """(InceptionV3, info) from a converted directory (see `python -m detailflow_jax.convert
-  inception`); info holds `weights_sha256`, `source_sha256`, `source_file`."""
-  model, info = restore_model_dir(directory, "inception", lambda config: InceptionV3(rngs=nnx.Rngs(0)))
-  return model, info

@@ -6,7 +6,6 @@ the arrays: a truncated or missing array file is caught before Orbax reads anyth
 itself reports an OCDBT byte-range error and leaves tensorstore callbacks printing "Event loop
 is closed" tracebacks), and `verify_model_dir(..., checksums=True)` also catches changed bytes.
 """
-import hashlib
 import json
 import os
 import time
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from . import paths
+from .. import paths
 
 # 2: the GPT's q/k/v kernel is grouped by kv head ([dim, kv_heads, R + 2, head_dim], see
 # models.gpt.Attention); format-1 GPT directories hold the fused [dim, (H + 2K) * hd] kernel.
@@ -32,18 +31,10 @@ class DamagedModelError(ValueError):
   """A converted model directory whose files are missing, truncated or changed."""
 
 
-def file_sha256(path, chunk: int = 1 << 24) -> str:
-  digest = hashlib.sha256()
-  with paths.run_path(path).open("rb") as f:
-    while block := f.read(chunk):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _params_files(directory) -> Dict[str, Dict[str, Any]]:
   root = directory / PARAMS_DIR
   return {f"{PARAMS_DIR}/{os.fspath(p)[len(os.fspath(root)) + 1:]}":
-          {"size": paths.file_size(p), "sha256": file_sha256(p)} for p in paths.files_under(root)}
+          {"size": paths.file_size(p), "sha256": paths.file_sha256(p)} for p in paths.files_under(root)}
 
 
 def _checkpointer(process_local: bool = False):
@@ -129,7 +120,7 @@ def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str,
       problems.append(f"{name} is missing")
     elif paths.file_size(path) != want["size"]:
       problems.append(f"{name} has {paths.file_size(path)} bytes, {want['size']} were written")
-    elif checksums and file_sha256(path) != want["sha256"]:
+    elif checksums and paths.file_sha256(path) != want["sha256"]:
       problems.append(f"{name} has changed (SHA-256 differs)")
   if problems:
     raise DamagedModelError(f"{directory} is damaged: {', '.join(problems)}; {_redo_hint(directory)}")

@@ -6,7 +6,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from . import paths
+from .. import paths
+from ..data.transforms import center_crop_arr
 
 
 def to_uint8(images) -> np.ndarray:
@@ -30,24 +31,12 @@ def load_image(path, size: int = None) -> np.ndarray:
     with Image.open(path) as img:
       img = img.convert("RGB")
       if size is not None:
-        img = center_crop(img, size)
-      arr = np.asarray(img, dtype=np.uint8)
+        arr = center_crop_arr(img, size)
+      else:
+        arr = np.asarray(img, dtype=np.uint8)
   except OSError as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
   return (arr.astype(np.float64) / 127.5 - 1.0).astype(np.float32)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-  """ADM's center_crop_arr (the reference's eval transform): halve with BOX while large, BICUBIC
-  resize so the short side is `size`, then crop the centre."""
-  while min(*img.size) >= 2 * size:
-    img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-  scale = size / min(*img.size)
-  img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-  arr = np.asarray(img)
-  top = (arr.shape[0] - size) // 2
-  left = (arr.shape[1] - size) // 2
-  return Image.fromarray(arr[top:top + size, left:left + size])
 
 
 def save_grid(path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, background: int = 255) -> pathlib.Path:

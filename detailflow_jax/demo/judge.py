@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .ops.resize import resize_images
+from ..ops.resize import resize_images
 
 
 def coarse_to_fine_errors(tokenizer, images, counts: Optional[Sequence[int]] = None,
@@ -28,7 +28,7 @@ def coarse_to_fine_errors(tokenizer, images, counts: Optional[Sequence[int]] = N
   tokenizer's image size. `counts` defaults to every
   entry of the token list whose resolution is below S (at S the two targets coincide).
   """
-  from .inference import TokenizerFns
+  from ..inference.tokenizer import TokenizerFns
   images = np.asarray(images, np.float32)
   fns = tokenizer if isinstance(tokenizer, TokenizerFns) else TokenizerFns(tokenizer)
   sched = fns.schedule
@@ -89,7 +89,7 @@ def clean_shape_images(shapes: Sequence[int], colours: Sequence[int], size: int,
                        style: str, seed: int):
   """`count` procedural images whose shape (from `shapes`) and colour (from `colours`) are drawn
   independently: [count, size, size, 3] in [-1, 1], shape and colour indices [count]."""
-  from .data.sources import render_shape
+  from ..data.sources import render_shape
   rng = np.random.default_rng([seed, 7])
   shape_idx = rng.choice(np.asarray(shapes), count)
   colour_idx = rng.choice(np.asarray(colours), count)
