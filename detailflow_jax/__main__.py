@@ -11,22 +11,24 @@ import shutil
 import sys
 import time
 
-# Relative to the working directory: the fixtures ship with the checkout, not the package.
-FIXTURE = pathlib.Path("tests") / "fixtures" / "detailflow_tiny_a"
+from .cli import command
+
+# The fixtures ship with the checkout (beside the package), not inside the installed package.
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "detailflow_tiny_a"
 
 
-def main(argv=None) -> int:
+@command
+def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax", description=__doc__)
   parser.add_argument("--workdir", default="detailflow_quickstart")
   parser.add_argument("--fixture", default=str(FIXTURE),
                       help="a run directory tree in the released layout (tokenizer/, gpt/, images/); "
-                      "the default is the checkout's, run from the repository root")
+                      "default: the checkout's tiny fixture")
   args = parser.parse_args(argv)
   fixture = pathlib.Path(args.fixture)
   if not (fixture / "tokenizer" / "checkpoints").is_dir():
-    print(f"error: no tokenizer checkpoint under {fixture.absolute()}/tokenizer/checkpoints "
-          "(run from the repository root, or pass --fixture)", file=sys.stderr)
-    return 2
+    raise FileNotFoundError(f"no tokenizer checkpoint under {fixture.absolute()}/tokenizer/checkpoints "
+                            "(the fixture ships with the git checkout: pass --fixture DIR)")
   workdir = pathlib.Path(args.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
 

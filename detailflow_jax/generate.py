@@ -5,7 +5,7 @@ every local device, resumable, optionally scored.
       --out samples.npz [--seed 0 | --seeds 0,1,2] [--labels uniform|balanced] [--cfg-scale 1.45] \
       [--workdir CHUNKS] [--precision bfloat16] [--reference REF.npz --inception DIR]
 
-Sample i's label and key are pure functions of (seed, i) (detailflow_jax/eval/protocol.py), so
+Sample i's label and key are pure functions of (seed, i) (detailflow_jax/data/protocol.py), so
 the file is the same on any number of devices. Chunks of finished samples go to --workdir
 (default: OUT's name + '.chunks'); a rerun after a kill resumes there. The output holds
 `arr_0` uint8 [N, H, W, 3] and `arr_1` int32 labels [N]; `results.json` (next to the chunks)

@@ -3,7 +3,7 @@
 Each of --tokenizer / --gpt is a converted directory, a released run directory, or a Hub id
 (`python -m detailflow_jax.sample --tokenizer ByteFlow-AI/DetailFlow-16 --gpt
 ByteFlow-AI/DetailFlow-16-GPT-L --labels 207,360 --out grid.png` downloads, converts and caches
-both on first use; see detailflow_jax/hub.py).
+both on first use; see detailflow_jax/weights/hub.py).
 
 Samples one token sequence per label with the KV-cache sampler, decodes each with the tokenizer
 at the resolution its tokens stand for, and writes a PNG grid. `--progressive` also writes, per

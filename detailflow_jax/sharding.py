@@ -170,3 +170,11 @@ def barrier(name: str) -> None:
   """All processes wait here (no-op on one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def logical_axes(initializer, axes: Sequence[Optional[str]]):
+  """`initializer` whose Variable carries the logical axis names `axes` (see DEFAULT_RULES) as metadata
+  only. Flax 0.12 would otherwise shard a variable eagerly at creation and demand a mesh; the
+  names are mapped to mesh axes with the one rules table when a train state is created (init
+  by abstract shapes, then jit with out_shardings), so models build anywhere without a mesh."""
+  return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False)

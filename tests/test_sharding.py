@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from detailflow_jax import models, sharding  # models: switches flax eager sharding off
+from detailflow_jax import sharding
 
 
 def test_distinct_logical_axes_on_one_mesh_axis_raise():
@@ -24,9 +24,9 @@ def test_replicated_report_lists_unsharded_parameters_and_bytes():
 
   class Tiny(nnx.Module):
     def __init__(self):
-      self.kernel = nnx.Param(jnp.zeros((8, 16)), out_sharding=("embed", "mlp"))   # sharded
-      self.odd = nnx.Param(jnp.zeros((3, 5)), out_sharding=("embed", "mlp"))       # 2 ∤ 3, 4 ∤ 5
-      self.scale = nnx.Param(jnp.zeros((6,), jnp.bfloat16), out_sharding=("mlp",))  # 4 ∤ 6
+      self.kernel = nnx.Param(jnp.zeros((8, 16)), eager_sharding=False, out_sharding=("embed", "mlp"))   # sharded
+      self.odd = nnx.Param(jnp.zeros((3, 5)), eager_sharding=False, out_sharding=("embed", "mlp"))       # 2 ∤ 3, 4 ∤ 5
+      self.scale = nnx.Param(jnp.zeros((6,), jnp.bfloat16), eager_sharding=False, out_sharding=("mlp",))  # 4 ∤ 6
 
   state = nnx.state(nnx.eval_shape(Tiny))
   specs = sharding.shardings_for(state, mesh)

@@ -7,7 +7,7 @@ tokenizer: the detailflow16_tokenizer `tiny` recipe (16 tokens in groups of 4, c
            degradation curriculum, self-correction; no GAN at this size). On the plain style its
            full-token reconstructions show the outlines after ~1600 steps (on the textured one,
            colour blobs); 128-wide towers cost 2.8x the CPU per step and were no better at equal
-           CPU time (measured, see the README's demo section).
+           CPU time (measured, see docs/demo.md).
 gpt:       a 4-layer GPT over those 16 tokens (one causal group, then 3 parallel groups), trained
            on codes extracted from the same images (image + mirror, self-correction triples).
 eval:      a judge CNN trained on clean procedural images only (shape and colour drawn

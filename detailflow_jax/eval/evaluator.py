@@ -27,7 +27,7 @@ def evaluate(reference, samples, inception_dir, batch_size: int = 256, save_feat
   if not (pathlib.Path(inception_dir) / "config.json").is_file():
     raise EvalInputError(f"{inception_dir} is not a converted Inception directory; make one with "
                          "`python -m detailflow_jax.convert inception --checkpoint FILE --out DIR` "
-                         "(FILE: see the README section on evaluating samples)")
+                         "(FILE: see docs/evaluation.md)")
   info = read_model_config(inception_dir, "inception")
   weights = info["weights_sha256"]
   # Both files are checked before any network runs; k = 3 neighbours need 4 points per set.

@@ -297,7 +297,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
           "label_mode": settings.label_mode, "cfg_scale": settings.cfg_scale,
           "temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
           "chunk_size": settings.chunk_size, "param_layout": settings.param_layout,
-          "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see eval/protocol.py",
+          "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see data/protocol.py",
           "uint8": "clip(127.5 x + 128, 0, 255) truncated, as the reference's samplers",
       },
       "precision": precision_record(settings.precision, settings.weights_dtype),

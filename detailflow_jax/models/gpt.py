@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..sharding import logical_axes
+
 from .attention import cached_attention, dot_product_attention
 from .keys import InitKeys
 from .masks import group_causal_mask
@@ -197,7 +199,7 @@ def _drop_path(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
 
 def _linear(rngs, din: int, dout: int, axes, init) -> Linear:
   return Linear(din, dout, use_bias=False, rngs=rngs,
-                kernel_init=nnx.with_partitioning(init, axes))
+                kernel_init=logical_axes(init, axes))
 
 
 class RMSNorm(nnx.Module):
@@ -205,7 +207,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",))
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), eager_sharding=False, out_sharding=("embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -248,7 +250,7 @@ class Attention(nnx.Module):
       return Attention.group_qkv(init(key, (cfg.dim, fused_dim), dtype), kv, hd)
 
     self.wqkv = Einsum("bnd,dkgh->bnkgh", (cfg.dim, kv, cfg.n_head // kv + 2, hd), rngs=rngs,
-                      kernel_init=nnx.with_partitioning(
+                      kernel_init=logical_axes(
                           grouped_init, ("embed", "kv_heads", None, None)))
     self.wo = _linear(rngs, cfg.dim, cfg.dim, ("heads", "embed"), init)
 
@@ -357,7 +359,7 @@ class GPT(nnx.Module):
     init = nnx.initializers.normal(cfg.initializer_range)
     self.cls_embedding = _LabelEmbedder(cfg, rngs=rngs)
     self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs,
-                                    embedding_init=nnx.with_partitioning(init, ("vocab", "embed")))
+                                    embedding_init=logical_axes(init, ("vocab", "embed")))
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer) if cfg.n_layer else []
     self.layers = nnx.List([TransformerBlock(cfg, float(r), rngs=rngs) for r in rates])
     self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -365,7 +367,7 @@ class GPT(nnx.Module):
     self.output = _linear(rngs, cfg.dim, cfg.vocab_size, ("embed", "vocab"),
                           nnx.initializers.zeros_init())
     self.spe_tok_embeddings = nnx.Param(
-        init(rngs.params(), (cfg.group_size - 1, cfg.dim)), out_sharding=(None, "embed"))
+        init(rngs.params(), (cfg.group_size - 1, cfg.dim)), eager_sharding=False, out_sharding=(None, "embed"))
 
   # --- constants derived from the config -----------------------------------------------
 
@@ -517,7 +519,7 @@ class _LabelEmbedder(nnx.Module):
     rows = cfg.num_classes + int(cfg.has_null_class)
     init = nnx.initializers.normal(cfg.initializer_range)
     self.embedding_table = nnx.Embed(rows, cfg.dim, rngs=rngs,
-                                     embedding_init=nnx.with_partitioning(init, ("classes", "embed")))
+                                     embedding_init=logical_axes(init, ("classes", "embed")))
 
   def __call__(self, labels: jax.Array, keys: _DropKeys,
                drop_labels: Optional[jax.Array] = None) -> jax.Array:

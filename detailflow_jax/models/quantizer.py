@@ -40,7 +40,7 @@ class VectorQuantizer(nnx.Module):
     table = init(rngs.params(), (codebook_size, dim)) - 1.0 / codebook_size
     if l2_norm:
       table = l2_normalize(table)
-    self.embedding = nnx.Param(table, out_sharding=("vocab", None))
+    self.embedding = nnx.Param(table, eager_sharding=False, out_sharding=("vocab", None))
     self.show_usage = show_usage
     if show_usage:
       self.codebook_used = CodebookUsage(jnp.full((USAGE_WINDOW,), -1, jnp.int32))

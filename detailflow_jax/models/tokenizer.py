@@ -126,7 +126,7 @@ def _before(m: int, position: jax.Array) -> jax.Array:
 
 
 def _tokens_param(rngs, shape, axes):
-  return nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape), out_sharding=axes)
+  return nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape), eager_sharding=False, out_sharding=axes)
 
 
 class Encoder(nnx.Module):

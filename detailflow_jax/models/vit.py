@@ -9,6 +9,8 @@ from typing import Optional
 import jax
 from flax import nnx
 
+from ..sharding import logical_axes
+
 from ..ops.resize import resize_grid_bilinear_aa
 from .attention import dot_product_attention
 from . import remat
@@ -51,14 +53,14 @@ def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
 def dense(rngs, din: int, dout: int, axes) -> Linear:
   """A biased Linear whose kernel/bias carry logical axis names `axes` = (in_axis, out_axis)."""
   return Linear(din, dout, rngs=rngs,
-                kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
-                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+                kernel_init=logical_axes(nnx.initializers.lecun_normal(), axes),
+                bias_init=logical_axes(nnx.initializers.zeros_init(), (axes[1],)))
 
 
 def _layer_norm(rngs, dim, eps):
   return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+                       scale_init=logical_axes(nnx.initializers.ones_init(), ("embed",)),
+                       bias_init=logical_axes(nnx.initializers.zeros_init(), ("embed",)))
 
 
 class SelfAttention(nnx.Module):
@@ -130,7 +132,7 @@ class Embeddings(nnx.Module):
     init = nnx.initializers.normal(0.02)
     self.position_embedding = nnx.Param(
         init(rngs.params(), (cfg.position_grid ** 2, cfg.hidden_size)),
-        out_sharding=(None, "embed"))
+        eager_sharding=False, out_sharding=(None, "embed"))
 
   def positions(self, grid_h: int, grid_w: int) -> jax.Array:
     """[grid_h * grid_w, hidden]: the table resized with antialiased bilinear (torch semantics),

@@ -4,7 +4,7 @@
 
 Run once per task by launch/gpu/slurm_train.sbatch. It appends the flags launch/train.py and
 launch/extract_codes.py hand to `jax.distributed.initialize` (see maybe_initialize_distributed
-in detailflow_jax/train/ar.py):
+in detailflow_jax/sharding.py):
 
   --config.distributed.coordinator   first host of SLURM_STEP_NODELIST (SLURM_JOB_NODELIST), on
                                      JAX_COORDINATOR_PORT or 20000 + SLURM_JOB_ID % 10000
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   dry_run = False
   while argv and argv[0] != "--":
+    if argv[0] in ("-h", "--help"):
+      print(f"usage: slurm_launch.py [--dry-run] -- COMMAND ...\n\n{__doc__}")
+      return 0
     if argv[0] != "--dry-run":
       print(f"usage: slurm_launch.py [--dry-run] -- COMMAND ...  (unknown {argv[0]!r})", file=sys.stderr)
       return 2
