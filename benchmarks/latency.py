@@ -50,10 +50,9 @@ from flax import nnx  # noqa: E402
 from benchmarks.vs_reference import Worker, checkpoint_in  # noqa: E402
 from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
 from detailflow_jax.convert.common import load_state_dict  # noqa: E402
+from detailflow_jax.inference.sampler import WEIGHTS_DTYPES, Sampler, SamplingOptions, weight_bytes_per_step  # noqa: E402
 from detailflow_jax.models.gpt import GPTConfig  # noqa: E402
 from detailflow_jax.models.keys import InitKeys  # noqa: E402
-from detailflow_jax.inference.sampler import (Sampler, SamplingOptions, WEIGHTS_DTYPES,  # noqa: E402
-                                     weight_bytes_per_step)
 
 TARGETS = {"speedup_float32": 6.0, "speedup_bfloat16": 10.0, "bandwidth_fraction_float32": 0.8}
 COMMON = dict(tokens=128, vocab_size=8192, group_size=8, num_classes=1000, cfg_scale=1.5, seed=0)

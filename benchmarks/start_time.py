@@ -29,8 +29,8 @@ def build_models(tmp: pathlib.Path, preset: str):
   from benchmarks.latency import random_reference_like_gpt
   from detailflow_jax.convert import gpt as gpt_convert
   from detailflow_jax.convert.tokenizer import convert_tokenizer
+  from detailflow_jax.models.gpt import PRESETS, GPTConfig
   from detailflow_jax.weights.model_dir import save_model_dir
-  from detailflow_jax.models.gpt import GPTConfig, PRESETS
   fixture = gpt_convert.load_reference_config(FIXTURE / "gpt")
   n_layer, n_head, dim = PRESETS[preset]
   cfg = GPTConfig(**dict(fixture.to_dict(), dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=None))

@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt, random_gpt
 
 from detailflow_jax import cli
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions, cast_kernels, weight_bytes_per_step
 from detailflow_jax.models.gpt import GPTConfig
 from detailflow_jax.models.precision import Linear, Precision
-from detailflow_jax.inference.sampler import (Sampler, SamplingOptions, cast_kernels, weight_bytes_per_step)
-
-from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt, random_gpt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
