@@ -152,3 +152,16 @@ def test_cli_compile_cache_flags(tmp_path, tmp_path_factory, tokenizer_dir):
   assert not (tmp_path / "off").exists()
   run = _sample_cli(base + ["--no-compile-cache", "--compile-cache", str(chosen)], env)
   assert run.returncode == 2 and "not allowed with argument" in run.stderr
+
+
+def test_generation_settings_weights_dtype():
+  from detailflow_jax.eval.generation import GenerationSettings, precision_record
+  default = GenerationSettings(num_samples=4)
+  assert "weights_dtype" not in default.protocol()  # protocols from before the field still match
+  bf16 = GenerationSettings(num_samples=4, weights_dtype="bfloat16")
+  assert bf16.protocol()["weights_dtype"] == "bfloat16"
+  assert precision_record("float32", "bfloat16")["weights_dtype"] == "bfloat16"
+  with pytest.raises(ValueError, match="weights_dtype='bfloat16' .* needs precision='float32'"):
+    GenerationSettings(num_samples=4, weights_dtype="bfloat16", precision="bfloat16")
+  with pytest.raises(ValueError, match="weights_dtype must be one of"):
+    GenerationSettings(num_samples=4, weights_dtype="int8")
