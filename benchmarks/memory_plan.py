@@ -47,14 +47,15 @@ CPU_SCHEDULERS = {"memory_optimized": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
 def gpt_lowered(quick: bool, policy: str, devices):
   import jax
   import jax.numpy as jnp
+  from flax import nnx
+
   from configs.detailflow16_gpt_l import get_config
+  from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.models import remat
   from detailflow_jax.models.gpt import GPT
-  from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.train import ar
   from detailflow_jax.train.optim import make_optimizer
   from detailflow_jax.train.state import create_train_state, make_train_step
-  from flax import nnx
 
   c = get_config("tiny" if quick else "")
   c.compute_dtype = "bfloat16"
@@ -68,7 +69,8 @@ def gpt_lowered(quick: bool, policy: str, devices):
                       max_grad_norm=o.max_grad_norm, warmup_steps=10)
   graphdef, state, shardings = create_train_state(lambda: GPT(cfg, rngs=0), tx, mesh, abstract=True)
   loss_fn = ar.make_loss(cfg, c.correction_prob, c.compute_dtype, c.remat)
-  step = make_train_step(graphdef, loss_fn, tx, shardings, mesh, ema_decay=c.ema_decay)
+  step = make_train_step(graphdef, loss_fn, tx, shardings, mesh, ema_decay=c.ema_decay,
+                         draw=loss_fn.draw)
   b = c.data.batch_size
   batch = {"tokens": jax.ShapeDtypeStruct((b, cfg.block_size, 3), jnp.int32),
            "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
@@ -90,14 +92,15 @@ def gpt_lowered(quick: bool, policy: str, devices):
 def tokenizer_lowered(quick: bool, policy: str, devices):
   import jax
   import jax.numpy as jnp
+  from flax import nnx
+
   from configs.detailflow16_tokenizer import get_config
+  from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.models import remat
   from detailflow_jax.models.precision import Precision
   from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
-  from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.train import frozen_nets
   from detailflow_jax.train import tokenizer as recipe
-  from flax import nnx
 
   c = get_config("tiny" if quick else "")
   c.compute_dtype = "bfloat16"
@@ -144,6 +147,7 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
 
 def measure(name: str, quick: bool, policy: str, num_devices: int, mfu: float) -> dict:
   import jax
+
   from benchmarks.common import compiled_flops
   devices = jax.devices()[:num_devices]
   build = {"gpt": gpt_lowered, "tokenizer": tokenizer_lowered}[name]

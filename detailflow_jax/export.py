@@ -11,9 +11,10 @@ train state of step N, default the newest, holds the `model` and, when trained w
 `ema` weights).
 
 `--format reference` writes, atomically (a temporary directory renamed into place):
-  RUN/config.json, RUN/config.yaml   what the reference's load_vq / load_ar_model read (plus
-                                     RUN/siglip2_vision_config.json for tower sizes the
-                                     reference's builders do not have, see convert/tokenizer.py)
+  RUN/config.json, RUN/config.yaml   what the reference's load_vq / load_ar_model read
+  RUN/siglip2-so400m-patch16-naflex/ tokenizers: the SigLIP2 vision config the reference's
+                                     builders take the tower widths from (load with
+                                     CACHE_DATA_PATH=RUN; docs/export_reference.md)
   RUN/checkpoints/NAME.pt            torch.save({"model": sd, "ema": sd}) ("ema" when present)
   RUN/checkpoints/NAME.safetensors   one state dict (`--weights`; default: the GPT's ema, the
                                      tokenizer's model, as the reference evaluates), with

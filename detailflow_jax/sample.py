@@ -40,6 +40,10 @@ def main(argv=None):
   parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = no nucleus filtering")
   parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--row-keys", action="store_true",
+                      help="one key per image, jax.random.split(key(seed), images): each image "
+                           "depends only on its seed, label and place, not on the batch (the app's "
+                           "keys; its command lines use this)")
   parser.add_argument("--gradual-cfg", action="store_true",
                       help="guidance decays over groups: scale * (G - i + 1) / (G + 1)")
   parser.add_argument("--cfg-interval", type=int, default=-1,
@@ -87,8 +91,10 @@ def main(argv=None):
   sampler = Sampler(gpt, weights_dtype=args.weights_dtype)
   params = sampler.cast_weights(gpt)
   start = time.time()
-  tokens = sampler.sample(params, np.asarray(labels), jax.random.key(args.seed), options,
-                          num_tokens=num_tokens)
+  key = jax.random.key(args.seed)
+  if args.row_keys:
+    key = jax.random.split(key, len(labels))
+  tokens = sampler.sample(params, np.asarray(labels), key, options, num_tokens=num_tokens)
   tokens = np.asarray(jax.block_until_ready(tokens))
   print(f"sampled {len(labels)} x {num_tokens} tokens in {time.time() - start:.1f}s "
         f"(incl. compile; cfg {args.cfg_scale}{', greedy' if args.greedy else ''}, "

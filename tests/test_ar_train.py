@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs.detailflow16_gpt_l import get_config
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.data.sources import TokenRecordWriter
 from detailflow_jax.models.gpt import GPT
-from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import ar
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
@@ -39,11 +39,11 @@ def test_config_validation_names_the_field():
 def test_self_correction_selection():
   tokens = jnp.stack([jnp.zeros((4, 8), jnp.int32), jnp.ones((4, 8), jnp.int32),
                       2 * jnp.ones((4, 8), jnp.int32)], axis=-1)
-  inputs, targets, corrected = ar.select_inputs_targets(tokens, 2, jax.random.key(0), 0.5)
+  inputs, targets, corrected = ar.select_inputs_targets(tokens, 2, jax.random.uniform(jax.random.key(0), (4,)), 0.5)
   assert inputs.shape == (4, 6) and targets.shape == (4, 8)
   for b in range(4):
     assert (int(inputs[b, 0]), int(targets[b, 0])) == ((1, 2) if corrected[b] else (0, 0))
-  inputs, targets, corrected = ar.select_inputs_targets(tokens[..., 0], 2, jax.random.key(0), 1.0)
+  inputs, targets, corrected = ar.select_inputs_targets(tokens[..., 0], 2, jnp.zeros(4), 1.0)
   assert not corrected.any() and inputs.shape == (4, 6)
 
 
@@ -66,8 +66,12 @@ def test_eight_devices_match_one_device():
   state1, losses1 = _run(mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   state8, losses8 = _run(mesh_lib.make_mesh(2, 2, 2))
   np.testing.assert_allclose(losses8, losses1, atol=1e-5)
+  # Adam moves every weight by up to lr = 1e-3 whatever its gradient's size; a weight whose
+  # gradient is a near-cancelling sum (~1e-8) moves by a different fraction of lr under another
+  # reduction order. With the reference's N(0, 1) special-token embeddings (large activations at
+  # those positions) that reaches 1.7e-5 = 1.7% of one step (1.5e-6 with the old N(0, 0.02)).
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state1.params), jax.tree.leaves(state8.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def _write_tokens(path, n=64, seed=0):
@@ -107,8 +111,9 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
   assert sorted(want) == list(range(1, 9))
   for step in range(1, 9):
     assert got[step] == want[step], step  # bit-identical on CPU
-  from detailflow_jax.weights.load import load_gpt
   from flax import nnx
+
+  from detailflow_jax.weights.load import load_gpt
   a = nnx.state(load_gpt(tmp_path / "straight" / "export"))
   b = nnx.state(load_gpt(tmp_path / "run" / "export"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -123,8 +128,9 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
 
 
 def test_model_config_maps_onto_gpt_config():
-  from detailflow_jax.models.gpt import GPTConfig
   import dataclasses
+
+  from detailflow_jax.models.gpt import GPTConfig
   c = get_config()
   # The config section is GPTConfig's fields plus the preset: nothing to translate by hand.
   assert set(c.model) - {"preset"} == {f.name for f in dataclasses.fields(GPTConfig)}

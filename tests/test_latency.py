@@ -165,3 +165,14 @@ def test_generation_settings_weights_dtype():
     GenerationSettings(num_samples=4, weights_dtype="bfloat16", precision="bfloat16")
   with pytest.raises(ValueError, match="weights_dtype must be one of"):
     GenerationSettings(num_samples=4, weights_dtype="int8")
+
+
+def test_bfloat16_weights_stream_like_sample():
+  gpt = random_gpt()
+  sampler = Sampler(gpt, weights_dtype="bfloat16")
+  params = sampler.cast_weights(gpt)
+  labels, key, opts = np.array([1, 3]), jax.random.key(5), SamplingOptions(cfg_scale=1.5)
+  whole = np.asarray(sampler.sample(params, labels, key, opts))
+  prefixes = [np.asarray(p) for p in sampler.sample_stream(params, labels, key, opts)]
+  np.testing.assert_array_equal(prefixes[-1], whole)
+  np.testing.assert_array_equal(whole, np.asarray(sampler.sample(gpt, labels, key, opts)))

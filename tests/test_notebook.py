@@ -8,6 +8,7 @@ so that the test needs no `jupyter kernelspec install` and works in any fresh vi
 import json
 import os
 import pathlib
+import socket
 import sys
 
 import numpy as np
@@ -54,18 +55,30 @@ def test_notebook_runs_offline_on_the_fixture(tmp_path, monkeypatch):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-  for name in ("TOKENIZER_SRC", "GPT_SRC", "OFFLINE", "LABELS", "CFG_SCALE", "NUM_IMAGES", "OUT_DIR"):
+  for name in ("TOKENIZER_SRC", "GPT_SRC", "OFFLINE", "LABELS", "CFG_SCALE", "NUM_IMAGES", "OUT_DIR",
+               "LAUNCH_APP", "APP_SHARE", "APP_PORT", "APP_MAX_BATCH"):
     assert f"\n{name} = " in "\n" + params.source, name
   out_dir = tmp_path / "out"
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
   hf_home = tmp_path / "hf_home"
   hh.add_snapshot(hf_home / "hub", hh.TOKENIZER_REPO, hh.tokenizer_files())
   hh.add_snapshot(hf_home / "hub", hh.GPT_REPO, hh.gpt_files())
   inject_parameters(nb, dict(
       TOKENIZER_SRC=hh.TOKENIZER_REPO, GPT_SRC=hh.GPT_REPO,
       OFFLINE=True, LABELS="0, 3, 1", CFG_SCALE=1.5, NUM_IMAGES=2, OUT_DIR=str(out_dir),
-      TIMING_REPEATS=2, REPO_URL=""))
+      TIMING_REPEATS=2, REPO_URL="", LAUNCH_APP=True, APP_SHARE=False, APP_PORT=port,
+      APP_MAX_BATCH=2))
   nb.cells.append(nbformat.v4.new_code_cell(
       'import sys\nprint("huggingface_hub imported:", "huggingface_hub" in sys.modules)'))
+  # the app cell's server answers a request (then closes)
+  nb.cells.append(nbformat.v4.new_code_cell(
+      "from gradio_client import Client\n"
+      f"client = Client('http://127.0.0.1:{port}/', verbose=False)\n"
+      "result = client.predict('1', 2, 1.5, False, 1.0, 0, 1.0, 32, 3, api_name='/generate')\n"
+      "print('app result:', result[0])\n"
+      "client.close()\ndemo_page.close()"))
 
   register_kernel(tmp_path / "jupyter")
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
@@ -101,4 +114,6 @@ def test_notebook_runs_offline_on_the_fixture(tmp_path, monkeypatch):
   assert timing["batch"] == 6 and timing["sample_images_per_s"] > 0
   images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == 2
-  assert "huggingface_hub imported: True" in text  # Hub ids go through huggingface_hub
+  assert "huggingface_hub imported: True" in text
+  assert f"app: serving on http://127.0.0.1:{port}/" in text
+  assert "app result: done: 2 image(s), 32 tokens" in text  # Hub ids go through huggingface_hub

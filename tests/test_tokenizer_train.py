@@ -135,8 +135,13 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
     return [enc.indices, model.decode(enc.quant, 8)]
 
   assert_workdir_export_round_trips(tmp_path / "straight", tmp_path / "exported", "tokenizer", 4, outputs)
-  # tiny towers are not a size of the reference's builders: an explicit builder entry
-  assert "siglip2_custom" in (tmp_path / "exported" / "tokenizer_run_4" / "config.yaml").read_text()
+  # tiny towers (1 layer, MLP 2x): the reference's own `siglip2` builder (pretrained path: all
+  # layers, every width from the SigLIP2 config the export ships for CACHE_DATA_PATH=RUN)
+  run = tmp_path / "exported" / "tokenizer_run_4"
+  written = json.loads((run / "config.json").read_text())
+  assert (written["encoder_model"], written["enc_pretrained"]) == ("siglip2", True)
+  siglip = json.loads((run / "siglip2-so400m-patch16-naflex" / "config.json").read_text())
+  assert (siglip["num_hidden_layers"], siglip["hidden_size"], siglip["intermediate_size"]) == (1, 64, 128)
 
 
 def test_reconstructions_too_small_for_the_discriminator_skip_the_gan_terms():

@@ -20,6 +20,10 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   c.seed = 0
   # Exactly GPTConfig's fields (models/gpt.py) plus `preset`, which gives dim / n_layer / n_head
   # unless they are set here; any field may be overridden (--config.model.n_kv_head=4).
+  # vocab_size, block_size, group_size and causal_num belong to the codes: with a codes.json
+  # beside data.path (launch/extract_codes.py writes it) they are checked against it (a
+  # mismatch is an error naming both values), and set to None they are read from it, as
+  # train_c2i.py reads them from the codes' json.
   c.model = ml_collections.ConfigDict(dict(
       preset=preset, dim=placeholder(int), n_layer=placeholder(int), n_head=placeholder(int),
       n_kv_head=placeholder(int), multiple_of=256, ffn_dim_multiplier=placeholder(float),

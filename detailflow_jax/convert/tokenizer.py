@@ -1,11 +1,16 @@
-"""Released DetailFlow tokenizer (PyTorch) -> our Tokenizer, key for key.
+"""Released DetailFlow tokenizer (PyTorch) -> our Tokenizer, key for key, and back (export).
 
 Layout of a released run: RUN/checkpoints/X.pt with RUN/config.json (the VQ ModelArgs) and
-RUN/config.yaml (training args: vq_model, degradation power, image sizes, ...).
+RUN/config.yaml (training args: vq_model, degradation power, image sizes, ...). The tower widths
+are not in either file: the reference builds both towers from the SigLIP2 vision config it reads
+from $CACHE_DATA_PATH/siglip2-so400m-patch16-naflex (for released runs, SigLIP2-so400m); our
+exports ship that config in RUN/siglip2-so400m-patch16-naflex/ (see `reference_configs`).
 """
+import itertools
+import json
 import pathlib
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
@@ -15,6 +20,9 @@ from .common import ConversionError, KeyMapping, ReferenceFormat, read_json, rea
 SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                   "num_attention_heads": 16, "num_patches": 256, "patch_size": 16,
                   "layer_norm_eps": 1e-6, "num_channels": 3}
+# The directory under $CACHE_DATA_PATH the reference's towers read their SigLIP2 config (and,
+# on the pretrained path, weights) from; an export writes one of that name inside RUN.
+SIGLIP2_DIR = "siglip2-so400m-patch16-naflex"
 
 
 def _vit(siglip: Dict[str, Any], *, layers, hidden=None, heads=None, mlp=None, patch,
@@ -31,18 +39,24 @@ def _vit(siglip: Dict[str, Any], *, layers, hidden=None, heads=None, mlp=None, p
 
 def _tower(name: str, pretrained: bool, siglip: Dict[str, Any], patch: int, is_encoder: bool,
            fixture_builder: Optional[Dict[str, Any]]) -> ViTConfig:
-  """Sizes the reference's build_encoder/build_decoder give each builder name."""
+  """Sizes the reference's build_encoder/build_decoder give each builder name: a pretrained
+  tower is the SigLIP2 config's width, heads and MLP with 12 (siglip2_base), 16 (siglip2_large)
+  or all (siglip2) of its layers; the only tower from scratch is siglip2_base, 768 wide with 12
+  heads and 12 layers, whose MLP the reference fixes at 4 x 768 (CustomSiglip2VisionModel).
+  Position grid, layer-norm eps and channels always come from the SigLIP2 config."""
   kw = dict(patch=patch, patch_embedding=is_encoder)
+  layers = {"siglip2_base": 12, "siglip2_large": 16, "siglip2": None}.get(name)
+  if name in ("siglip2_base", "siglip2_large", "siglip2") and pretrained:
+    if layers is not None and layers > siglip["num_hidden_layers"]:  # the reference asserts this
+      raise ConversionError(f"builder {name!r} takes {layers} layers of a SigLIP2 config that has "
+                            f"{siglip['num_hidden_layers']}")
+    return _vit(siglip, layers=layers, **kw)
   if name == "siglip2_base":
-    if pretrained:
-      return _vit(siglip, layers=12, **kw)
     return _vit(siglip, layers=12, hidden=768, heads=12, **kw)
   if name in ("siglip2_large", "siglip2"):
-    if not pretrained:
-      raise ConversionError(f"builder {name!r} without pretrained weights has no defined width "
-                            "in the reference (embed_dim=None)")
-    return _vit(siglip, layers=16 if name == "siglip2_large" else None, **kw)
-  if fixture_builder is not None:
+    raise ConversionError(f"builder {name!r} without pretrained weights has no defined width "
+                          "in the reference (embed_dim=None)")
+  if fixture_builder is not None:  # the golden fixture's own builder entry (read only)
     part = fixture_builder["encoder" if is_encoder else "decoder"]
     if part.get("pretrained", True):
       return _vit(siglip, layers=part.get("layer_num"), **kw)
@@ -50,6 +64,17 @@ def _tower(name: str, pretrained: bool, siglip: Dict[str, Any], patch: int, is_e
                 heads=part["num_heads"], mlp=part.get("intermediate_size"), **kw)
   raise ConversionError(f"unknown encoder/decoder builder {name!r} (known: siglip2_base, "
                         "siglip2_large, siglip2)")
+
+
+def siglip2_vision_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+  """The vision part of a SigLIP2 config file: a bare Siglip2VisionConfig as it is, or the
+  `vision_config` of a full (text + vision) Siglip2Config, as transformers takes it."""
+  vision = raw.get("vision_config", raw)
+  missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "num_patches") if k not in vision]
+  if missing:
+    raise ConversionError(f"SigLIP2 config lacks {', '.join(missing)}")
+  return vision
 
 
 def config_from_reference(config_json: Dict[str, Any], config_yaml: Dict[str, Any],
@@ -61,7 +86,9 @@ def config_from_reference(config_json: Dict[str, Any], config_yaml: Dict[str, An
     if siglip is None:
       if fixture is not None:
         siglip = read_json(pathlib.Path(run_dir) / fixture["siglip2_config"])
-      else:
+      elif run_dir is not None and (pathlib.Path(run_dir) / SIGLIP2_DIR / "config.json").is_file():
+        siglip = siglip2_vision_config(read_json(pathlib.Path(run_dir) / SIGLIP2_DIR / "config.json"))
+      else:  # a released run: the reference reads SigLIP2-so400m's config
         siglip = SIGLIP2_SO400M
     if config_json.get("enc_type", "siglip2") != "siglip2" or config_json.get("dec_type", "siglip2") != "siglip2":
       raise ConversionError("only enc_type/dec_type 'siglip2' tokenizers are DetailFlow tokenizers")
@@ -107,39 +134,98 @@ _REFERENCE_ONLY_FIELDS = {
     "enc_tuning_method": "full", "dec_tuning_method": "full", "enc_drop_path_rate": 0.0,
     "dec_drop_path_rate": 0.0, "repa_model": "siglip2", "repa_align": "global", "vq_mean": 0.0,
     "vq_std": 1.0, "gradient_checkpointing_encoder": False, "gradient_checkpointing_decoder": False}
-CUSTOM_BUILDER = "siglip2_custom"
-SIGLIP2_CONFIG_FILE = "siglip2_vision_config.json"
-# The reference's own builders, tried in this order when exporting (name, pretrained).
+# The reference's own builders (name, pretrained), tried in this order when exporting.
 _BUILDERS = (("siglip2_base", True), ("siglip2_base", False), ("siglip2_large", True), ("siglip2", True))
+# safetensors metadata of the weights file an export puts beside its SigLIP2 config.
+_EMPTY_WEIGHTS_NOTE = ("no tensors: the pretrained path's from_pretrained needs a weights file; the "
+                       "tokenizer checkpoint holds every tower tensor and load_state_dict replaces them")
 
 
-def _builder_for(tower: ViTConfig, is_encoder: bool) -> Optional[Tuple[str, bool]]:
-  for name, pretrained in _BUILDERS:
-    if _tower(name, pretrained, SIGLIP2_SO400M, tower.patch_size, is_encoder, None) == tower:
-      return name, pretrained
-  return None
+def _siglip2_of(tower: ViTConfig, num_layers: int, patch_size: int) -> Dict[str, Any]:
+  """A SigLIP2 vision config whose width, heads, MLP, grid and eps are `tower`'s."""
+  return {"model_type": "siglip2_vision_model", "hidden_size": tower.hidden_size,
+          "intermediate_size": tower.mlp_dim, "num_hidden_layers": num_layers,
+          "num_attention_heads": tower.num_heads, "num_channels": tower.num_channels,
+          "num_patches": tower.position_grid ** 2, "patch_size": patch_size,
+          "layer_norm_eps": tower.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
+          "attention_dropout": 0.0}
 
 
-def reference_configs(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
-  """(config.json, config.yaml, extra JSON files) of a released run for `cfg`.
+def _widths(tower: ViTConfig) -> Tuple[int, int, int]:
+  return tower.hidden_size, tower.num_heads, tower.mlp_dim
 
-  Towers of the reference's builder sizes get its builder names (loadable by its load_vq
-  unchanged); other sizes get a `fixture_builder` entry with explicit sizes and a SigLIP2 vision
-  config file, which our converter reads and the reference reads with that builder entry
-  registered (see tests/fixtures/detailflow_tiny_a/README.md). The result is checked by
-  converting it back: a config the format cannot express is an error, never a silent change.
+
+def _describe(tower: ViTConfig) -> str:
+  return (f"{tower.num_layers} layers, {tower.hidden_size} wide, {tower.num_heads} heads, MLP {tower.mlp_dim}, "
+          f"{tower.position_grid}x{tower.position_grid} positions, eps {tower.layer_norm_eps}")
+
+
+def _siglip2_candidates(cfg: TokenizerConfig) -> Iterator[Dict[str, Any]]:
+  """SigLIP2 configs both towers (and the teacher) might be read from: SigLIP2-so400m first (a
+  released layout keeps its real SigLIP2), then one with a tower's widths. With a teacher the
+  config is the teacher (the reference's repa model is the whole SigLIP2 tower, at the
+  decoder's patch size); without, it has as many layers as the deepest tower of those widths."""
+  yield dict(SIGLIP2_SO400M, model_type="siglip2_vision_model", hidden_act="gelu_pytorch_tanh",
+             attention_dropout=0.0)
+  if cfg.teacher is not None:
+    yield _siglip2_of(cfg.teacher, cfg.teacher.num_layers, cfg.teacher.patch_size)
+    return
+  for like in (cfg.encoder, cfg.decoder):
+    depth = max(t.num_layers for t in (cfg.encoder, cfg.decoder) if _widths(t) == _widths(like))
+    yield _siglip2_of(like, depth, cfg.encoder.patch_size)
+
+
+def _tower_or_none(name, pretrained, siglip, tower: ViTConfig, is_encoder: bool) -> Optional[ViTConfig]:
+  try:
+    return _tower(name, pretrained, siglip, tower.patch_size, is_encoder, None)
+  except ConversionError:  # e.g. siglip2_base's 12 layers from a shallower SigLIP2
+    return None
+
+
+def reference_layout(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Tuple[str, bool], Tuple[str, bool]]:
+  """(SigLIP2 vision config, (encoder builder, pretrained), (decoder builder, pretrained)) with
+  which the reference's unmodified build_encoder/build_decoder (and build_repa_model, for a
+  teacher) build exactly `cfg`'s towers; a ConversionError saying why when none does."""
+  for siglip in _siglip2_candidates(cfg):
+    if cfg.teacher is not None and (
+        cfg.teacher != _vit(siglip, layers=None, patch=cfg.teacher.patch_size)
+        or not cfg.teacher.patch_size == cfg.decoder.patch_size == siglip["patch_size"]):
+      continue  # build_repa_model: the whole SigLIP2, its patch size == the decoder's
+    for enc, dec in itertools.product(_BUILDERS, _BUILDERS):
+      if (_tower_or_none(*enc, siglip, cfg.encoder, True) == cfg.encoder
+          and _tower_or_none(*dec, siglip, cfg.decoder, False) == cfg.decoder):
+        return siglip, enc, dec
+  teacher = f"; teacher ({_describe(cfg.teacher)})" if cfg.teacher is not None else ""
+  raise ConversionError(
+      "the reference cannot build these towers: it reads both from one SigLIP2 vision config, "
+      "a pretrained tower taking that config's width, heads and MLP with 12 (siglip2_base), 16 "
+      "(siglip2_large) or all (siglip2) of its layers, the only other tower being siglip2_base "
+      "from scratch (12 layers, 768 wide, 12 heads, MLP 3072); position grid and eps are shared"
+      f" (encoder: {_describe(cfg.encoder)}; decoder: {_describe(cfg.decoder)}{teacher}). "
+      "--format model_dir writes any tokenizer")
+
+
+def reference_configs(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, bytes]]:
+  """(config.json, config.yaml, extra files {relative path: bytes}) of a released run for `cfg`.
+
+  The builder names are the reference's own (`reference_layout`), and the SigLIP2 vision config
+  they read goes to RUN/siglip2-so400m-patch16-naflex/config.json with a weights file holding
+  no tensors (the pretrained path's from_pretrained needs one; the checkpoint fills every
+  tower tensor): the unmodified reference loads the export with CACHE_DATA_PATH=RUN. The
+  result is checked by converting it back: a config the format cannot express is an error,
+  never a silent change.
   """
-  encoder, decoder = _builder_for(cfg.encoder, True), _builder_for(cfg.decoder, False)
-  standard = encoder is not None and decoder is not None and (
-      cfg.teacher is None or cfg.teacher == _vit(SIGLIP2_SO400M, layers=None, patch=cfg.teacher.patch_size))
+  from safetensors.numpy import save as safetensors_bytes
+  siglip, encoder, decoder = reference_layout(cfg)
   config_json = dict(_REFERENCE_ONLY_FIELDS,
       image_size=cfg.image_size, max_image_size=cfg.max_image_size,
       codebook_size=cfg.codebook_size, codebook_embed_dim=cfg.codebook_embed_dim,
       codebook_l2_norm=cfg.codebook_l2_norm, codebook_show_usage=cfg.codebook_show_usage,
       commit_loss_beta=cfg.commit_loss_beta, entropy_loss_ratio=cfg.entropy_loss_ratio,
       vq_loss_ratio=cfg.vq_loss_ratio, enc_type="siglip2", dec_type="siglip2",
-      num_latent_tokens=cfg.num_latent_tokens, enc_patch_size=cfg.encoder.patch_size,
-      dec_patch_size=cfg.decoder.patch_size, repa=cfg.repa,
+      encoder_model=encoder[0], decoder_model=decoder[0],
+      num_latent_tokens=cfg.num_latent_tokens, enc_pretrained=encoder[1], dec_pretrained=decoder[1],
+      enc_patch_size=cfg.encoder.patch_size, dec_patch_size=cfg.decoder.patch_size, repa=cfg.repa,
       repa_patch_size=cfg.teacher.patch_size if cfg.teacher else 16,
       repa_proj_dim=cfg.repa_proj_dim, repa_layer_indices=cfg.repa_layer_indices,
       repa_loss_weight=cfg.repa_loss_weight, causal_encoder=cfg.causal_encoder,
@@ -150,36 +236,18 @@ def reference_configs(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Dict[str, A
                  "max_image_size": cfg.max_image_size, "min_image_size": cfg.min_image_size,
                  "content_degradation": "resolution_power", "degradation_power": cfg.degradation_power,
                  "enc_type": "siglip2", "dec_type": "siglip2",
+                 "encoder_model": encoder[0], "decoder_model": decoder[0],
                  "num_latent_tokens": cfg.num_latent_tokens, "group_size": cfg.group_size,
                  "causal_num": cfg.causal_num, "codebook_size": cfg.codebook_size,
                  "codebook_embed_dim": cfg.codebook_embed_dim}
-  files: Dict[str, Any] = {}
-  if standard:
-    siglip = SIGLIP2_SO400M
-    config_json.update(encoder_model=encoder[0], enc_pretrained=encoder[1],
-                       decoder_model=decoder[0], dec_pretrained=decoder[1])
-  else:
-    like = cfg.teacher or cfg.encoder
-    siglip = {"model_type": "siglip2_vision_model", "hidden_size": like.hidden_size,
-              "intermediate_size": like.mlp_dim, "num_hidden_layers": like.num_layers,
-              "num_attention_heads": like.num_heads, "num_channels": like.num_channels,
-              "num_patches": like.position_grid ** 2, "patch_size": like.patch_size,
-              "layer_norm_eps": like.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
-              "attention_dropout": 0.0}
-    part = lambda t: {"pretrained": False, "layer_num": t.num_layers, "embed_dim": t.hidden_size,
-                      "num_heads": t.num_heads, "intermediate_size": t.mlp_dim}
-    config_json.update(encoder_model=CUSTOM_BUILDER, enc_pretrained=False,
-                       decoder_model=CUSTOM_BUILDER, dec_pretrained=False)
-    config_yaml["fixture_builder"] = {"siglip2_config": SIGLIP2_CONFIG_FILE,
-                                      "encoder": part(cfg.encoder), "decoder": part(cfg.decoder)}
-    files[SIGLIP2_CONFIG_FILE] = siglip
-  config_yaml.update(encoder_model=config_json["encoder_model"],
-                     decoder_model=config_json["decoder_model"])
   back = config_from_reference(config_json, config_yaml, siglip=siglip)
   if back != cfg:
     diff = [k for k in cfg.to_dict() if cfg.to_dict()[k] != back.to_dict()[k]]
     raise ConversionError(f"this tokenizer config cannot be written in the reference's format: "
                           f"{', '.join(diff)} would read back differently")
+  files = {f"{SIGLIP2_DIR}/config.json": json.dumps(siglip, indent=2).encode(),
+           f"{SIGLIP2_DIR}/model.safetensors": safetensors_bytes(
+               {}, metadata={"format": "pt", "note": _EMPTY_WEIGHTS_NOTE})}
   return config_json, config_yaml, files
 
 

@@ -45,6 +45,16 @@ def save_grid(path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, backgrou
   Images of different sizes may share a row (coarse-to-fine strips); each is shown at its own
   size so that the resolution a partial decode stands for stays visible.
   """
+  path = paths.run_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  paths.save_image(Image.fromarray(grid_canvas(rows, pad, background)), path)
+  return path
+
+
+def grid_canvas(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, background: int = 255) -> np.ndarray:
+  """The uint8 HWC canvas save_grid writes (for callers that show it instead of saving it).
+  uint8 images are placed as they are (already converted: to_uint8 of an enlarged image costs
+  the enlargement's square)."""
   if not rows or not any(len(r) for r in rows):
     raise ValueError("save_grid needs at least one image")
   cell_h = max(img.shape[0] for row in rows for img in row)
@@ -55,15 +65,12 @@ def save_grid(path, rows: Sequence[Sequence[np.ndarray]], pad: int = 2, backgrou
   canvas = np.full((height, width, 3), background, dtype=np.uint8)
   for r, row in enumerate(rows):
     for c, img in enumerate(row):
-      img8 = to_uint8(img)
+      img8 = img if img.dtype == np.uint8 else to_uint8(img)
       h, w = img8.shape[:2]
       top = pad + r * (cell_h + pad) + (cell_h - h) // 2
       left = pad + c * (cell_w + pad) + (cell_w - w) // 2
       canvas[top:top + h, left:left + w] = img8
-  path = paths.run_path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  paths.save_image(Image.fromarray(canvas), path)
-  return path
+  return canvas
 
 
 def enlarge_nearest(image: np.ndarray, size: int) -> np.ndarray:

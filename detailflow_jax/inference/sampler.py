@@ -31,8 +31,13 @@ multiplies with the input rounded to bf16, float32 accumulation and a float32 re
 (models/precision.py's weight-only policy): norms, embeddings, the residual stream,
 attention, the KV cache and the logits stay float32. What it costs in tokens and logits is
 measured by benchmarks/latency.py (docs/latency.md).
+
+`Sampler.sample_stream` runs the same steps in segments (a generator of token prefixes, for
+previews as the image arrives): one more compiled program, whose step range is traced, carries
+the tokens and the KV cache from segment to segment.
 """
 import math
+from collections.abc import Iterator
 from typing import Optional
 
 import jax
@@ -217,11 +222,16 @@ def choose_tokens(logits: jax.Array, key: jax.Array, opts: SamplingOptions) -> j
 
 
 def _generate(model: GPT, labels, key, opts: SamplingOptions, num_tokens, forced_tokens, *,
-              guidance: bool, record_logits: bool, cache_attention: str, constrain):
+              guidance: bool, record_logits: bool, cache_attention: str, constrain,
+              state: SamplingState | None = None, steps=None):
   """The final SamplingState: tokens [B, block_size] (valid up to num_tokens) and, with
   `record_logits`, the guided logits each was chosen from. With `forced_tokens`, those tokens
   are fed instead of the chosen ones (teacher forcing through the cache). `constrain` pins a
-  batch-leading array's sharding (identity off a mesh)."""
+  batch-leading array's sharding (identity off a mesh).
+
+  Streaming: `steps` = (first, end), traced, runs only decode steps first .. end-1 (the causal
+  prefix's single-token steps, then one step per group; see step_token_counts) on `state`, the
+  state the steps before `first` left (its tokens and KV cache), so no step runs twice."""
   cfg = model.config
   g, c, block = cfg.group_size, cfg.causal_len, cfg.block_size
   prefix_chunk = cache_chunk(block, PREFIX_CHUNK)
@@ -260,6 +270,15 @@ def _generate(model: GPT, labels, key, opts: SamplingOptions, num_tokens, forced
     scale = jnp.where(opts.gradual_cfg, gradual, opts.cfg_scale)
     return advance(state, i * g, g, group_chunk, (c - 1) + (i - c // g), scale)
 
+  if steps is not None:
+    first, end = steps
+    prefix_end = jnp.minimum(num_tokens, c)
+    state = jax.lax.fori_loop(jnp.minimum(first, prefix_end), jnp.minimum(end, prefix_end),
+                              prefix_step, state)
+    group_of = lambda step: c // g + jnp.maximum(step - c, 0)  # step c is group c // g
+    state = jax.lax.fori_loop(group_of(first), jnp.minimum(group_of(end), num_groups), group_step,
+                              state)
+    return jax.tree.map(constrain, state)
   rows = 2 * batch if guidance else batch
   state = SamplingState(
       tokens=constrain(jnp.zeros((batch, block), jnp.int32)),
@@ -311,19 +330,45 @@ class Sampler:
     self.mesh = mesh
     self.trace_count = 0
     self._jitted = jax.jit(self._impl, static_argnames=("guidance", "record_logits", "key_impl"))
+    self._stream_start = jax.jit(self._stream_start_impl, static_argnames=("guidance",))
+    self._stream_segment = jax.jit(self._stream_segment_impl, static_argnames=("guidance", "key_impl"),
+                                   donate_argnames=("state",))
+
+  def _model(self, params) -> GPT:
+    """The GPT of `params` (inside a trace) in this sampler's weights dtype: kernels that arrive
+    float32 are cast here, and bf16 kernels run under the weight-only policy."""
+    states = cast_kernels(params if isinstance(params, tuple) else (params,), self.weights_dtype)
+    model = nnx.merge(self.graphdef, *states)
+    if self.weights_dtype != "float32":
+      set_precision(model, Precision(self.weights_dtype, output_dtype="float32"))
+    return model
 
   def _impl(self, params, labels, key_data, opts, num_tokens, forced_tokens, *, guidance,
             record_logits, key_impl):
     self.trace_count += 1  # Python side effect: runs only while tracing
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    states = cast_kernels(params if isinstance(params, tuple) else (params,), self.weights_dtype)
-    model = nnx.merge(self.graphdef, *states)
-    if self.weights_dtype != "float32":
-      set_precision(model, Precision(self.weights_dtype, output_dtype="float32"))
-    state = _generate(model, labels, key, opts, num_tokens,
+    state = _generate(self._model(params), labels, key, opts, num_tokens,
                       forced_tokens, guidance=guidance, record_logits=record_logits,
                       cache_attention=self.cache_attention, constrain=self._constrain)
     return state.tokens, state.logits
+
+  def _stream_start_impl(self, params, labels, *, guidance):
+    """The empty SamplingState a stream starts from (zero tokens, zero caches)."""
+    self.trace_count += 1
+    model = self._model(params)
+    rows = 2 * labels.shape[0] if guidance else labels.shape[0]
+    return SamplingState(tokens=self._constrain(jnp.zeros((labels.shape[0], self.config.block_size),
+                                                          jnp.int32)),
+                         caches=jax.tree.map(self._constrain, model.init_cache(rows)))
+
+  def _stream_segment_impl(self, params, labels, key_data, opts, num_tokens, state, first, end, *,
+                           guidance, key_impl):
+    """Decode steps first .. end-1 (traced: one program serves every segment) on `state`."""
+    self.trace_count += 1
+    key = jax.random.wrap_key_data(key_data, impl=key_impl)
+    return _generate(self._model(params), labels, key, opts, num_tokens, None,
+                     guidance=guidance, record_logits=False, cache_attention=self.cache_attention,
+                     constrain=self._constrain, state=state, steps=(first, end))
 
   # --- placement ----------------------------------------------------------------------
 
@@ -437,6 +482,47 @@ class Sampler:
     if return_logits:
       return tokens[:, :num_tokens], record[:, :num_tokens]
     return tokens[:, :num_tokens]
+
+  def step_token_counts(self, num_tokens: int | None = None) -> list[int]:
+    """Tokens known after each decode step for a budget of `num_tokens`: 1 .. causal_len one
+    by one, then one group per step, the last cut to the budget (the schedule's token_list for
+    the full budget)."""
+    num_tokens = self._num_tokens(num_tokens)
+    g, c = self.config.group_size, self.config.causal_len
+    counts = list(range(1, min(num_tokens, c) + 1))
+    counts += [min((i + 1) * g, num_tokens) for i in range(c // g, -(-num_tokens // g))]
+    return counts
+
+  def sample_stream(self, params, labels, key: jax.Array, options: SamplingOptions = SamplingOptions(),
+                    *, num_tokens: int | None = None, every: int = 1) -> Iterator[jax.Array]:
+    """`sample`, streamed: a generator of int32 token prefixes [B, t] after every `every` decode
+    steps (step_token_counts: each causal-prefix token, then each group), the last of which is
+    exactly what `sample(params, labels, key, options, num_tokens=...)` returns.
+
+    The KV cache and tokens carry from one segment to the next (donated), so no step runs
+    twice; the step range is traced, so one compiled segment program (plus one for the empty
+    start state) per (batch, guidance, key kind) serves every segment, call and `every`. The
+    arguments are checked here, before the first segment runs.
+    """
+    num_tokens = self._num_tokens(num_tokens)
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+      raise ValueError(f"every must be an integer >= 1 (decode steps per yield), got {every!r}")
+    guidance = options.check().guidance
+    labels = self._labels(labels, guidance)
+    key_data, key_impl = self._key(key, labels.shape[0])
+    params = self._params(params)
+    counts = self.step_token_counts(num_tokens)
+    args = (options.as_arrays(), jnp.int32(num_tokens))
+
+    def segments():
+      state = self._stream_start(params, labels, guidance=guidance)
+      for first in range(0, len(counts), every):
+        end = min(first + every, len(counts))
+        state = self._stream_segment(params, labels, key_data, *args, state, jnp.int32(first),
+                                     jnp.int32(end), guidance=guidance, key_impl=key_impl)
+        yield state.tokens[:, :counts[end - 1]]
+
+    return segments()
 
   def cached_logits(self, params, labels, tokens,
                     options: SamplingOptions = SamplingOptions(cfg_scale=1.0)):

@@ -14,7 +14,7 @@ and [class, tok_0 .. tok_{T-1}] below causal_num. Logit position p predicts toke
 Module and parameter names mirror the reference state dict (conversion is a rename).
 """
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +22,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..schedule import causal_length
 from ..sharding import logical_axes
-
+from . import remat
 from .attention import cached_attention, dot_product_attention
 from .keys import InitKeys
 from .masks import group_causal_mask
-from . import remat
 from .precision import Einsum, Linear
 from .rope import apply_rope, rope_table_2d
-from ..schedule import causal_length
 
 # (n_layer, n_head, dim) of the reference's GPT_models presets.
-PRESETS: Dict[str, Tuple[int, int, int]] = {
+PRESETS: dict[str, tuple[int, int, int]] = {
     "GPT-B": (12, 12, 768),
     "GPT-L": (24, 16, 1024),
     "GPT-XL": (36, 20, 1280),
@@ -47,7 +46,7 @@ PRESETS: Dict[str, Tuple[int, int, int]] = {
 }
 
 # One KV cache entry per layer: (keys, values), each [batch, kv_heads, length, head_dim].
-KVCache = Tuple[Tuple[jax.Array, jax.Array], ...]
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -60,9 +59,9 @@ class GPTConfig:
   dim: int = 1024
   n_layer: int = 24
   n_head: int = 16
-  n_kv_head: Optional[int] = None
+  n_kv_head: int | None = None
   multiple_of: int = 256
-  ffn_dim_multiplier: Optional[float] = None
+  ffn_dim_multiplier: float | None = None
   rope_base: float = 10000.0
   norm_eps: float = 1e-5
   initializer_range: float = 0.02
@@ -77,7 +76,7 @@ class GPTConfig:
   cls_token_num: int = 1
   block_size: int = 256
   group_size: int = 1
-  causal_num: Optional[int] = None
+  causal_num: int | None = None
   learnable_tok_embeddings: bool = True  # only True: frozen token embeddings are not implemented
 
   def __post_init__(self):
@@ -122,16 +121,20 @@ class GPTConfig:
       hidden = int(self.ffn_dim_multiplier * hidden)
     return find_multiple(hidden, self.multiple_of)
 
+  def sequence_length(self, num_tokens: int) -> int:
+    """Positions the network sees for `num_tokens` input tokens (class + special tokens)."""
+    return 1 + num_tokens + (self.group_size - 1 if num_tokens >= self.causal_len else 0)
+
   @property
   def has_null_class(self) -> bool:
     """The label table has a null row (index num_classes) only when labels are dropped."""
     return self.class_dropout_prob > 0
 
-  def to_dict(self) -> Dict[str, Any]:
+  def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: Dict[str, Any]) -> "GPTConfig":
+  def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
     return cls(**d)
 
   @classmethod
@@ -142,7 +145,7 @@ class GPTConfig:
     return cls(n_layer=n_layer, n_head=n_head, dim=dim, **overrides)
 
   @classmethod
-  def from_reference(cls, config_json: Dict[str, Any], config_yaml: Dict[str, Any]) -> "GPTConfig":
+  def from_reference(cls, config_json: dict[str, Any], config_yaml: dict[str, Any]) -> "GPTConfig":
     """The reference's config.json (ModelArgs) + config.yaml (training args).
 
     Like the reference loader, dim/n_layer/n_head come from the preset that the yaml's
@@ -169,7 +172,7 @@ class GPTConfig:
 class _DropKeys:
   """Dropout keys fold_in(key, 1), fold_in(key, 2), ...; None means deterministic."""
 
-  def __init__(self, key: Optional[jax.Array]):
+  def __init__(self, key: jax.Array | None):
     self._key = key
     self._count = 0
 
@@ -185,8 +188,13 @@ class _DropKeys:
 def _dropout(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
   if not keys.active or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(keys(), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return apply_dropout_mask(x, jax.random.bernoulli(keys(), 1.0 - rate, x.shape), rate)
+
+
+def apply_dropout_mask(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+  """Dropout with a given kept-mask: x * (keep / (1 - rate)), the scale formed first as torch's
+  nn.Dropout does (its noise.div_(1 - p)), so the result rounds as the reference's."""
+  return (x * (keep.astype(x.dtype) / (1.0 - rate))).astype(x.dtype)
 
 
 def _drop_path(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
@@ -275,8 +283,8 @@ class Attention(nnx.Module):
                 grouped[:, :, g - 1].reshape(dim, -1)], axis=1)
 
   def __call__(self, x: jax.Array, rope: jax.Array, mask: jax.Array,
-               cache: Optional[Tuple[jax.Array, jax.Array]] = None,
-               start: Optional[jax.Array] = None, chunk: Optional[int] = None):
+               cache: tuple[jax.Array, jax.Array] | None = None,
+               start: jax.Array | None = None, chunk: int | None = None):
     """x [B, n, dim] at sequence positions start .. start+n-1.
 
     Without a cache the keys are x's own positions. With one, x's keys/values are written
@@ -329,8 +337,8 @@ class TransformerBlock(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
     self.remat_policy = "none"  # see models/remat.py; set with remat.set_remat
 
-  def __call__(self, x, rope, mask, cache=None, start=None, keys: Optional[_DropKeys] = None,
-               chunk: Optional[int] = None):
+  def __call__(self, x, rope, mask, cache=None, start=None, keys: _DropKeys | None = None,
+               chunk: int | None = None):
     keys = keys or _DropKeys(None)
     if cache is None and self.remat_policy != "none":
       # Teacher forcing (training): the block runs under jax.checkpoint. The dropout keys are
@@ -339,7 +347,7 @@ class TransformerBlock(nnx.Module):
       return remat.checkpointed(forward, self.remat_policy)(self, x), None
     return self._forward(x, rope, mask, cache, start, keys, chunk)
 
-  def _forward(self, x, rope, mask, cache, start, keys: _DropKeys, chunk: Optional[int]):
+  def _forward(self, x, rope, mask, cache, start, keys: _DropKeys, chunk: int | None):
     attn, cache = self.attention(self.attention_norm(x), rope, mask, cache, start, chunk)
     attn = _dropout(attn, self.cfg.resid_dropout_p, keys)
     h = x + _drop_path(attn, self.drop_path, keys)
@@ -366,8 +374,11 @@ class GPT(nnx.Module):
     # The reference zero-initialises the output layer.
     self.output = _linear(rngs, cfg.dim, cfg.vocab_size, ("embed", "vocab"),
                           nnx.initializers.zeros_init())
+    # N(0, 1), not initializer_range: the reference builds its special-token nn.Embedding after
+    # initialize_weights, so it keeps torch's own Embedding init.
     self.spe_tok_embeddings = nnx.Param(
-        init(rngs.params(), (cfg.group_size - 1, cfg.dim)), eager_sharding=False, out_sharding=(None, "embed"))
+        jax.random.normal(rngs.params(), (cfg.group_size - 1, cfg.dim)), eager_sharding=False,
+        out_sharding=(None, "embed"))
 
   # --- constants derived from the config -----------------------------------------------
 
@@ -387,8 +398,8 @@ class GPT(nnx.Module):
   # --- embeddings: the token layout -------------------------------------------------------
 
   def embed_positions(self, tokens: jax.Array, labels: jax.Array, start, n: int, *,
-                      guidance: bool = False, keys: Optional[_DropKeys] = None,
-                      drop_labels: Optional[jax.Array] = None) -> jax.Array:
+                      guidance: bool = False, keys: _DropKeys | None = None,
+                      drop_labels: jax.Array | None = None) -> jax.Array:
     """Input embeddings [rows, n, dim] of sequence positions start .. start+n-1 (module docstring
     layout): position 0 is the class token, 1 .. c read tok_0 .. tok_{c-1}, the next g - 1 are
     the special tokens, position p >= c + g reads tok_{p-g}.
@@ -411,8 +422,8 @@ class GPT(nnx.Module):
     return jnp.where((pos == 0)[:, None], cls, h)
 
   def embed_sequence(self, tokens: jax.Array, labels: jax.Array,
-                     keys: Optional[_DropKeys] = None,
-                     drop_labels: Optional[jax.Array] = None) -> jax.Array:
+                     keys: _DropKeys | None = None,
+                     drop_labels: jax.Array | None = None) -> jax.Array:
     """[B, T] tokens + [B] labels -> [B, L, dim], the whole teacher-forced input sequence."""
     return self.embed_positions(tokens, labels, 0, self.sequence_length(tokens.shape[1]),
                                 keys=keys, drop_labels=drop_labels)
@@ -425,24 +436,23 @@ class GPT(nnx.Module):
     return jnp.stack([labels, jnp.full_like(labels, self.config.num_classes)], 1).reshape(-1)
 
   @staticmethod
-  def split_guidance(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def split_guidance(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[2B, ...] outputs of `guidance_labels` rows -> (conditional, unconditional), each [B, ...]."""
     pairs = x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
     return pairs[:, 0], pairs[:, 1]
 
   def sequence_length(self, num_tokens: int) -> int:
     """Positions the network sees for `num_tokens` input tokens (class + special tokens)."""
-    cfg = self.config
-    return 1 + num_tokens + (cfg.group_size - 1 if num_tokens >= cfg.causal_len else 0)
+    return self.config.sequence_length(num_tokens)
 
   def special_embeddings(self) -> jax.Array:
     return self.spe_tok_embeddings[...]
 
   # --- the network over a window of positions -----------------------------------------
 
-  def run(self, h: jax.Array, start=0, caches: Optional[KVCache] = None,
-          keys: Optional[_DropKeys] = None,
-          cache_chunk_len: Optional[int] = None) -> Tuple[jax.Array, Optional[KVCache]]:
+  def run(self, h: jax.Array, start=0, caches: KVCache | None = None,
+          keys: _DropKeys | None = None,
+          cache_chunk_len: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """Embeddings h [B, n, dim] at positions start .. start+n-1 -> float32 logits [B, n, V].
 
     Without caches, h is the whole sequence from position 0. With caches (from `init_cache`),
@@ -478,21 +488,30 @@ class GPT(nnx.Module):
 
   # --- teacher forcing -----------------------------------------------------------------
 
-  def __call__(self, tokens: jax.Array, labels: jax.Array, *, key: Optional[jax.Array] = None,
-               drop_labels: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, labels: jax.Array, *, key: jax.Array | None = None,
+               drop_labels: jax.Array | None = None,
+               token_keep: jax.Array | None = None) -> jax.Array:
     """Teacher-forced logits [B, L, V] float32 (L = 1 + T (+ group_size - 1 if T >= causal_num)).
 
     `key` switches training mode on: label dropout for CFG, token/residual/FFN dropout and
-    drop path. `drop_labels` ([B] bool) forces the null class for chosen examples.
+    drop path, each drawn from it unless given. Given draws (the trainer's, train/ar.py):
+    `drop_labels` ([B] bool) forces the null class for chosen examples; `token_keep`
+    ([B, L, dim] bool) is token dropout's kept-mask (scaled by 1 / (1 - token_dropout_p)).
     """
     keys = _DropKeys(key)
     h = self.embed_sequence(tokens, labels, keys, drop_labels)
-    h = _dropout(h, self.config.token_dropout_p, keys)
+    if token_keep is not None:
+      if token_keep.shape != h.shape:
+        raise ValueError(f"token_keep has shape {token_keep.shape}; the embedded sequence is {h.shape}")
+      h = apply_dropout_mask(h, token_keep, self.config.token_dropout_p)
+    else:
+      h = _dropout(h, self.config.token_dropout_p, keys)
     return self.run(h, keys=keys)[0]
 
   def loss(self, tokens: jax.Array, labels: jax.Array, targets: jax.Array,
-           valid: Optional[jax.Array] = None, *, key: Optional[jax.Array] = None,
-           drop_labels: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+           valid: jax.Array | None = None, *, key: jax.Array | None = None,
+           drop_labels: jax.Array | None = None,
+           token_keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Mean next-detail cross-entropy and the logits it came from.
 
     Training feeds tokens[:, :-group_size] and targets all block_size tokens: logit position p
@@ -502,7 +521,8 @@ class GPT(nnx.Module):
     num_logits = self.sequence_length(tokens.shape[1]) - (cfg.cls_token_num - 1)
     if num_logits != targets.shape[1]:
       raise ValueError(f"{num_logits} logit positions for {targets.shape[1]} targets")
-    logits = self(tokens, labels, key=key, drop_labels=drop_labels)[:, cfg.cls_token_num - 1:]
+    logits = self(tokens, labels, key=key, drop_labels=drop_labels,
+                  token_keep=token_keep)[:, cfg.cls_token_num - 1:]
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     if valid is None:
       return per_token.mean(), logits
@@ -522,7 +542,7 @@ class _LabelEmbedder(nnx.Module):
                                      embedding_init=logical_axes(init, ("classes", "embed")))
 
   def __call__(self, labels: jax.Array, keys: _DropKeys,
-               drop_labels: Optional[jax.Array] = None) -> jax.Array:
+               drop_labels: jax.Array | None = None) -> jax.Array:
     drop = None
     if drop_labels is not None:
       drop = drop_labels.astype(bool)

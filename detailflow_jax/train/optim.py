@@ -1,7 +1,8 @@
 """AdamW as the reference trains both models: betas (0.9, 0.95), decay on >= 2-D weights only,
 global-norm clipping; the GPT's LambdaLR warm-up + cosine and the tokenizer's timm cosine."""
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +12,33 @@ import optax
 def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
                            schedule: str = "cosine", end_lr_fraction: float = 0.0,
                            warmup_start_fraction: float = 0.0) -> optax.Schedule:
-  """Linear warm-up from warmup_start_fraction*lr, then cosine to end_lr_fraction*lr or constant.
+  """train_c2i.py's LambdaLR: lr x lr_lambda(t), t = the number of updates already made.
 
-  The reference AR trainer: warm-up over 5% of the steps from 0.005*lr, cosine to 0.01*lr.
+    t < warmup_steps: warmup_start_fraction + t / warmup_steps * (1 - warmup_start_fraction)
+    otherwise:        end_lr_fraction + (1 - end_lr_fraction) * (1 + cos(pi * p)) / 2,
+                      p = (t - warmup_steps) / (total_steps - warmup_steps)
+  ('constant': 1 after the warm-up). The reference trains with warm-up over 5% of the steps
+  from 0.005 lr and a cosine to 0.01 lr. Like lr_lambda, p is not clamped: past total_steps
+  the cosine rises again (a run ends at total_steps, so no update uses those values).
   """
   if schedule not in ("cosine", "constant"):
     raise ValueError(f"unknown lr schedule {schedule!r} (cosine | constant)")
-  warmup = optax.linear_schedule(lr * warmup_start_fraction, lr, max(warmup_steps, 1))
-  if schedule == "constant":
-    main = optax.constant_schedule(lr)
-  else:
-    main = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1), alpha=end_lr_fraction)
-  if warmup_steps <= 0:
-    return main
-  return optax.join_schedules([warmup, main], [warmup_steps])
+  # A run shorter than its warm-up never reaches the cosine (the reference would divide by 0).
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def factor(count):
+    t = jnp.asarray(count, jnp.float32)
+    if schedule == "constant":
+      after = jnp.ones_like(t)
+    else:
+      progress = (t - warmup_steps) / decay_steps
+      after = end_lr_fraction + (1.0 - end_lr_fraction) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    if warmup_steps <= 0:
+      return after
+    warm = warmup_start_fraction + (t / warmup_steps) * (1.0 - warmup_start_fraction)
+    return jnp.where(t < warmup_steps, warm, after)
+
+  return lambda count: lr * factor(count)
 
 
 def timm_cosine_schedule(lr: float, total_steps: int, warmup_steps: int, warmup_lr: float,

@@ -144,8 +144,9 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
     (tmp / "config.yaml").write_text(
         "# Written by detailflow_jax.export (the keys the reference's loaders read).\n"
         + yaml.safe_dump(config_yaml, sort_keys=False))
-    for filename, content in extra_files.items():
-      (tmp / filename).write_text(json.dumps(content, indent=2))
+    for filename, content in extra_files.items():  # bytes, by path relative to RUN
+      (tmp / filename).parent.mkdir(parents=True, exist_ok=True)
+      (tmp / filename).write_bytes(content)
     (tmp / "checkpoints").mkdir()
     # Through file objects: torch and safetensors open local files only (tmp may be gs://...).
     with (tmp / "checkpoints" / f"{name}.pt").open("wb") as f:
