@@ -84,7 +84,8 @@ def atomic_file(path, shared: bool = False) -> Iterator[pathlib.Path]:
   try:
     yield tmp
     if is_remote(path):
-      path.write_bytes(tmp.read_bytes())
+      with open(tmp, "rb") as src, path.open("wb") as dst:  # streamed: a sample file can be GBs
+        shutil.copyfileobj(src, dst, 1 << 24)
     else:
       os.replace(tmp, path)
   finally:

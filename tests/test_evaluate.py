@@ -77,14 +77,16 @@ def test_written_reference_carries_hash_and_features(inception_random_dir, model
   _, info = model_and_info
   images = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
   np.savez(tmp_path / "set.npz", arr_0=images)
+  # Blocks of 2 images: the set spans three (the last one short).
   assert main(["--images", str(tmp_path / "set.npz"), "--out", str(tmp_path / "ref.npz"),
-               "--inception", str(inception_random_dir), "--batch-size", "8"]) == 0
+               "--inception", str(inception_random_dir), "--batch-size", "8", "--block-size", "2"]) == 0
   batch = load_batch(tmp_path / "ref.npz", info["weights_sha256"])
   np.testing.assert_array_equal(np.concatenate(list(batch.images.batches(2))), images)
   assert batch.pool.shape == (5, 2048) and batch.stats["sigma"].shape == (2048, 2048)
+  # Accumulated block by block: ADM's np.mean / np.cov of the whole set up to float64 rounding.
   mu, sigma = scores.statistics(batch.pool)
-  np.testing.assert_array_equal(batch.stats["mu"], mu)
-  np.testing.assert_array_equal(batch.stats["sigma"], sigma)
+  np.testing.assert_allclose(batch.stats["mu"], mu, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(batch.stats["sigma"], sigma, rtol=1e-9, atol=1e-14 * np.abs(sigma).max())
   with pytest.raises(EvalInputError, match=r"ref.npz: inception_sha256 is .*weights_sha256 0000000000000000"):
     load_batch(tmp_path / "ref.npz", "0" * 64)
 

@@ -11,19 +11,22 @@ of two different runs are never mixed.
 `write_npz_streaming` writes the final file member by member from an iterator of row blocks
 (one chunk in memory at a time, never all N rows), with fixed zip timestamps so the same rows
 give the same bytes, to a temporary name that is renamed into place at the end.
+
+The workdir and the output may be local or remote (gs://...): every path goes through `paths`
+(a remote file is written locally and uploaded in one piece when complete, so a kill -9 leaves
+either the whole object or none).
 """
+import io
 import json
 import logging
-import pathlib
 import time
 import zipfile
-from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import paths
 from ..cli import progress_bar
-from .reference import save_npz_atomically
 
 log = logging.getLogger("detailflow_jax")
 
@@ -58,7 +61,7 @@ class ChunkStore:
                arrays: Mapping[str, Tuple[Sequence[int], str]], writer: bool = True):
     if num_rows < 1 or chunk_size < 1:
       raise ValueError(f"num_rows ({num_rows}) and chunk_size ({chunk_size}) must be positive")
-    self.directory = pathlib.Path(directory)
+    self.directory = paths.run_path(directory)
     self.num_rows, self.chunk_size, self.writer = int(num_rows), int(chunk_size), writer
     self.arrays = {k: (tuple(int(d) for d in s), np.dtype(t).str) for k, (s, t) in arrays.items()}
     header = {"protocol": json.loads(json.dumps(dict(protocol))), "num_rows": self.num_rows,
@@ -89,13 +92,13 @@ class ChunkStore:
     start = k * self.chunk_size
     return start, min(start + self.chunk_size, self.num_rows)
 
-  def path(self, k: int) -> pathlib.Path:
+  def path(self, k: int) -> paths.AnyPath:
     return self.directory / f"chunk-{k:06d}.npz"
 
   def is_done(self, k: int) -> bool:
     entry = self.chunks.get(str(k))
     p = self.path(k)
-    return bool(entry) and p.is_file() and p.stat().st_size == entry["size"]
+    return bool(entry) and p.is_file() and paths.file_size(p) == entry["size"]
 
   def pending(self) -> List[int]:
     return [k for k in range(self.num_chunks) if not self.is_done(k)]
@@ -104,17 +107,17 @@ class ChunkStore:
            log_every_s: float = 10.0,
            after_chunk: Optional[Callable[[int, Mapping[str, np.ndarray]], None]] = None):
     """Makes and writes every pending chunk: `make_chunk(start, stop)` -> its arrays (every
-    process calls it: the work is sharded; only the writer writes), then
-    `after_chunk(start, arrays)`. Logs rate, chunks done and ETA. Returns (rows made, seconds)."""
+    process calls it: the work is sharded; only the writer writes), with `after_chunk(start,
+    arrays)` (e.g. PNGs) run before the chunk is recorded, so a resumed run never skips it. Logs rate, chunks done and ETA. Returns (rows made, seconds)."""
     pending = self.pending()
     todo = sum(self.rows(k)[1] - self.rows(k)[0] for k in pending)
     t0, made, last = time.time(), 0, 0.0
     for k in pending:
       start, stop = self.rows(k)
       arrays = make_chunk(start, stop)
-      self.write(k, **arrays)
-      if after_chunk is not None:
+      if after_chunk is not None:  # before the manifest lists the chunk: a kill in between redoes both
         after_chunk(start, arrays)
+      self.write(k, **arrays)
       made += stop - start
       now = time.time()
       if now - last >= log_every_s or made == todo:
@@ -137,8 +140,11 @@ class ChunkStore:
                          f"{np.dtype(dtype)} {(stop - start,) + shape}")
     if not self.writer:
       return
-    p = save_npz_atomically(self.path(k), **arrays)
-    self.chunks[str(k)] = {"rows": [start, stop], "size": p.stat().st_size, "sha256": paths.file_sha256(p)}
+    with paths.atomic_file(self.path(k)) as tmp:  # hashed locally, before any upload
+      with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
+        np.savez(f, **arrays)
+      size, sha256 = tmp.stat().st_size, paths.file_sha256(tmp)
+    self.chunks[str(k)] = {"rows": [start, stop], "size": size, "sha256": sha256}
     write_json_atomically(self.directory / MANIFEST, dict(self._header, chunks=self.chunks))
 
   def read(self, k: int, name: str) -> np.ndarray:
@@ -146,7 +152,8 @@ class ChunkStore:
     entry = self.chunks.get(str(k))
     if entry is None or not p.is_file():
       raise ChunkStoreError(f"{p}: chunk {k} is not finished")
-    with np.load(p, allow_pickle=False) as data:
+    source = io.BytesIO(p.read_bytes()) if paths.is_remote(p) else p
+    with np.load(source, allow_pickle=False) as data:
       value = data[name]
     start, stop = self.rows(k)
     shape, dtype = self.arrays[name]
@@ -165,19 +172,25 @@ class ChunkStore:
     return (self.num_rows,) + shape, np.dtype(dtype), self.blocks(name)
 
 
-def write_npz_streaming(path, members: Mapping[str, Tuple[Sequence[int], np.dtype, Iterable[np.ndarray]]]) -> pathlib.Path:
+def write_npz_streaming(path, members: Mapping[str, object]) -> paths.AnyPath:
   """An uncompressed `.npz` (what np.savez writes) from row blocks, atomically.
 
-  members: key -> (full shape, dtype, iterable of C-contiguous row blocks that add up to it).
+  members, written in order: key -> (full shape, dtype, iterable of C-contiguous row blocks
+  that add up to it), or key -> a callable returning a whole (small) array, called only when
+  its turn comes (so it may use what the blocks before it computed).
   """
-  path = pathlib.Path(path)
+  path = paths.run_path(path)
   with paths.atomic_file(path) as tmp:
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-      for key, (shape, dtype, blocks) in members.items():
-        shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+      for key, member in members.items():
         info = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_EPOCH)
         info.external_attr = 0o600 << 16
         with archive.open(info, "w", force_zip64=True) as f:
+          if callable(member):
+            np.lib.format.write_array(f, np.asarray(member()), allow_pickle=False)
+            continue
+          shape, dtype, blocks = member
+          shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
           np.lib.format.write_array_header_1_0(
               f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
           rows = 0

@@ -1,6 +1,7 @@
 """What both evaluation jobs do on the devices: cast weights, feed each process its rows of a
 global batch, decode tokens, bring results back to every host."""
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ import numpy as np
 from flax import nnx
 
 from .. import sharding
+from ..models.precision import Precision, set_precision
+from ..ops.resize import resize_bicubic
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -54,9 +57,18 @@ class GlobalBatch:
     return jax.make_array_from_process_local_data(self.sharding(rows.ndim), rows[self.lo:self.hi], rows.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "image_size"))
-def decode_tokens(graphdef, state, tokens, *, num_tokens: int, image_size: int):
-  """Tokenizer decode of the first `num_tokens` of `tokens` [B, T] -> float32 pixels
-  [B, image_size, image_size, 3] in about [-1, 1] (unclipped)."""
-  pixels = nnx.merge(graphdef, state).decode_indices(tokens, num_tokens, image_size)
-  return pixels.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "image_size", "policy", "out_size"))
+def decode_tokens(graphdef, state, tokens, *, num_tokens: int, image_size: int,
+                  policy: Optional[Precision] = None, out_size: Optional[int] = None):
+  """Tokenizer decode of the first `num_tokens` of `tokens` [B, T] at `image_size` -> pixels
+  [B, S, S, 3] in about [-1, 1] (unclipped), S = out_size or image_size, under `policy` (None:
+  native): float32, or bfloat16 out of a bf16-autocast decode as the reference's decode_code.
+  out_size != image_size: resized with torch's bicubic (a = -0.75, align_corners=False), which
+  computes in float32 and rounds to the pixels' dtype, as torch's bf16 kernel does."""
+  model = nnx.merge(graphdef, state)
+  if policy is not None:
+    set_precision(model, policy)
+  pixels = model.decode_indices(tokens, num_tokens, image_size)
+  if out_size and out_size != image_size:
+    pixels = resize_bicubic(pixels, out_size)
+  return pixels

@@ -12,6 +12,14 @@ against those of the uint8 crops (the reference used torchmetrics' FID network; 
 here are ADM's, the same as the generation job's scores). The crops' statistics are written
 once as `reference_R.npz` (mu, sigma, inception_sha256, num_images) and reused by later runs.
 
+Sides (reconstruct_vq.py's --image-size / --image-size-eval): the crops are taken at
+`image_size` (default the tokenizer's; one of its best decode resolutions), encoded with
+decres2besttoken[image_size] tokens and decoded from all of them at that side. With another
+`image_size_eval`, both the reconstructions and the float crops the PSNR / SSIM compare them with
+are resized to it with torch's bicubic (a = -0.75, align_corners=False) before uint8 / the
+metrics, as the reference does; rFID compares the resized reconstructions with the crops at
+`image_size` (the reference's real images are the unresized crops).
+
 Noisy eval (correction-trained tokenizers): noise indices from `protocol.noise_indices`; image
 i's random top-k codes draw from protocol key (seed, i) of the noise stream, so passes are the
 same on any device count. Curve: decode the first t clean tokens at decode_resolution(t); the
@@ -24,7 +32,6 @@ import dataclasses
 import io
 import json
 import logging
-import pathlib
 from typing import Dict, Iterable, Tuple
 
 import jax
@@ -35,11 +42,13 @@ from PIL import Image
 
 from ..data.transforms import center_crop_arr
 from ..inference.images import to_uint8
-from ..ops.resize import resize_images
-from .. import sharding
+from ..ops.resize import resize_bicubic, resize_images
+from .. import paths, sharding
 from . import scores
 from ..data import protocol
+from .scores import RunningStatistics
 from .chunks import ChunkStore, write_json_atomically
+from ..models.precision import Precision, set_precision
 from .device import GlobalBatch, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
 from .inception import POOL_DIM
@@ -63,6 +72,8 @@ class ReconstructionSettings:
   curve_tokens: Tuple[int, ...] = ()  # token budgets of the curve; () = every schedule entry
   curve: bool = True
   precision: str = "float32"
+  image_size: int = 0           # crop / decode side; 0: the tokenizer's image_size
+  image_size_eval: int = 0      # side the metrics see (torch bicubic); 0: image_size
   per_device_batch: int = 4
   chunk_size: int = 1000
   inception_batch: int = 64
@@ -76,6 +87,9 @@ class ReconstructionSettings:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if self.num_images < 0:
       raise ValueError(f"num_images must be >= 0, got {self.num_images}")
+    for name in ("image_size", "image_size_eval"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be positive (0: the default), got {getattr(self, name)}")
 
   def protocol(self) -> Dict:
     d = dataclasses.asdict(self)
@@ -107,28 +121,8 @@ def normalize(crops: np.ndarray) -> np.ndarray:
   return (x - np.float32(0.5)) / np.float32(0.5)
 
 
-class RunningStatistics:
-  """mu and sigma (np.cov, ddof 1) of feature blocks seen one at a time, in float64."""
-
-  def __init__(self, dim: int = POOL_DIM):
-    self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
-
-  def add(self, features: np.ndarray) -> None:
-    x = np.asarray(features, np.float64)
-    self.n += len(x)
-    self.sum += x.sum(0)
-    self.outer += x.T @ x
-
-  def result(self) -> Tuple[np.ndarray, np.ndarray]:
-    if self.n < 2:
-      raise scores.ScoreError(f"a covariance needs at least 2 samples, got {self.n}")
-    mu = self.sum / self.n
-    sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
-    return mu, sigma
-
-
 def streamed_statistics(blocks: Iterable[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-  stats = RunningStatistics()
+  stats = RunningStatistics(POOL_DIM)
   for b in blocks:
     stats.add(b)
   return stats.result()
@@ -151,7 +145,10 @@ class ReconstructionJob:
     self.settings = s = settings
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.config, self.schedule = tokenizer.config, tokenizer.schedule
-    self.size = tokenizer.config.image_size
+    from .generation import decode_plan
+    plan = decode_plan(tokenizer.config, tokenizer.schedule, tokenizer.config.num_latent_tokens, s.image_size)
+    self.size, self.tokens = plan["image_size"], plan["num_tokens"]  # the reference's cur_max_token_num
+    self.eval_size = s.image_size_eval or self.size
     self.inception, self.inception_sha256 = inception, inception_sha256
     self.source = source if source is not None else open_source(s)
     self.num_images = s.num_images or len(self.source)
@@ -159,16 +156,21 @@ class ReconstructionJob:
       raise ValueError(f"num_images={self.num_images} but {self.source!r} has {len(self.source)}")
     graphdef, state = nnx.split(tokenizer)
     self.graphdef = graphdef
-    self.state = jax.device_put(cast_floating(state, check_precision(s.precision)),
+    # Precision as reconstruct_vq.py runs it: float32 weights under the autocast policy
+    # (bfloat16: bf16 matmul inputs, float32 accumulation; the pixels come out bf16).
+    self.policy = Precision.named(s.precision, "precision")
+    self.state = jax.device_put(cast_floating(state, jnp.float32),
                                 sharding.replicated(self.mesh))
-    t = tokenizer.config.num_latent_tokens
+    t = self.tokens
     noisy = s.noisy_eval and tokenizer.config.correction_training  # as the reference
     self.noise_indices = protocol.noise_indices(t, tokenizer.config.group_size, noisy)
     self.passes = list(dict.fromkeys(self.noise_indices))  # a repeated index is one pass
-    counts = list(s.curve_tokens) or list(self.schedule.token_list)
-    bad = [c for c in counts if c not in self.schedule.token_list]
+    listed = [c for c in self.schedule.token_list if c <= self.tokens]
+    counts = list(s.curve_tokens) or listed
+    bad = [c for c in counts if c not in listed]
     if bad:
-      raise ValueError(f"curve_tokens {bad} are not in the schedule's token list {self.schedule.token_list}")
+      raise ValueError(f"curve_tokens {bad} are not in the schedule's token list up to the "
+                       f"{self.tokens} tokens of image_size {self.size}: {listed}")
     self.curve = counts if s.curve else []
     self.curve_res = {c: self.schedule.decode_resolution(c) for c in self.curve}
     self.batch = s.per_device_batch * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -177,19 +179,24 @@ class ReconstructionJob:
     self._reconstruct = jax.jit(self._reconstruct_batch, static_argnames=("noisy",))
 
   def _reconstruct_batch(self, state, images, keys, noise_idx, *, noisy: bool):
-    """images [B, S, S, 3] -> (float32 pixels [B, S, S, 3] from all tokens, clean indices [B, T]).
+    """images [B, S, S, 3] -> (pixels [B, E, E, 3] (bf16 under autocast) from all T = self.tokens tokens, resized
+    to E = eval_size when it differs from S, clean indices [B, T]).
     noisy: tokens from noise_idx (int32, traced: one program serves every noise pass) on are
     perturbed, row b drawing from keys[b] only (the same codes on any device count)."""
     self.trace_count += 1  # runs at trace time only
-    model = nnx.merge(self.graphdef, state)
-    enc = model.encode(images)
+    model = set_precision(nnx.merge(self.graphdef, state), self.policy)
+    enc = model.encode(images, self.tokens)
     if not noisy:
       quant = enc.quant
     else:
       def one(image, key):
-        return model.self_correct(image[None], noise_idx, key, top_k=self.settings.noise_top_k).quant[0]
+        return model.self_correct(image[None], noise_idx, key, self.tokens,
+                                  top_k=self.settings.noise_top_k).quant[0]
       quant = jax.vmap(one)(images, keys)
-    return model.decode(quant, None, images.shape[1]).astype(jnp.float32), enc.indices
+    pixels = model.decode(quant, None, images.shape[1])
+    if self.eval_size != images.shape[1]:
+      pixels = resize_bicubic(pixels, self.eval_size)
+    return pixels, enc.indices
 
   # -- one chunk -------------------------------------------------------------------------------
 
@@ -219,7 +226,9 @@ class ReconstructionJob:
   def chunk(self, start: int, stop: int) -> Dict[str, np.ndarray]:
     crops = np.stack([crop_record(self.source[i], self.size) for i in range(start, stop)])
     x = normalize(crops)
-    gt = (x + np.float32(1.0)) / np.float32(2.0)
+    # reconstruct_vq.py: rgb_gts = bicubic(x) to the eval side when it differs, then (x + 1) / 2
+    x_eval = x if self.eval_size == self.size else resize_bicubic(x, self.eval_size)
+    gt = (x_eval + np.float32(1.0)) / np.float32(2.0)
     out = {"real_pool": self._features(crops)}
     recon = {p: [] for p in self.passes}
     indices = []
@@ -251,7 +260,8 @@ class ReconstructionJob:
         if r != self.size:
           out[f"real{r}_pool"] = self._features(targets[r])
       decoded = np.concatenate([
-          to_uint8(to_host(decode_tokens(self.graphdef, self.state, ind, num_tokens=c, image_size=r)))[:n]
+          to_uint8(to_host(decode_tokens(self.graphdef, self.state, ind, num_tokens=c, image_size=r,
+                                           policy=self.policy)))[:n]
           for ind, n in indices])
       dec01 = decoded.astype(np.float32) / np.float32(255.0)
       tgt01 = targets[r].astype(np.float32) / np.float32(255.0)
@@ -264,7 +274,7 @@ class ReconstructionJob:
   def run(self, workdir, log_every_s: float = 10.0) -> Dict:
     """Chunks under `workdir` (finished ones kept), then results.json and curve.json / .png."""
     s = self.settings
-    workdir = pathlib.Path(workdir)
+    workdir = paths.run_path(workdir)  # local or gs://
     writer = jax.process_index() == 0
     proto = dict(s.protocol(), num_images=self.num_images, source_repr=repr(self.source),
                  inception_sha256=self.inception_sha256, image_size=self.size)
@@ -283,11 +293,11 @@ class ReconstructionJob:
     sharding.barrier("reconstruction: results written")
     return results
 
-  def _reference(self, store: ChunkStore, workdir: pathlib.Path, key: str, res: int, writer: bool):
+  def _reference(self, store: ChunkStore, workdir: paths.AnyPath, key: str, res: int, writer: bool):
     """(mu, sigma) of the crops at side `res`, cached as reference_RES.npz with the hash."""
     path = workdir / f"reference_{res}.npz"
     if path.is_file():
-      with np.load(path, allow_pickle=False) as f:
+      with path.open("rb") as raw, np.load(raw, allow_pickle=False) as f:
         if str(f[HASH_KEY]) == self.inception_sha256 and int(f["num_images"]) == self.num_images:
           return f["mu"], f["sigma"]
     mu, sigma = streamed_statistics(store.blocks(key))
@@ -296,7 +306,7 @@ class ReconstructionJob:
                           **{HASH_KEY: np.array(self.inception_sha256)})
     return mu, sigma
 
-  def summarize(self, store: ChunkStore, workdir: pathlib.Path, writer: bool) -> Dict:
+  def summarize(self, store: ChunkStore, workdir: paths.AnyPath, writer: bool) -> Dict:
     def mean(key):
       return float(np.mean(np.concatenate(list(store.blocks(key)))))
 
@@ -323,7 +333,8 @@ class ReconstructionJob:
                   "psnr": "scikit-image PSNR, data_range=1",
                   "rfid": "ADM Inception pool_3 statistics of uint8 reconstructions vs the crops"},
         "noisy_eval": passes, "curve": curve, "num_images": self.num_images,
-        "image_size": self.size, "num_tokens": self.config.num_latent_tokens,
+        "image_size": self.size, "image_size_eval": self.eval_size, "num_tokens": self.tokens,
+        "tokenizer_latent_tokens": self.config.num_latent_tokens,
         "settings": self.settings.protocol(), "inception_sha256": self.inception_sha256,
     }
     if writer and curve:
@@ -347,13 +358,13 @@ def run_tokenizer_eval(e, workdir, mesh=None) -> Dict:
   if not e.inception:
     raise ValueError("eval.inception is empty: give --config.eval.inception=DIR "
                      "(`python -m detailflow_jax.convert inception`)")
-  src = pathlib.Path(str(e.tokenizer)).expanduser()
-  weights = None if (src.is_dir() and is_model_dir(src)) else (e.tokenizer_weights or None)
+  weights = None if is_model_dir(e.tokenizer) else (e.tokenizer_weights or None)
   tokenizer = load_model_dir(resolve_model_dir(e.tokenizer, "tokenizer", weights), "tokenizer")
   inception, info = load_inception(e.inception)
   settings = ReconstructionSettings(
       source=e.data.source, path=e.data.path, split=e.data.split, tfds_name=e.data.tfds_name,
       num_images=e.data.num_images, seed=e.seed, noisy_eval=e.noisy_eval, noise_top_k=e.noise_top_k,
       curve=e.curve, curve_tokens=tuple(e.curve_tokens), precision=e.precision,
-      per_device_batch=e.per_device_batch, chunk_size=e.chunk_size, inception_batch=e.inception_batch)
+      image_size=e.image_size, image_size_eval=e.image_size_eval, per_device_batch=e.per_device_batch,
+      chunk_size=e.chunk_size, inception_batch=e.inception_batch)
   return ReconstructionJob(tokenizer, inception, info["weights_sha256"], settings, mesh=mesh).run(workdir)

@@ -52,6 +52,39 @@ def statistics(features, name: str = "features") -> Tuple[np.ndarray, np.ndarray
   return np.mean(x, axis=0), np.cov(x, rowvar=False)
 
 
+class RunningStatistics:
+  """mu and sigma (np.cov, ddof 1) of [n, dim] feature blocks seen one at a time, in float64,
+  in O(dim^2) memory. Sums are taken about the first block's mean (shifted data: no
+  cancellation when the mean is large against the spread); agrees with `statistics` of the
+  whole set to ~1e-12 relative."""
+
+  def __init__(self, dim: int = 2048):
+    self.dim, self.n, self.shift = dim, 0, None
+    self.sum, self.outer = np.zeros(dim), np.zeros((dim, dim))
+
+  def add(self, features: np.ndarray) -> None:
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      raise ScoreError(f"expected [N, {self.dim}] features, got shape {x.shape}")
+    if not np.isfinite(x).all():
+      raise ScoreError(f"features {x.shape} contain NaN or inf")
+    if not len(x):
+      return
+    if self.shift is None:
+      self.shift = x.mean(0)
+    x = x - self.shift
+    self.n += len(x)
+    self.sum += x.sum(0)
+    self.outer += x.T @ x
+
+  def result(self) -> Tuple[np.ndarray, np.ndarray]:
+    if self.n < 2:
+      raise ScoreError(f"a covariance needs at least 2 samples, got {self.n}")
+    mean = self.sum / self.n
+    sigma = (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+    return self.shift + mean, sigma
+
+
 def check_statistics(mu, sigma, name: str) -> Tuple[np.ndarray, np.ndarray]:
   """float64 (mu, sigma) with shapes [D] and [D, D] and finite values, or a ScoreError."""
   mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))

@@ -3,6 +3,7 @@ coarse-to-fine strip drawer (samples, reconstructions, the trainers' periodic PN
 import pathlib
 from typing import Callable, List, Optional, Sequence
 
+import ml_dtypes
 import numpy as np
 from PIL import Image
 
@@ -14,8 +15,17 @@ def to_uint8(images) -> np.ndarray:
   """[-1, 1] floats -> uint8 the way the reference's samplers write PNGs.
 
   uint8(clamp(127.5 * x + 128, 0, 255)): truncation with offset 128 (= round-half-up of 127.5x+127.5).
+  bfloat16 pixels (a decode under bf16 autocast) are computed as torch does on a bf16 tensor:
+  each op in float32, its result rounded to bfloat16 (so 127.5 x + 128 is rounded to a
+  bfloat16 value, an integer above 128, before the truncation); other dtypes in float32.
   """
-  x = np.asarray(images, dtype=np.float32)
+  x = np.asarray(images)
+  if x.dtype == ml_dtypes.bfloat16:
+    bf16 = ml_dtypes.bfloat16
+    scaled = (np.float32(127.5) * x.astype(np.float32)).astype(bf16)
+    shifted = (scaled.astype(np.float32) + np.float32(128.0)).astype(bf16)
+    return np.clip(shifted.astype(np.float32), 0, 255).astype(np.uint8)
+  x = x.astype(np.float32)
   return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)
 
 

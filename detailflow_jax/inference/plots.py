@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .. import paths
+
 PANEL_W, PANEL_H, MARGIN = 360, 220, 44
 
 
@@ -70,7 +72,7 @@ def save_curves(path, curves: Dict[str, Tuple[Sequence[int], Sequence[float]]],
   sheet = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")
   for i, p in enumerate(panels):
     sheet.paste(p, ((i % cols) * PANEL_W, (i // cols) * PANEL_H))
-  path = pathlib.Path(path)
+  path = paths.run_path(path)  # local or remote (gs://)
   path.parent.mkdir(parents=True, exist_ok=True)
-  sheet.save(path)
+  paths.save_image(sheet, path)
   return path

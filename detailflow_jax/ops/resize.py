@@ -28,28 +28,37 @@ def area_matrix(in_size: int, out_size: int) -> np.ndarray:
   return w
 
 
-def _cubic_coeffs(t: float, a: float = -0.75):
+def _cubic_coeffs(t, a=np.float32(-0.75)):
+  """Keys' cubic weights of the 4 taps at fraction t, in t's dtype (float32 for torch's)."""
+  one = t.dtype.type(1)
+
   def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
+    return ((a + 2) * x - (a + 3)) * x * x + one
 
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-  return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
+  return far(t + one), near(t), near(one - t), far(t.dtype.type(2) - t)
 
 
 @functools.lru_cache(maxsize=None)
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """torch 'bicubic', align_corners=False: Keys a=-0.75, no antialias, indices clamped."""
+  """torch 'bicubic', align_corners=False: Keys a=-0.75, no antialias, indices clamped.
+
+  The source coordinates and weights are computed in float32, op by op, as torch's kernels do
+  for float inputs (scale = float(in) / out; src = scale * (i + 0.5) - 0.5; t = src - floor):
+  in float64 the weights differ from torch's by up to ~2e-5 where in / out is not a binary
+  fraction (128 -> 112)."""
+  f32 = np.float32
   w = np.zeros((out_size, in_size), dtype=np.float64)
-  scale = in_size / out_size
+  scale = f32(in_size) / f32(out_size)
   for i in range(out_size):
-    src = scale * (i + 0.5) - 0.5  # Not clamped at 0 for cubic, as torch does.
+    src = scale * (f32(i) + f32(0.5)) - f32(0.5)  # Not clamped at 0 for cubic, as torch does.
     base = math.floor(src)
-    coeffs = _cubic_coeffs(src - base)
+    coeffs = _cubic_coeffs(src - f32(base))
     for k, c in enumerate(coeffs):
       j = min(max(base - 1 + k, 0), in_size - 1)
-      w[i, j] += c
+      w[i, j] += float(c)
   return w
 
 
