@@ -127,7 +127,7 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
   noise_idx = cfg.causal_len + cfg.group_size
   batch = {"image": images, "target": images, "t": m, "max_tokens": m, "decode_res": size,
            "noise_idx": noise_idx}
-  lowered = trainer.lower(state, batch, step=0)
+  lowered = trainer.lower(state, batch)
 
   def residuals():
     # What the backward of the step's own generator loss keeps (tokenizer, teacher, LPIPS, the
@@ -136,7 +136,7 @@ def tokenizer_lowered(quick: bool, policy: str, devices):
     per = b // mesh.devices.size
     x = jax.ShapeDtypeStruct((per, size, size, 3), jnp.float32)
     local = {"image": x, "target": x, "noise_idx": jnp.int32(noise_idx)}
-    prog = trainer.programs(batch, 0)
+    prog = trainer.programs(batch)
     loss = lambda params, state, frozen, local: trainer.generator_loss(prog, state, frozen, local)(params)[0]
     return remat.saved_residual_bytes(loss, state.params, state, trainer.frozen, local)
 

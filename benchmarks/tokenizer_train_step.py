@@ -65,15 +65,15 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
                 "decode_res": np.int32(size), "noise_idx": np.int32(cfg.causal_len + cfg.group_size)}
 
   start = time.perf_counter()
-  compiled = trainer.compiled(state, batch_dict, step=0)
+  compiled = trainer.compiled(state, batch_dict)
   compile_s = time.perf_counter() - start
   flops = compiled_flops(compiled)
-  state, metrics = trainer.step(state, batch_dict, step=0)  # warm-up through the same program
+  state, metrics = trainer.step(state, batch_dict)  # warm-up through the same program
   jax.block_until_ready(metrics)
   best = float("inf")
   for i in range(steps):
     start = time.perf_counter()
-    state, metrics = trainer.step(state, batch_dict, step=i + 1)
+    state, metrics = trainer.step(state, batch_dict)
     jax.block_until_ready(metrics)
     best = min(best, time.perf_counter() - start)
   assert trainer.num_programs == 1, "the step recompiled"

@@ -136,10 +136,12 @@ class ResolutionSchedule:
     cur = self.max_tokens if max_tokens is None else max_tokens
     if cur < self.group_size + self.causal_len:
       raise ValueError(f"cannot degrade with max_tokens={cur} < group_size + causal_len")
-    t = int(rng.integers(1, cur - self.group_size + 1))
-    if t > self.causal_len:
-      t = math.ceil(t / self.group_size) * self.group_size
-    return t
+    return self.degradation_tokens(int(rng.integers(1, cur - self.group_size + 1)))
+
+  def degradation_tokens(self, raw: int) -> int:
+    """t from the raw draw in [1, max_tokens - group_size]: kept inside the causal prefix,
+    rounded up to a group multiple after it."""
+    return math.ceil(raw / self.group_size) * self.group_size if raw > self.causal_len else raw
 
   def sample_noise_index(self, t: int, rng: np.random.Generator, prob: float,
                          correction_training: bool = True) -> Optional[int]:
@@ -150,14 +152,20 @@ class ResolutionSchedule:
       return None
     if rng.random() >= prob:
       return None
+    return self.noise_index(int(rng.integers(0, self.noise_index_bound(t))))
+
+  def noise_index_bound(self, t: int) -> int:
+    """The exclusive upper end of the raw noise-index draw for t tokens (t inside the causal
+    prefix; else t - group_size: never the last group)."""
     if t <= self.causal_len:
-      upper = min(t, self.causal_len)
-    else:
-      if t < self.group_size + self.causal_len or t % self.group_size:
-        raise ValueError(f"t={t} is not a valid group-aligned token count")
-      upper = t - self.group_size
-    idx = int(rng.integers(0, upper))
-    return idx if idx < self.causal_len else idx // self.group_size * self.group_size
+      return t
+    if t < self.group_size + self.causal_len or t % self.group_size:
+      raise ValueError(f"t={t} is not a valid group-aligned token count")
+    return t - self.group_size
+
+  def noise_index(self, raw: int) -> int:
+    """The noise index from its raw draw: kept inside the causal prefix, else its group's start."""
+    return raw if raw < self.causal_len else raw // self.group_size * self.group_size
 
   def noise_span(self, noise_idx: int) -> int:
     """How many tokens a perturbation at noise_idx replaces: 1 in the causal prefix, else a group."""

@@ -44,7 +44,7 @@ def test_only_the_decoder_trains():
     images = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
     batch = {"image": images, "target": images, "t": 16, "max_tokens": 16, "decode_res": 32,
              "noise_idx": 2}  # self-correction on: the refine path's parameters stay fixed too
-    state, metrics = trainer.step(state, batch, step)
+    state, metrics = trainer.step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     # The reference's decoder_finetune: no global-token term; REPA's alignment remains.
     assert "global_token_loss" not in metrics and float(metrics["align_loss"]) != 0.0

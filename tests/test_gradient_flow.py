@@ -157,7 +157,7 @@ def test_the_discriminator_update_leaves_the_generator_alone():
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   batch = {"image": images, "target": images, "noise_idx": -1, "t": 16, "max_tokens": 16,
            "decode_res": 32}
-  state, metrics = trainer.step(state, batch, 0)
+  state, metrics = trainer.step(state, batch)
   assert float(metrics["disc_grad_norm"]) > 0 and float(metrics["grad_norm"]) > 0
   for a, b in zip(jax.tree.leaves(params0), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))

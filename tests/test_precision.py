@@ -223,7 +223,7 @@ def _tokenizer_losses(compute_dtype, steps=2):
            "decode_res": cfg.image_size, "noise_idx": cfg.causal_len + cfg.group_size}
   losses = []
   for i in range(steps):
-    state, metrics = trainer.step(state, batch, i)
+    state, metrics = trainer.step(state, batch)
     losses.append(float(metrics["loss"]))
   return losses, state
 
@@ -368,10 +368,10 @@ def _tokenizer_gan_metrics(compute_dtype, steps=2, convolutions=False):
            "decode_res": cfg.image_size, "noise_idx": -1}
   # Every convolution of the step (LPIPS and the discriminator heads, in the generator's
   # terms, the discriminator update and their backward passes): operand and result dtypes.
-  convs = CONVOLUTION.findall(trainer.lower(state, batch, 0).as_text()) if convolutions else None
+  convs = CONVOLUTION.findall(trainer.lower(state, batch).as_text()) if convolutions else None
   metrics = []
   for i in range(steps):
-    state, m = trainer.step(state, batch, i)
+    state, m = trainer.step(state, batch)
     metrics.append({k: float(m[k]) for k in ("loss", "disc_loss", "generator_adv_loss")})
   return metrics, convs
 

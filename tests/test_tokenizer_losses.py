@@ -130,3 +130,27 @@ def test_self_correction_bookkeeping(tokenizer, golden_images_nhwc, noise_idx):
       np.asarray(tokenizer.quantize.lookup(tail.indices))[:, noise_end:]
       - np.asarray(tail.normalized_input)[:, noise_end:]))
   assert float(vq_ref["commit_loss"]) == pytest.approx(manual, rel=1e-4)
+
+
+def test_lpips_head_dropout_scales_kept_values_and_zeroes_dropped():
+  """The reference's NetLinLayer: Dropout(p) before each 1x1 head, active in training."""
+  from detailflow_jax.models.lpips import LPIPS
+  lp = LPIPS((4, 4, 4, 4, 4), rngs=0)
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  y = jax.random.uniform(jax.random.key(2), (2, 16, 16, 3), minval=-1, maxval=1)
+  plain = np.asarray(lp(x, y))
+  shapes = lp.tap_shapes(2, 16, 16)
+  assert shapes[0] == (2, 16, 16, 4) and shapes[4] == (2, 1, 1, 4)
+  keep_all = [jnp.ones(s, bool) for s in shapes]
+  np.testing.assert_allclose(lp(x, y, keep_all, 0.5), 2.0 * plain, rtol=1e-5)
+  drop_all = [jnp.zeros(s, bool) for s in shapes]
+  np.testing.assert_allclose(lp(x, y, drop_all, 0.5), 0.0, atol=1e-7)
+  with pytest.raises(ValueError, match="dropout_keep"):
+    lp(x, y, None, 0.5)
+
+
+def test_trainer_draws_lpips_masks_at_the_configured_rate():
+  from detailflow_jax.train import tokenizer as recipe
+  assert recipe.LossConfig().lpips_dropout == 0.5  # the reference's Dropout(0.5), on by default
+  with pytest.raises(ValueError, match="lpips_dropout"):
+    recipe.LossConfig(lpips_dropout=1.0)

@@ -142,7 +142,7 @@ def test_gan_phase_follows_the_reference_from_step_one():
   ema, history = np.zeros(2), []
   for k in range(1, 5):   # k: the reference's global_step = train_steps + 1
     before = jax.tree.map(np.asarray, state.disc_params)
-    state, m = trainer.step(state, batch, k - 1)
+    state, m = trainer.step(state, batch)
     m = jax.device_get(m)
     history.append(m)
     # The discriminator optimizer advances every step, GAN or not (reference: optimizer_disc.step()

@@ -86,7 +86,10 @@ def test_eight_devices_match_one():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   assert int(state8.step) == 2
   # The usage buffer is carried through the step.
-  assert int((state8.extras["quantize"]["codebook_used"][...] >= 0).sum()) == 2 * 8 * 4
+  # (The window starts as zeros, as the reference's buffer: the step's 2 x 8 x 4 indices fill
+  # its tail, everything before stays 0.)
+  used = np.asarray(state8.extras["quantize"]["codebook_used"][...])
+  assert not used[:-2 * 8 * 4].any() and used[-2 * 8 * 4:].any()
 
 
 def test_checkpoint_roundtrip_keeps_values_and_shardings(tmp_path):

@@ -52,9 +52,11 @@ def tokenizer_config(*, tokens: int, variant: str = "") -> ml_collections.Config
       reconstruction_loss="l2", reconstruction_weight=1.0, perceptual_weight=1.0,
       perceptual_warmup=10000, disc_weight=0.2, disc_start=40000, disc_loss="hinge",
       gen_loss="hinge", lecam_loss_weight=0.001, lecam_decay=0.999, disc_cr_loss_weight=4.0,
-      use_diff_aug=True, codebook_weight=1.0, ema_decay=0.0))
+      use_diff_aug=True, codebook_weight=1.0, ema_decay=0.0,
+      lpips_dropout=0.5))  # the reference's LPIPS heads' Dropout(0.5), active in its training
   c.disc = ml_collections.ConfigDict(dict(type="dino", patchgan_dim=64, patchgan_layers=3,
-                                          dino_depth=12, dino_key_depths=(2, 5, 8, 11)))
+                                          dino_depth=12, dino_key_depths=(2, 5, 8, 11),
+                                          dino_num_heads=6))  # ViT-S/16: 384 wide, 6 heads
   c.data = ml_collections.ConfigDict(dict(
       source="imagefolder", path="", split="train", tfds_name="imagenet2012", batch_size=256,
       num_workers=8, examples_per_epoch=IMAGENET_TRAIN_IMAGES, degradation_prob=0.2,

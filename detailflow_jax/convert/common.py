@@ -86,8 +86,8 @@ def _load_pt(path: pathlib.Path, weights: str) -> Dict[str, np.ndarray]:
   state = None
   if weights in obj and isinstance(obj[weights], Mapping):
     state = obj[weights]
-  elif weights == "ema" and "ema" not in obj:
-    raise ConversionError(f"{path} has no 'ema' weights (top-level keys: {sorted(obj)[:8]})")
+  elif weights in ("ema", "discriminator") and weights not in obj:
+    raise ConversionError(f"{path} has no {weights!r} weights (top-level keys: {sorted(obj)[:8]})")
   else:
     for key in _CONTAINER_KEYS:
       if key in obj and isinstance(obj[key], Mapping):
@@ -125,15 +125,16 @@ def load_state_dict(path, weights: str = "model") -> Dict[str, np.ndarray]:
   Args:
     path: `.pt`/`.pth`/`.bin` (torch.save of {"model"|"ema"|"module"|"state_dict": sd} or a bare
       sd) or `.safetensors`.
-    weights: "model" or "ema": which of the two the released `.pt` files carry.
+    weights: "model" or "ema": which of the two the released `.pt` files carry;
+      "discriminator": a tokenizer training checkpoint's discriminator state.
   """
   path = pathlib.Path(path)
-  if weights not in ("model", "ema"):
+  if weights not in ("model", "ema", "discriminator"):
     raise ConversionError(f"--weights must be 'model' or 'ema', got {weights!r}")
   if not path.is_file():
     raise ConversionError(f"checkpoint file not found: {path}")
   if path.suffix == ".safetensors":
-    if weights == "ema":
+    if weights != "model":
       raise ConversionError(f"{path}: .safetensors files hold a single state dict; use --weights model")
     raw = _load_safetensors(path)
   else:

@@ -16,6 +16,8 @@ from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
 from .common import ConversionError, KeyMapping, ReferenceFormat, read_json, read_run_configs
 
+# build_mlp's hidden width for global_token_proj in the reference's VQModel.
+GLOBAL_TOKEN_HIDDEN = 1024
 # The public SigLIP2-so400m-patch16-naflex vision tower the released models were built from.
 SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                   "num_attention_heads": 16, "num_patches": 256, "patch_size": 16,
@@ -119,7 +121,10 @@ def config_from_reference(config_json: Dict[str, Any], config_yaml: Dict[str, An
         global_token_loss_weight=config_json.get("global_token_loss_weight", 0.0),
         repa=config_json.get("repa", False), repa_proj_dim=config_json.get("repa_proj_dim", 1024),
         repa_layer_indices=config_json.get("repa_layer_indices", 1),
-        repa_loss_weight=config_json.get("repa_loss_weight", 0.5), teacher=teacher)
+        repa_loss_weight=config_json.get("repa_loss_weight", 0.5), teacher=teacher,
+        # VQModel hard-codes the global-token MLP's width (1024); a fixture's builder block may
+        # give a smaller one.
+        global_token_hidden=int((fixture or {}).get("global_token_hidden", GLOBAL_TOKEN_HIDDEN)))
   except KeyError as e:
     raise ConversionError(f"tokenizer config is missing the field {e.args[0]!r}") from e
 

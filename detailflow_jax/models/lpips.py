@@ -15,7 +15,7 @@ relative change of the value), so the distance is float32.
 Frozen: every weight is a `Frozen` variable (models/frozen.py); the trainer only differentiates
 with respect to the images. Nothing here is trained.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +79,29 @@ class LPIPS(nnx.Module):
     self.lins = nnx.List([Linear(w, 1, use_bias=False, rngs=rngs) for w in widths])
     freeze(self)
 
-  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+  def tap_shapes(self, batch: int, height: int, width: int) -> List[tuple]:
+    """Shapes [B, h, w, C] of the five squared feature differences the heads read (what a
+    dropout keep-mask covers)."""
+    shapes = []
+    for stage, w in enumerate(self.net.widths):
+      if stage:
+        height, width = height // 2, width // 2
+      shapes.append((batch, height, width, w))
+    return shapes
+
+  def __call__(self, x: jax.Array, y: jax.Array, dropout_keep: Optional[Sequence[jax.Array]] = None,
+               dropout_rate: float = 0.0) -> jax.Array:
     """x, y: [B, H, W, 3] images in [-1, 1] -> float32 distances [B] (the reference returns
     [B, 1, 1, 1]; its loss takes the mean, as `jnp.mean` of this does). Differentiable with
-    respect to x and y."""
+    respect to x and y.
+
+    dropout_keep / dropout_rate: the heads' Dropout(p) of the reference's NetLinLayer, active in
+    its training (train_tokenizer.py puts VQLoss, LPIPS included, in train mode): five bool
+    keep-masks of `tap_shapes` (drawn by the caller); kept values are scaled by 1 / (1 - p)."""
+    if dropout_rate and dropout_keep is None:
+      raise ValueError(f"LPIPS dropout_rate={dropout_rate} needs dropout_keep masks")
+    if dropout_keep is not None and len(dropout_keep) != len(self.lins):
+      raise ValueError(f"LPIPS dropout_keep holds {len(dropout_keep)} masks, the heads are {len(self.lins)}")
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"LPIPS expects two NHWC RGB batches of one shape, got {x.shape} and {y.shape}")
     dtype = self.lins[0].kernel.dtype
@@ -92,8 +111,13 @@ class LPIPS(nnx.Module):
     both = ((both - shift) / scale).astype(dtype)
     b = x.shape[0]
     total = jnp.zeros((b,), jnp.float32)
-    for feats, lin in zip(self.net(both), self.lins):
+    for k, (feats, lin) in enumerate(zip(self.net(both), self.lins)):
       feats = _unit_channels(feats.astype(jnp.float32))
       diff = jnp.square(feats[:b] - feats[b:])
+      if dropout_keep is not None:
+        keep = dropout_keep[k]
+        if keep.shape != diff.shape:
+          raise ValueError(f"LPIPS dropout_keep[{k}] has shape {keep.shape}, the tap is {diff.shape}")
+        diff = diff * (keep.astype(jnp.float32) * jnp.float32(1.0 / (1.0 - dropout_rate)))
       total = total + jnp.mean(lin(diff.astype(dtype)).astype(jnp.float32), axis=(1, 2, 3))
     return total

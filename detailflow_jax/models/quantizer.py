@@ -43,7 +43,9 @@ class VectorQuantizer(nnx.Module):
     self.embedding = nnx.Param(table, eager_sharding=False, out_sharding=("vocab", None))
     self.show_usage = show_usage
     if show_usage:
-      self.codebook_used = CodebookUsage(jnp.full((USAGE_WINDOW,), -1, jnp.int32))
+      # Zeros, as the reference's codebook_used buffer starts: until the window has filled,
+      # code 0 counts as used (the usage metric reads this window only).
+      self.codebook_used = CodebookUsage(jnp.zeros((USAGE_WINDOW,), jnp.int32))
 
   def codebook(self) -> jax.Array:
     table = self.embedding[...]
@@ -95,12 +97,22 @@ class VectorQuantizer(nnx.Module):
     self.codebook_used[...] = window
     return codebook_usage(window, self.codebook_size)
 
-  def random_topk_codes(self, out: QuantizerOutput, k: int, key: jax.Array) -> jax.Array:
-    """For self-correction: per position, a code drawn uniformly from the k nearest ones."""
+  def topk_codes(self, out: QuantizerOutput, k: int, ranks: jax.Array) -> jax.Array:
+    """For self-correction: per position, the code at `ranks` (int, out.indices' shape, in
+    [0, k); 0 = nearest) among the k nearest ones (ascending distance, as torch.topk)."""
     k = min(k, self.codebook_size)
     _, top = jax.lax.top_k(-out.distances, k)
-    choice = jax.random.randint(key, out.indices.shape, 0, k)
-    return jnp.take_along_axis(top, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+    return jnp.take_along_axis(top, ranks[..., None].astype(jnp.int32), axis=-1)[..., 0].astype(jnp.int32)
+
+  def random_topk_codes(self, out: QuantizerOutput, k: int, key: jax.Array) -> jax.Array:
+    """`topk_codes` with ranks drawn uniformly from `key` (draw_topk_ranks)."""
+    return self.topk_codes(out, k, draw_topk_ranks(key, out.indices.shape, min(k, self.codebook_size)))
+
+
+def draw_topk_ranks(key: jax.Array, shape, k: int) -> jax.Array:
+  """Self-correction's draw: a uniform rank in [0, k) per position (the reference's
+  torch.randint(0, top_k, ...) in VectorQuantizer.forward)."""
+  return jax.random.randint(key, shape, 0, k).astype(jnp.int32)
 
 
 def codebook_usage(window: jax.Array, codebook_size: int) -> jax.Array:

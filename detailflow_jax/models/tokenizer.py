@@ -305,18 +305,24 @@ class Tokenizer(nnx.Module):
     return self._encode(images, num_tokens, self.refine_conv(prefix_quant.astype(self.param_dtype)),
                         prefix_len)
 
-  def self_correct(self, images: jax.Array, noise_idx: jax.Array, key: jax.Array,
-                   num_tokens: Optional[int] = None, top_k: int = 50) -> SelfCorrection:
+  def self_correct(self, images: jax.Array, noise_idx: jax.Array, key: Optional[jax.Array],
+                   num_tokens: Optional[int] = None, top_k: int = 50,
+                   topk_ranks: Optional[jax.Array] = None) -> SelfCorrection:
     """Perturbs tokens [noise_idx, noise_end) with random top-k codes and re-encodes the rest
     conditioned on that prefix. noise_idx: int32, a scalar or per image [B], may be traced
     (one compiled program for every noise index); the span is 1 token inside the causal
-    prefix, a whole group after it."""
+    prefix, a whole group after it. The random codes: `topk_ranks` [B, num_tokens] (the rank
+    of each position's code among its top_k nearest, a draw made by the caller), or ranks
+    drawn from `key` when not given."""
     cfg = self.config
     clean = self.encode(images, num_tokens)
     m = clean.indices.shape[1]
     noise_idx = jnp.asarray(noise_idx, jnp.int32)
     noise_end = noise_idx + jnp.where(noise_idx < cfg.causal_len, 1, cfg.group_size).astype(jnp.int32)
-    noisy = self.quantize.random_topk_codes(clean, top_k, key)
+    if topk_ranks is None:
+      noisy = self.quantize.random_topk_codes(clean, top_k, key)
+    else:
+      noisy = self.quantize.topk_codes(clean, top_k, topk_ranks)
     prefix_idx = jnp.where(_before(m, noise_idx), clean.indices, noisy)
     prefix_quant = jax.lax.stop_gradient(self.quantize.lookup(prefix_idx))
     refined = self.refine(images, prefix_quant, num_tokens, noise_end)
@@ -356,24 +362,26 @@ class Tokenizer(nnx.Module):
 
   # --- training -------------------------------------------------------------------------
 
-  def train_forward(self, images: jax.Array, target: jax.Array, key: jax.Array, *,
+  def train_forward(self, images: jax.Array, target: jax.Array, key: Optional[jax.Array], *,
                     num_tokens: int, max_tokens: int, decode_res: int,
                     noise_idx: Optional[jax.Array] = None, top_k: int = 50,
-                    decoder_finetune: bool = False) -> GeneratorOutput:
+                    decoder_finetune: bool = False,
+                    topk_ranks: Optional[jax.Array] = None) -> GeneratorOutput:
     """The reference VQModel.forward in training mode: encode `max_tokens` tokens; with a
     (traced, scalar) noise_idx also the self-correction half (batch doubled, targets repeated);
     decode the first `num_tokens` at `decode_res`; VQ terms and alignment losses. Updates the
     codebook-usage window. decoder_finetune (the reference's keyword): no global-token loss (its
     gradients reach only the encoder side and its projection, which a decoder-only fine-tune
     keeps fixed), so no teacher pass for it; REPA stays. With REPA and a target of the input's
-    size the global token's teacher features are REPA's, of the target (the reference's reuse)."""
+    size the global token's teacher features are REPA's, of the target (the reference's reuse).
+    topk_ranks: self-correction's draws (see self_correct); `key` is used only without them."""
     cfg = self.config
     if noise_idx is None:
       clean = self.encode(images, max_tokens)
       vq = self.quantize.losses(clean)
-      quant, used = clean.quant, clean.indices.reshape(-1)
+      quant, usage = clean.quant, self.quantize.update_usage(clean.indices.reshape(-1))
     else:
-      sc = self.self_correct(images, noise_idx, key, max_tokens, top_k)
+      sc = self.self_correct(images, noise_idx, key, max_tokens, top_k, topk_ranks)
       clean = sc.clean
       vq_clean, vq_refined = self.quantize.losses(clean), self.quantize.losses(sc.refined, sc.noise_end)
       # Both halves' VQ terms, weighted by how many positions each trains.
@@ -382,8 +390,11 @@ class Tokenizer(nnx.Module):
       vq = {k: vq_clean[k] * w_clean + vq_refined[k] * w_noisy for k in vq_clean}
       quant = jnp.concatenate([clean.quant, sc.quant], axis=0)
       target = jnp.concatenate([target, target], axis=0)
-      used = jnp.concatenate([clean.indices.reshape(-1), sc.refined.indices.reshape(-1)])
-    losses = dict(vq, codebook_usage=self.quantize.update_usage(used),
+      # The reference's quantizer measures usage in each call (the clean encode's indices
+      # pushed first, then all of the refine encode's) and weights the two like the losses.
+      usage = (w_clean * self.quantize.update_usage(clean.indices.reshape(-1))
+               + w_noisy * self.quantize.update_usage(sc.refined.indices.reshape(-1)))
+    losses = dict(vq, codebook_usage=usage,
                   fea_cosine_sim=group_cosine_similarity(jax.lax.stop_gradient(quant), cfg.group_size))
     align = jnp.float32(0.0)
     teacher = None

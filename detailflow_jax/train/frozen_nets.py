@@ -61,7 +61,7 @@ def build_discriminator(c: ml_collections.ConfigDict):
     return PatchGANDiscriminator(3, d.patchgan_dim, d.patchgan_layers, rngs=c.seed + 1)
   if d.type == "dino":
     return dino_discriminator_from_torch(c.weights.dino, key_depths=tuple(d.dino_key_depths),
-                                         depth=d.dino_depth, seed=c.seed + 1)
+                                         depth=d.dino_depth, num_heads=d.dino_num_heads, seed=c.seed + 1)
   raise ValueError(f"disc.type={d.type!r} (dino | patchgan | none)")
 
 
@@ -78,5 +78,6 @@ def random_discriminator(c: ml_collections.ConfigDict, small: bool = False):
   if d.type != "dino":
     return build_discriminator(c)
   cfg = (DinoConfig(hidden_size=64, num_heads=2, mlp_dim=128, depth=2, image_size=64, key_depths=(0, 1))
-         if small else DinoConfig(depth=d.dino_depth, key_depths=tuple(d.dino_key_depths)))
+         if small else DinoConfig(depth=d.dino_depth, num_heads=d.dino_num_heads,
+                                  key_depths=tuple(d.dino_key_depths)))
   return DinoDiscriminator(cfg, rngs=c.seed + 1)

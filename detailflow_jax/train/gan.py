@@ -1,10 +1,11 @@
 """Adversarial pieces of the tokenizer recipe: GAN losses, LeCam regularisation, DiffAugment.
 
-All functions are pure and jittable; randomness comes from explicit keys. Images are NHWC in
+All functions are pure and jittable; randomness comes from explicit keys or draws. Images are NHWC in
 [-1, 1] (the reference works in NCHW; every axis below is translated accordingly).
 """
 from typing import Callable, Dict, Tuple
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -58,32 +59,83 @@ def adopt_weight(weight: float, step: jax.Array, start: int) -> jax.Array:
 
 
 # --- DiffAugment (Zhao et al. 2020), per example, NHWC -------------------------------------------
+#
+# Randomness is an input: `draw_augment` makes every draw of one DiffAugment call from a key (the
+# trainer calls it in one place), `augment` turns the draws into the augmented batch. The draws are
+# the raw values the reference's utils/diff_aug.py takes from torch (uniforms, integer offsets), so
+# a test can feed the reference's own draws and the gate / ratio arithmetic stays under test.
 
-def _uniform(key, x):
-  return jax.random.uniform(key, (x.shape[0], 1, 1, 1), x.dtype)
+TRANSLATION_RATIO = 0.125
 
 
-def rand_brightness(x, key):
-  return x + (_uniform(key, x) - 0.5)
+@flax.struct.dataclass
+class AugmentDraws:
+  """Raw draws of one DiffAugment call on a batch of B images (P: policies in the call)."""
+  gate_u: jax.Array         # [P] float32: policy p runs iff NOT (gate_u[p] > prob)
+  brightness: jax.Array     # [B] float32 uniform: x + (u - 0.5)
+  saturation: jax.Array     # [B] float32 uniform: (x - mean_c) * 2u + mean_c
+  contrast: jax.Array       # [B] float32 uniform: (x - mean_hwc) * (u + 0.5) + mean_hwc
+  translation_x: jax.Array  # [B] int32 shift along H, in [-s, s], s = int(H * 0.125 + 0.5)
+  translation_y: jax.Array  # [B] int32 shift along W
+  cutout_x: jax.Array       # [B] int32 square centre along H, in [0, H + 1 - c % 2)
+  cutout_y: jax.Array       # [B] int32 square centre along W
 
 
-def rand_saturation(x, key):
+def _policies(policy: str):
+  names = policy.split(",") if policy else []
+  for name in names:
+    if name not in AUGMENTS:
+      raise ValueError(f"unknown DiffAugment policy {name!r} (known: {sorted(AUGMENTS)})")
+  return names
+
+
+def _cutout_ratio(names) -> float:
+  ratios = {float(n.split("_")[1]) for n in names if n.startswith("cutout_")}
+  if len(ratios) > 1:
+    raise ValueError(f"one cutout ratio per DiffAugment policy, got {sorted(ratios)}")
+  return ratios.pop() if ratios else 0.2
+
+
+def draw_augment(key: jax.Array, policy: str, batch: int, height: int, width: int) -> AugmentDraws:
+  """Every draw one `augment(x, draws, policy, prob)` call reads, for x of [batch, height, width, C]."""
+  names = _policies(policy)
+  ratio = _cutout_ratio(names)
+  k = jax.random.split(key, 8)
+  sh, sw = int(height * TRANSLATION_RATIO + 0.5), int(width * TRANSLATION_RATIO + 0.5)
+  ch, cw = int(height * ratio + 0.5), int(width * ratio + 0.5)
+  uniform = lambda kk: jax.random.uniform(kk, (batch,), jnp.float32)
+  return AugmentDraws(
+      gate_u=jax.random.uniform(k[0], (len(names),), jnp.float32),
+      brightness=uniform(k[1]), saturation=uniform(k[2]), contrast=uniform(k[3]),
+      translation_x=jax.random.randint(k[4], (batch,), -sh, sh + 1),
+      translation_y=jax.random.randint(k[5], (batch,), -sw, sw + 1),
+      cutout_x=jax.random.randint(k[6], (batch,), 0, height + (1 - ch % 2)),
+      cutout_y=jax.random.randint(k[7], (batch,), 0, width + (1 - cw % 2)))
+
+
+def _per_image(u, x):
+  return jnp.reshape(u, (x.shape[0], 1, 1, 1)).astype(x.dtype)
+
+
+def brightness(x, u):
+  return x + (_per_image(u, x) - 0.5)
+
+
+def saturation(x, u):
   mean = jnp.mean(x, axis=-1, keepdims=True)
-  return (x - mean) * (_uniform(key, x) * 2.0) + mean
+  return (x - mean) * (_per_image(u, x) * 2.0) + mean
 
 
-def rand_contrast(x, key):
+def contrast(x, u):
   mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
-  return (x - mean) * (_uniform(key, x) + 0.5) + mean
+  return (x - mean) * (_per_image(u, x) + 0.5) + mean
 
 
-def rand_translation(x, key, ratio: float = 0.125):
-  """Shift each image by up to ratio*side pixels along each axis; uncovered pixels are zero."""
+def translate(x, shift_h, shift_w):
+  """Output pixel (i, j) = padded[i + shift_h + 1, j + shift_w + 1] of the 1-pixel zero-padded
+  image (indices clipped): a shift with zeros where nothing is covered."""
   b, h, w, _ = x.shape
-  sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-  kh, kw = jax.random.split(key)
-  th = jax.random.randint(kh, (b, 1, 1), -sh, sh + 1)
-  tw = jax.random.randint(kw, (b, 1, 1), -sw, sw + 1)
+  th, tw = jnp.reshape(shift_h, (b, 1, 1)), jnp.reshape(shift_w, (b, 1, 1))
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   rows = jnp.clip(jnp.arange(h)[None, :, None] + th + 1, 0, h + 1)
   cols = jnp.clip(jnp.arange(w)[None, None, :] + tw + 1, 0, w + 1)
@@ -91,16 +143,14 @@ def rand_translation(x, key, ratio: float = 0.125):
   return padded[batch, rows, cols]
 
 
-def rand_cutout(x, key, ratio: float = 0.2):
-  """Zero one square of side ratio*side per image, centred uniformly (clipped at the border)."""
+def cutout(x, centre_h, centre_w, ratio: float):
+  """Zeroes one square of side int(side * ratio + 0.5) per image around the given centre."""
   b, h, w, _ = x.shape
   ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-  kh, kw = jax.random.split(key)
-  oh = jax.random.randint(kh, (b, 1, 1), 0, h + (1 - ch % 2))
-  ow = jax.random.randint(kw, (b, 1, 1), 0, w + (1 - cw % 2))
   # The reference clips the square's index grid to the image, so a square hanging over an
   # edge covers the clipped band: rows [max(o - c//2, 0), min(o - c//2 + c - 1, h - 1)].
-  r0, c0 = oh - ch // 2, ow - cw // 2
+  r0 = jnp.reshape(centre_h, (b, 1, 1)) - ch // 2
+  c0 = jnp.reshape(centre_w, (b, 1, 1)) - cw // 2
   rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
   in_rows = (rows >= jnp.clip(r0, 0, h - 1)) & (rows <= jnp.clip(r0 + ch - 1, 0, h - 1))
   in_cols = (cols >= jnp.clip(c0, 0, w - 1)) & (cols <= jnp.clip(c0 + cw - 1, 0, w - 1))
@@ -108,31 +158,63 @@ def rand_cutout(x, key, ratio: float = 0.2):
   return x * mask[..., None]
 
 
+# Key-taking forms of the single operations (one draw + the operation above).
+def rand_brightness(x, key):
+  return brightness(x, jax.random.uniform(key, (x.shape[0],), jnp.float32))
+
+
+def rand_saturation(x, key):
+  return saturation(x, jax.random.uniform(key, (x.shape[0],), jnp.float32))
+
+
+def rand_contrast(x, key):
+  return contrast(x, jax.random.uniform(key, (x.shape[0],), jnp.float32))
+
+
+def rand_translation(x, key, ratio: float = TRANSLATION_RATIO):
+  """Shift each image by up to ratio*side pixels along each axis; uncovered pixels are zero."""
+  b, h, w, _ = x.shape
+  sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+  kh, kw = jax.random.split(key)
+  return translate(x, jax.random.randint(kh, (b,), -sh, sh + 1), jax.random.randint(kw, (b,), -sw, sw + 1))
+
+
+def rand_cutout(x, key, ratio: float = 0.2):
+  """Zero one square of side ratio*side per image, centred uniformly (clipped at the border)."""
+  b, h, w, _ = x.shape
+  ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+  kh, kw = jax.random.split(key)
+  return cutout(x, jax.random.randint(kh, (b,), 0, h + (1 - ch % 2)),
+                jax.random.randint(kw, (b,), 0, w + (1 - cw % 2)), ratio)
+
+
 AUGMENTS = {
-    "color": (rand_brightness, rand_saturation, rand_contrast),
-    "translation": (rand_translation,),
-    "cutout_0.2": (lambda x, k: rand_cutout(x, k, 0.2),),
-    "cutout_0.5": (lambda x, k: rand_cutout(x, k, 0.5),),
+    "color": lambda x, d: contrast(saturation(brightness(x, d.brightness), d.saturation), d.contrast),
+    "translation": lambda x, d: translate(x, d.translation_x, d.translation_y),
+    "cutout_0.2": lambda x, d: cutout(x, d.cutout_x, d.cutout_y, 0.2),
+    "cutout_0.5": lambda x, d: cutout(x, d.cutout_x, d.cutout_y, 0.5),
 }
+
+
+def augment(x: jax.Array, draws: AugmentDraws, policy: str = "color,translation,cutout_0.2",
+            prob: float = 0.5) -> jax.Array:
+  """DiffAugment from its draws: each policy of the comma-separated list is applied to the whole
+  batch iff NOT (gate_u > prob) (the reference's `if torch.rand(1) > prob: continue`), with
+  per-example parameters from `draws`."""
+  names = _policies(policy)
+  if draws.gate_u.shape != (len(names),):
+    raise ValueError(f"DiffAugment draws hold {draws.gate_u.shape} gates for policy {policy!r}")
+  for i, name in enumerate(names):
+    x = jnp.where(draws.gate_u[i] > prob, x, AUGMENTS[name](x, draws))
+  return x
 
 
 def diff_augment(x: jax.Array, key: jax.Array, policy: str = "color,translation,cutout_0.2",
                  prob: float = 0.5) -> jax.Array:
-  """Each policy of the comma-separated list is applied to the whole batch with probability
-  `prob` (one draw per policy, as the reference), with fresh per-example parameters."""
+  """`augment` with its draws made from `key`."""
   if not policy:
     return x
-  for i, name in enumerate(policy.split(",")):
-    if name not in AUGMENTS:
-      raise ValueError(f"unknown DiffAugment policy {name!r} (known: {sorted(AUGMENTS)})")
-    pkey = jax.random.fold_in(key, i)
-    gate_key, *fn_keys = jax.random.split(pkey, 1 + len(AUGMENTS[name]))
-    augmented = x
-    for fn, k in zip(AUGMENTS[name], fn_keys):
-      augmented = fn(augmented, k)
-    apply = jax.random.uniform(gate_key) < prob
-    x = jnp.where(apply, augmented, x)
-  return x
+  return augment(x, draw_augment(key, policy, x.shape[0], x.shape[1], x.shape[2]), policy, prob)
 
 
 def discriminator_losses(logits_real: jax.Array, logits_fake: jax.Array, lecam_ema: jax.Array, *,

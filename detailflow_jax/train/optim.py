@@ -73,6 +73,19 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def reference_decay_mask(mapping) -> Callable[[Any], Any]:
+  """The reference's param_groups_weight_decay on our parameters: decay iff the parameter's
+  torch shape (mapping: a convert KeyMapping, our path -> torch name / shape) has ndim >= 2 and
+  its name does not end in '.bias'. Our layouts may drop unit axes torch keeps (the decoder's
+  mask_token is [D] here, [1, 1, D] there), so our own ndim is not the rule."""
+  def mask(params):
+    def one(path, x):
+      ours = tuple(param_path(path).split("/"))
+      return len(mapping.shape(ours, x.shape)) >= 2 and not mapping.name(ours).endswith(".bias")
+    return jax.tree_util.tree_map_with_path(one, params)
+  return mask
+
+
 def make_optimizer(lr: float, total_steps: int, *, weight_decay: float = 0.05, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float = 1.0,
                    warmup_steps: int = 0, schedule: str = "cosine",
@@ -85,12 +98,14 @@ def make_optimizer(lr: float, total_steps: int, *, weight_decay: float = 0.05, b
 
 
 def clipped_adamw(sched: optax.ScalarOrSchedule, *, weight_decay: float, b1: float, b2: float,
-                  eps: float, max_grad_norm: float) -> optax.GradientTransformation:
-  """Global-norm clipping (when max_grad_norm > 0), then AdamW with the decay mask."""
+                  eps: float, max_grad_norm: float, mask=None) -> optax.GradientTransformation:
+  """Global-norm clipping (when max_grad_norm > 0), then AdamW with the decay mask (default
+  `decay_mask`: our own ndim >= 2)."""
   parts = []
   if max_grad_norm and max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(max_grad_norm))
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=decay_mask if mask is None else mask))
   return optax.chain(*parts)
 
 

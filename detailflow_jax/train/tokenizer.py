@@ -17,7 +17,7 @@ outside the optimized state and are not checkpointed: they come from weight file
 """
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
 import jax
@@ -67,6 +67,32 @@ class TokenizerTrainState:
   rng: jax.Array
 
 
+@flax.struct.dataclass
+class TokenizerDraws:
+  """Every random draw of one tokenizer step, made in one place (`TokenizerTrainer.draw`) from
+  the state's key, or passed in (a test feeds the reference's own draws). Raw values, as the
+  reference draws them, so the rules turning a draw into a decision stay in the step.
+  The batch's degradation (t, decode resolution) and noise index are drawn by the data
+  pipeline (data/degradation.py) before the step: they choose its shapes."""
+  topk_ranks: Optional[jax.Array]                # [B, max_tokens] int32 rank in the top-50 (self-correction)
+  gen_fake: Optional[gan.AugmentDraws]           # DiffAugment on the reconstructions (generator step)
+  disc_real: Optional[gan.AugmentDraws]          # discriminator step: the target
+  disc_fake: Optional[gan.AugmentDraws]          # discriminator step: the reconstructions
+  cr_real: Optional[gan.AugmentDraws]            # consistency regularisation: the target
+  cr_fake: Optional[gan.AugmentDraws]            # consistency regularisation: the reconstructions
+  lpips_keep: Optional[Tuple[jax.Array, ...]]    # LPIPS heads' dropout keep-masks (LPIPS.tap_shapes)
+  disc_keys: jax.Array                           # [4] keys of the DINO random 224 crop (real, fake, cr_real, cr_fake)
+
+
+# DiffAugment calls of a step: (draw field, policy, gate probability) as the reference's VQLoss.
+GEN_AUGMENT = "color,translation,cutout_0.2"
+CR_AUGMENT = "color,translation,cutout_0.5"
+AUGMENT_CALLS = {"gen_fake": (GEN_AUGMENT, 0.5), "disc_real": (GEN_AUGMENT, 0.5),
+                 "disc_fake": (GEN_AUGMENT, 0.5), "cr_real": (CR_AUGMENT, 1.0),
+                 "cr_fake": (CR_AUGMENT, 1.0)}
+SELF_CORRECTION_TOP_K = 50
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   reconstruction_loss: str = "l2"
@@ -83,6 +109,9 @@ class LossConfig:
   use_diff_aug: bool = True
   codebook_weight: float = 1.0
   ema_decay: float = 0.0            # 0: no EMA weights
+  # The reference's LPIPS heads hold Dropout(0.5), active in training (train_tokenizer.py calls
+  # vq_loss.train()): its perceptual term is a noisy, unbiased estimate. 0 turns it off.
+  lpips_dropout: float = 0.5
 
   def __post_init__(self):
     if self.reconstruction_loss not in ("l1", "l2"):
@@ -91,6 +120,8 @@ class LossConfig:
       raise ValueError(f"disc_loss={self.disc_loss!r} (one of {sorted(gan.D_LOSSES)})")
     if self.gen_loss not in gan.G_LOSSES:
       raise ValueError(f"gen_loss={self.gen_loss!r} (one of {sorted(gan.G_LOSSES)})")
+    if not 0.0 <= self.lpips_dropout < 1.0:
+      raise ValueError(f"lpips_dropout={self.lpips_dropout} must be in [0, 1)")
 
 
 class StepPrograms(NamedTuple):
@@ -139,6 +170,7 @@ class TokenizerTrainer:
     graphdef, params, frozen, extras = split_trainable(tokenizer)
     self._graphdef = graphdef
     self._perc = nnx.split(perceptual) if perceptual is not None else None
+    self._lpips_tap_shapes = perceptual.tap_shapes if perceptual is not None else None
     self._disc_graphdef = None
     # Reconstructions smaller than this get no adversarial terms (a PatchGAN has no logits for
     # them); DINO resizes every input to 224 and scores any size.
@@ -192,10 +224,31 @@ class TokenizerTrainer:
     logits = disc(images, key=key, train=True)
     return logits.astype(jnp.float32), nnx.state(disc, nnx.Not(nnx.Param))
 
-  def _step_keys(self, state: TokenizerTrainState):
-    """The step's random keys: (noise, generator aug, discriminator aug, fake, real, CR)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    return jax.random.split(rng, 6)
+  def draw(self, prog: "StepPrograms", state: TokenizerTrainState, batch_size: int) -> TokenizerDraws:
+    """Every draw of the step for a batch of `batch_size` images, from the state's key folded
+    with its step (the one place the tokenizer step takes randomness)."""
+    lc = self.losses
+    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 8)
+    rows = 2 * batch_size if prog.correct else batch_size  # self-correction doubles the batch
+    side = prog.decode_res
+    aug = lambda i, name: gan.draw_augment(keys[i], AUGMENT_CALLS[name][0], rows, side, side)
+    gan_aug = prog.gan and lc.use_diff_aug
+    cr = prog.gan and bool(lc.disc_cr_loss_weight)
+    lpips_keep = None
+    if lc.perceptual_weight and lc.lpips_dropout:
+      shapes = self._lpips_tap_shapes(rows, side, side)
+      lpips_keep = tuple(jax.random.bernoulli(k, 1.0 - lc.lpips_dropout, shape)
+                         for k, shape in zip(jax.random.split(keys[6], len(shapes)), shapes))
+    return TokenizerDraws(
+        topk_ranks=(jax.random.randint(keys[0], (batch_size, prog.max_tokens), 0,
+                                       min(SELF_CORRECTION_TOP_K, self.config.codebook_size))
+                    if prog.correct else None),
+        gen_fake=aug(1, "gen_fake") if gan_aug else None,
+        disc_real=aug(2, "disc_real") if gan_aug else None,
+        disc_fake=aug(3, "disc_fake") if gan_aug else None,
+        cr_real=aug(4, "cr_real") if cr else None,
+        cr_fake=aug(5, "cr_fake") if cr else None,
+        lpips_keep=lpips_keep, disc_keys=jax.random.split(keys[7], 4))
 
   def _gan_weight(self, state: TokenizerTrainState):
     # The reference runs the discriminator every step and weights its terms by
@@ -205,13 +258,16 @@ class TokenizerTrainer:
     step = state.step + 1  # the reference counts global_step from 1
     return gan.adopt_weight(self.losses.disc_weight, step, self.losses.disc_start)
 
-  def generator_loss(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch):
+  def generator_loss(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch,
+                     draws: Optional[TokenizerDraws] = None):
     """The generator's loss as a function of the trainable parameters, params -> (loss, (metrics,
     buffers, discriminator buffers, reconstruction, target)): reconstruction, VQ, alignment,
     perceptual and adversarial terms, as the step differentiates it (benchmarks/memory_plan.py
-    reads the activations its backward keeps)."""
+    reads the activations its backward keeps). `draws`: the step's (default: `draw`). The
+    metrics also hold the per-image LPIPS distances and the generator step's logits."""
     lc = self.losses
-    k_noise, k_gaug, _, k_dfake, _, _ = self._step_keys(state)
+    if draws is None:
+      draws = self.draw(prog, state, batch["image"].shape[0])
     step = state.step + 1
     gan_weight = self._gan_weight(state)
 
@@ -222,46 +278,90 @@ class TokenizerTrainer:
       set_precision(model, self.precision)
       remat.set_remat(model.encoder, self.remat["encoder"], "remat.encoder")
       remat.set_remat(model.decoder, self.remat["decoder"], "remat.decoder")
-      out = model.train_forward(batch["image"], batch["target"], k_noise,
+      out = model.train_forward(batch["image"], batch["target"], None,
                                 num_tokens=prog.num_tokens, max_tokens=prog.max_tokens,
                                 decode_res=prog.decode_res,
                                 noise_idx=batch["noise_idx"] if prog.correct else None,
+                                top_k=SELF_CORRECTION_TOP_K, topk_ranks=draws.topk_ranks,
                                 decoder_finetune=self.finetune_decoder)
       diff = out.recon - out.target
       rec = jnp.mean(jnp.abs(diff)) if lc.reconstruction_loss == "l1" else jnp.mean(jnp.square(diff))
       metrics = {"rec_loss": rec, **out.losses}
+      trace = {"recon": out.recon, "target": out.target, "indices": out.indices}
       loss = lc.reconstruction_weight * rec
       loss += lc.codebook_weight * (out.losses["vq_loss"] + out.losses["commit_loss"]
                                     + out.losses["entropy_loss"])
       loss += out.losses["align_loss"]
       if lc.perceptual_weight:
         perc = set_precision(nnx.merge(self._perc[0], frozen["perceptual"]), self.precision)
-        p = jnp.mean(perc(out.target, out.recon))
+        per_image = perc(out.target, out.recon, draws.lpips_keep,
+                         lc.lpips_dropout if draws.lpips_keep is not None else 0.0)
+        p = jnp.mean(per_image)
+        trace["lpips_per_image"] = per_image
         warm = (jnp.minimum(1.0, step / lc.perceptual_warmup) if lc.perceptual_warmup
                 else jnp.float32(1.0))
         loss += lc.perceptual_weight * warm * p
-        metrics["perceptual_loss"] = p
+        metrics.update(perceptual_loss=p, perceptual_weight=lc.perceptual_weight * warm)
       disc_extras = state.disc_extras
       if prog.gan:
         fake = out.recon
         if lc.use_diff_aug:
-          fake = gan.diff_augment(fake, k_gaug, "color,translation,cutout_0.2", 0.5)
-        logits_fake, disc_extras = self._disc_apply(frozen, state.disc_params, state.disc_extras, fake, k_dfake)
+          fake = gan.augment(fake, draws.gen_fake, *AUGMENT_CALLS["gen_fake"])
+        logits_fake, disc_extras = self._disc_apply(frozen, state.disc_params, state.disc_extras, fake,
+                                                    draws.disc_keys[1])
         g_adv = gan.G_LOSSES[lc.gen_loss](logits_fake)
         loss += gan_weight * g_adv
         metrics.update(generator_adv_loss=g_adv, disc_weight=gan_weight)
+        trace["gen_logits_fake"] = logits_fake
       metrics["loss"] = loss
       new_extras = nnx.state(model, nnx.Not(nnx.Param))
-      return loss, (metrics, new_extras, disc_extras, out.recon, out.target)
+      return loss, (metrics, new_extras, disc_extras, out.recon, out.target, trace)
     return gen_loss
 
-  def _step(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch):
+  def discriminator_loss(self, prog: StepPrograms, state: TokenizerTrainState, frozen,
+                         disc_extras, real, fake, draws: TokenizerDraws):
+    """The discriminator's loss as a function of its parameters, disc_params -> (loss, (LeCam
+    EMA, buffers, metrics, logits by call)): hinge (or the configured loss) on the DiffAugmented
+    target vs reconstruction, LeCam with its EMA updated first, consistency regularisation; the
+    calls run in the reference's order (real, fake, cr_real, cr_fake), each one updating the
+    buffers (batch statistics, spectral-norm vectors) the next one reads."""
     lc = self.losses
-    _, _, k_daug, k_dfake, k_dreal, k_cr = self._step_keys(state)
     step = state.step + 1  # the reference counts global_step from 1
     gan_weight = self._gan_weight(state)
-    gen_loss = self.generator_loss(prog, state, frozen, batch)
-    (loss, (metrics, extras, disc_extras, recon, target)), grads = jax.value_and_grad(
+
+    def disc_loss(disc_params):
+      r, f = real, fake
+      if lc.use_diff_aug:
+        r = gan.augment(r, draws.disc_real, *AUGMENT_CALLS["disc_real"])
+        f = gan.augment(f, draws.disc_fake, *AUGMENT_CALLS["disc_fake"])
+      extras = disc_extras
+      logits_real, extras = self._disc_apply(frozen, disc_params, extras, r, draws.disc_keys[0])
+      logits_fake, extras = self._disc_apply(frozen, disc_params, extras, f, draws.disc_keys[1])
+      logits = {"disc_real": logits_real, "disc_fake": logits_fake}
+      d_loss, lecam_ema, d_metrics = gan.discriminator_losses(
+          logits_real, logits_fake, state.lecam_ema, d_loss=lc.disc_loss,
+          disc_weight=gan_weight, lecam_weight=lc.lecam_loss_weight, lecam_decay=lc.lecam_decay)
+      if lc.disc_cr_loss_weight:
+        # Consistency: logits on strongly augmented inputs match the plain ones.
+        rs = gan.augment(real, draws.cr_real, *AUGMENT_CALLS["cr_real"])
+        fs = gan.augment(fake, draws.cr_fake, *AUGMENT_CALLS["cr_fake"])
+        logits_rs, extras = self._disc_apply(frozen, disc_params, extras, rs, draws.disc_keys[2])
+        logits_fs, extras = self._disc_apply(frozen, disc_params, extras, fs, draws.disc_keys[3])
+        logits.update(cr_real=logits_rs, cr_fake=logits_fs)
+        cr = jnp.mean(jnp.square(jnp.concatenate([logits_real, logits_fake])
+                                 - jnp.concatenate([logits_rs, logits_fs])))
+        d_loss += jnp.where(step >= lc.disc_start, lc.disc_cr_loss_weight, 0.0) * cr
+        d_metrics["disc_cr_loss"] = cr
+      return d_loss, (lecam_ema, extras, d_metrics, logits)
+    return disc_loss
+
+  def _step(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch,
+            draws: Optional[TokenizerDraws] = None):
+    lc = self.losses
+    if draws is None:
+      draws = self.draw(prog, state, batch["image"].shape[0])
+    gen_loss = self.generator_loss(prog, state, frozen, batch, draws)
+    (loss, (metrics, extras, disc_extras, recon, target, _)), grads = jax.value_and_grad(
         gen_loss, has_aux=True)(state.params)
     params, opt_state = apply_gradients(state.params, grads, state.opt_state, self.tx)
     ema = state.ema_params
@@ -273,31 +373,8 @@ class TokenizerTrainer:
 
     if prog.gan:
       real, fake = jax.lax.stop_gradient(target), jax.lax.stop_gradient(recon)
-
-      def disc_loss(disc_params):
-        r, f = real, fake
-        if lc.use_diff_aug:
-          r = gan.diff_augment(r, jax.random.fold_in(k_daug, 0), "color,translation,cutout_0.2", 0.5)
-          f = gan.diff_augment(f, jax.random.fold_in(k_daug, 1), "color,translation,cutout_0.2", 0.5)
-        extras = disc_extras
-        logits_real, extras = self._disc_apply(frozen, disc_params, extras, r, k_dreal)
-        logits_fake, extras = self._disc_apply(frozen, disc_params, extras, f, k_dfake)
-        d_loss, lecam_ema, d_metrics = gan.discriminator_losses(
-            logits_real, logits_fake, state.lecam_ema, d_loss=lc.disc_loss,
-            disc_weight=gan_weight, lecam_weight=lc.lecam_loss_weight, lecam_decay=lc.lecam_decay)
-        if lc.disc_cr_loss_weight:
-          # Consistency: logits on strongly augmented inputs match the plain ones.
-          rs = gan.diff_augment(real, jax.random.fold_in(k_cr, 0), "color,translation,cutout_0.5", 1.0)
-          fs = gan.diff_augment(fake, jax.random.fold_in(k_cr, 1), "color,translation,cutout_0.5", 1.0)
-          logits_rs, extras = self._disc_apply(frozen, disc_params, extras, rs, k_dreal)
-          logits_fs, extras = self._disc_apply(frozen, disc_params, extras, fs, k_dfake)
-          cr = jnp.mean(jnp.square(jnp.concatenate([logits_real, logits_fake])
-                                   - jnp.concatenate([logits_rs, logits_fs])))
-          d_loss += jnp.where(step >= lc.disc_start, lc.disc_cr_loss_weight, 0.0) * cr
-          d_metrics["disc_cr_loss"] = cr
-        return d_loss, (lecam_ema, extras, d_metrics)
-
-      (d_loss, (lecam_ema, disc_extras, d_metrics)), d_grads = jax.value_and_grad(
+      disc_loss = self.discriminator_loss(prog, state, frozen, disc_extras, real, fake, draws)
+      (d_loss, (lecam_ema, disc_extras, d_metrics, _)), d_grads = jax.value_and_grad(
           disc_loss, has_aux=True)(state.disc_params)
       disc_params, d_opt = apply_gradients(state.disc_params, d_grads, state.disc_opt_state,
                                            self.disc_tx)
@@ -312,10 +389,9 @@ class TokenizerTrainer:
       new = new.replace(disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt)
     return new, metrics
 
-  def programs(self, batch, step: int) -> StepPrograms:
-    """`step` (updates done so far) no longer selects a program: the GAN weight is traced from
-    it (kept in the signature for the callers)."""
-    del step
+  def programs(self, batch) -> StepPrograms:
+    """The static settings of the program that runs `batch` (the GAN weight and the step count
+    are traced, so they never select one)."""
     decode_res = int(batch["decode_res"])
     gan_on = self._disc_graphdef is not None
     if gan_on and decode_res < self.disc_min_size:
@@ -328,38 +404,45 @@ class TokenizerTrainer:
                         bool(self.config.correction_training and int(batch["noise_idx"]) >= 0),
                         bool(gan_on))
 
-  def step(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
-    """One update. `step` (the host's count, to avoid a device sync) defaults to state.step."""
-    fn, arrays = self._program(state, batch, step)
+  def step(self, state: TokenizerTrainState, batch: Dict[str, Any], draws: Optional[TokenizerDraws] = None):
+    """One update. `draws`: the step's random draws (default: drawn inside the step from
+    state.rng)."""
+    fn, arrays = self._program(batch, draws is not None)
     with jax.set_mesh(self.mesh):
+      if draws is not None:
+        return fn(state, self.frozen, arrays, draws)
       return fn(state, self.frozen, arrays)
 
-  def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
+  def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any]):
     """The compiled executable `step` runs for this batch (for cost analysis)."""
-    return self.lower(state, batch, step).compile()
+    return self.lower(state, batch).compile()
 
-  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any], step: Optional[int] = None):
+  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any]):
     """The program `step` runs for this batch, lowered ahead of time (state and images may be
     ShapeDtypeStructs, e.g. from init_state(abstract=True))."""
-    fn, arrays = self._program(state, batch, step)
+    fn, arrays = self._program(batch)
     with jax.set_mesh(self.mesh):
       return fn.lower(state, self.frozen, arrays)
 
-  def _program(self, state, batch, step):
-    step = int(jax.device_get(state.step)) if step is None else step
-    prog = self.programs(batch, step)
+  def _program(self, batch, given_draws: bool = False):
+    prog = self.programs(batch)
     # (image/target may be ShapeDtypeStructs when lowering ahead of time)
     arrays = {"image": batch["image"], "target": batch["target"],
               "noise_idx": jnp.int32(batch["noise_idx"])}
-    if prog not in self._jitted:
+    if (prog, given_draws) not in self._jitted:
       batch_shardings = {k: sharding.batch_sharding(self.mesh, len(np.shape(v)), self.rules)
                          if len(np.shape(v)) else sharding.replicated(self.mesh) for k, v in arrays.items()}
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
-      fn = lambda state, frozen, batch, prog=prog: self._step(prog, state, frozen, batch)
-      self._jitted[prog] = jax.jit(
-          fn, in_shardings=(self.state_shardings, frozen_shardings, batch_shardings),
+      in_shardings = (self.state_shardings, frozen_shardings, batch_shardings)
+      if given_draws:  # draws passed in (tests feeding a reference's draws): replicated
+        fn = lambda state, frozen, batch, draws, prog=prog: self._step(prog, state, frozen, batch, draws)
+        in_shardings += (sharding.replicated(self.mesh),)
+      else:
+        fn = lambda state, frozen, batch, prog=prog: self._step(prog, state, frozen, batch)
+      self._jitted[(prog, given_draws)] = jax.jit(
+          fn, in_shardings=in_shardings,
           out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
-    return self._jitted[prog], arrays
+    return self._jitted[(prog, given_draws)], arrays
 
   @property
   def num_programs(self) -> int:
@@ -431,25 +514,36 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> TokenizerConfig:
   return cfg
 
 
-def make_optimizers(c: ml_collections.ConfigDict, steps: int):
-  """Adam (decoupled weight decay 0 = the reference's Adam) for the tokenizer and the
-  discriminator, the same schedule for both: the reference's timm scheduler (lr_scheduler
-  cosine: warm-up from the absolute warmup_lr, cosine over all steps to end_lr_fraction * lr),
-  or a warm-up to a constant lr. lr is scaled by batch/256 as the reference does."""
-  from .optim import clipped_adamw, timm_cosine_schedule
+def learning_rate(c: ml_collections.ConfigDict, steps: int):
+  """The schedule both optimizers follow: the reference's timm scheduler (lr_scheduler cosine:
+  warm-up from the absolute warmup_lr, cosine over all steps to end_lr_fraction * lr), or a
+  constant lr (after an optional warm-up; the reference's lr_scheduler none has none). lr is
+  scaled by batch/256 as the reference does."""
+  from .optim import timm_cosine_schedule
   o = c.optimizer
   lr = o.lr * (c.data.batch_size / 256 if o.scale_lr_by_batch else 1.0)
   warmup = o.warmup_steps if o.warmup_steps >= 0 else int(
       o.warmup_epochs * c.data.examples_per_epoch // c.data.batch_size)
   if o.schedule == "cosine":
-    sched = timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, o.end_lr_fraction * lr)
-  elif o.schedule == "constant":
-    sched = timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, lr)  # min_lr = lr: flat
-  else:
-    raise ValueError(f"optimizer.schedule={o.schedule!r} (cosine | constant)")
-  make = lambda: clipped_adamw(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                               max_grad_norm=o.max_grad_norm)
-  return make(), make()
+    return timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, o.end_lr_fraction * lr)
+  if o.schedule == "constant":
+    return timm_cosine_schedule(lr, steps, warmup, o.warmup_lr, lr)  # min_lr = lr: flat
+  raise ValueError(f"optimizer.schedule={o.schedule!r} (cosine | constant)")
+
+
+def make_optimizers(c: ml_collections.ConfigDict, steps: int):
+  """Adam(W) for the tokenizer and the discriminator on the same schedule (`learning_rate`):
+  decoupled weight decay on the reference's decay groups (torch.optim.Adam = weight_decay 0),
+  global-norm clipping at max_grad_norm (0: none)."""
+  from ..convert.tokenizer import MAPPING
+  from .optim import clipped_adamw, reference_decay_mask
+  o = c.optimizer
+  sched = learning_rate(c, steps)
+  make = lambda mask: clipped_adamw(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                                    max_grad_norm=o.max_grad_norm, mask=mask)
+  # The tokenizer's groups follow the reference's torch shapes (its decoder.mask_token is
+  # [1, 1, D], so it decays); the discriminators' layouts have the torch ranks already.
+  return make(reference_decay_mask(MAPPING)), make(None)
 
 
 def inference_export(model: Tokenizer) -> Tokenizer:
@@ -511,14 +605,6 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
       dynamic=dynamic, num_workers=d.num_workers)
   data_iter = image_iterator(source, pipeline, tokenizer.schedule, log_every=0)
   batches = (global_batch(b, mesh) for b in data_iter)
-  host_step = []  # the step count on the host, read from the (restored) state once
-
-  def step_fn(state, batch):
-    if not host_step:
-      host_step.append(int(jax.device_get(state.step)))
-    state, metrics = trainer.step(state, batch, host_step[0])
-    host_step[0] += 1
-    return state, metrics
 
   hooks = []
   if c.recon_every:
@@ -549,7 +635,7 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
     model = inference_export(trainer.model(state, ema=True))
     return "tokenizer", model.config.to_dict(), model
 
-  state = run.run(state=state, state_shardings=trainer.state_shardings, step_fn=step_fn,
+  state = run.run(state=state, state_shardings=trainer.state_shardings, step_fn=trainer.step,
                   data_iterator=data_iter, batches=batches, num_steps=steps, export=export, hooks=hooks)
   log.info("%d step programs compiled", trainer.num_programs)
   return state

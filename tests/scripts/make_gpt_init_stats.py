@@ -1,4 +1,4 @@
-"""Initialisation statistics of the reference's GPT (golden for tests/test_training_parity_gpt.py).
+"""Initialisation statistics of the reference's GPT (golden for tests/test_training_parity.py).
 
 Builds the reference's `Transformer` from-scratch (its __init__: `initialize_weights`, then the
 special-token embedding, which keeps nn.Embedding's own N(0, 1) init) for the configuration in
