@@ -6,7 +6,8 @@ python benchmarks/reference_worker.py --reference-dir DIR --spec JSON --time-gen
 Imports the reference (ByteFlow-AI/DetailFlow) from DIR at run time, builds its GPT and
 tokenizer with seeded random weights, writes each as a run directory the reference's loaders
 and our converters read (RUNS/gpt, RUNS/tokenizer: config.json, config.yaml,
-checkpoints/*.safetensors), prints {"ready": ...} and then answers one JSON line per command
+checkpoints/*.safetensors; the tokenizer only when the spec has a "decode" entry), prints
+{"ready": ...} and then answers one JSON line per command
 read from stdin ("sampler" / "decode" -> seconds of one call; "quit"). Everything the
 reference prints goes to stderr so stdout carries only the protocol.
 
@@ -198,20 +199,20 @@ def main(argv=None):
   torch.set_grad_enabled(False)
   out = pathlib.Path(args.out)
   gpt = build_gpt(spec["sampler"], out / "gpt")
-  tok = build_tokenizer(spec["decode"], out / "tokenizer", out / "cache_data")
-  s, d = spec["sampler"], spec["decode"]
+  s = spec["sampler"]
   labels = torch.arange(s["batch"]) % s["num_classes"]
-  gen = torch.Generator().manual_seed(0)
-  codes = torch.randint(0, d["codebook_size"], (d["batch"], d["codes"]), generator=gen)
 
   def sampler():
     return generate_group_par(gpt, labels, s["tokens"], cfg_scale=s["cfg_scale"],
                               temperature=1.0, top_k=0, top_p=1.0, sample_logits=True)
 
-  def decode():
-    return tok.decode_code(codes, t=None, img_size=d["image_size"])
-
-  calls = {"sampler": sampler, "decode": decode}
+  calls = {"sampler": sampler}
+  if "decode" in spec:  # benchmarks/latency.py times the GPT alone and sends no decode spec
+    d = spec["decode"]
+    tok = build_tokenizer(d, out / "tokenizer", out / "cache_data")
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, d["codebook_size"], (d["batch"], d["codes"]), generator=gen)
+    calls["decode"] = lambda: tok.decode_code(codes, t=None, img_size=d["image_size"])
   reply({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()})
   for line in sys.stdin:
     cmd = line.strip()

@@ -1,10 +1,14 @@
 """What the commands share: the one command runner (`command`: logging set-up, and a user's
 mistake -> `error: ...` on stderr and exit status 2), integer-list flags (`--labels 207,360`,
 `--num-tokens 1,4,16`, `--seeds 0,1`) parsed with errors that name the flag, progress lines
-(a text bar and an ETA that read the same in a log file), and the absl entry point of
-launch/*.py (`launch_main`)."""
+(a text bar and an ETA that read the same in a log file), the absl entry point of
+launch/*.py (`launch_main`), and the persistent XLA compilation cache the inference commands
+(sample, reconstruct, generate, evaluate) turn on (`add_compile_cache_flags`,
+`use_compile_cache`)."""
 import functools
 import logging
+import os
+import pathlib
 import sys
 from typing import Callable, List, Optional
 
@@ -95,3 +99,44 @@ def launch_main(run: Callable[..., None], *, config_help: str, workdir_help: str
       raise app.UsageError(str(e))
 
   app.run(_main)
+
+
+# --- persistent XLA compilation cache ------------------------------------------------------
+
+COMPILE_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable; the tests set it
+COMPILE_CACHE_SUBDIR = "xla_compilation_cache"
+
+
+def add_compile_cache_flags(parser) -> None:
+  """--compile-cache DIR / --no-compile-cache on a command's parser (see use_compile_cache)."""
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument("--compile-cache", default=None, metavar="DIR",
+                     help="persistent XLA compilation cache: a rerun loads its compiled programs "
+                          f"instead of compiling them (default: ${COMPILE_CACHE_ENV} if set, else "
+                          f"{COMPILE_CACHE_SUBDIR}/ under the package cache directory, "
+                          "$DETAILFLOW_JAX_CACHE or $HF_HOME/detailflow_jax)")
+  group.add_argument("--no-compile-cache", action="store_true",
+                     help="compile every program afresh (no persistent compilation cache)")
+
+
+def use_compile_cache(args, package_cache_dir) -> Optional[str]:
+  """Turns JAX's persistent compilation cache on for this process, as `args` (from
+  add_compile_cache_flags) say: --compile-cache DIR, else $JAX_COMPILATION_CACHE_DIR, else
+  `package_cache_dir`/xla_compilation_cache; off with --no-compile-cache. Returns the directory
+  in use (None: off). Call before the first jit compiles: a cached executable is the one the
+  compile would give (results do not change), only compile time is saved. Programs that compile
+  in under a second are not stored (JAX's threshold: reading them back would not pay)."""
+  import jax
+  if args.no_compile_cache:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  directory = args.compile_cache or os.environ.get(COMPILE_CACHE_ENV) or str(
+      pathlib.Path(package_cache_dir) / COMPILE_CACHE_SUBDIR)
+  directory = str(pathlib.Path(directory).expanduser())
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--compile-cache {directory}: cannot create it ({e})") from None
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory

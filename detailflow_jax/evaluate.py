@@ -13,8 +13,9 @@ import pathlib
 import sys
 
 
-from .cli import command
+from .cli import add_compile_cache_flags, command, use_compile_cache
 from .eval.evaluator import evaluate
+from .weights.hub import cache_root
 
 
 @command
@@ -27,7 +28,9 @@ def main(argv=None):
   parser.add_argument("--batch-size", type=int, default=256, help="global batch (rounded up to the device count)")
   parser.add_argument("--json", default=None, help="also write the scores and input hashes here")
   parser.add_argument("--save-features", default=None, help="write the samples' pool/spatial/logits .npz")
+  add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
+  use_compile_cache(args, cache_root())
   if args.batch_size < 1:
     parser.error(f"--batch-size must be positive, got {args.batch_size}")
   result = evaluate(args.reference, args.samples, args.inception, args.batch_size, args.save_features)

@@ -24,10 +24,10 @@ import argparse
 import sys
 
 from . import paths
-from .cli import command, int_list
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
 from .data.protocol import LABEL_MODES
 from .eval.generation import CFG_INTERVAL_NOTE, GenerationSettings, run_generation
-from .weights.hub import WEIGHT_HELP
+from .weights.hub import WEIGHT_HELP, cache_root
 
 
 @command
@@ -62,7 +62,11 @@ def main(argv=None):
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--top-k", type=int, default=0, help="0 = off (the paper's setting)")
   parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off (the paper's setting)")
-  parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                      help="bfloat16: every GPT and tokenizer weight and activation in bf16")
+  parser.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="GPT matmul weights under --precision float32: bfloat16 is weight-only "
+                           "(float32 activations, KV cache and logits; docs/latency.md)")
   parser.add_argument("--per-device-batch", type=int, default=4)
   parser.add_argument("--chunk-size", type=int, default=1000)
   parser.add_argument("--workdir", default=None,
@@ -71,13 +75,16 @@ def main(argv=None):
   parser.add_argument("--reference", default=None, help="ADM reference batch .npz (to score)")
   parser.add_argument("--inception", default=None, help="converted Inception directory (to score)")
   parser.add_argument("--inception-batch", type=int, default=256)
+  add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
+  use_compile_cache(args, cache_root())
   seeds = int_list(args.seeds, "--seeds", low=0, distinct=True) if args.seeds else [args.seed]
   settings = GenerationSettings(
       num_samples=args.num_samples, seed=seeds[0], label_mode=args.labels,
       cfg_scale=args.cfg_scale, gradual_cfg=args.gradual_cfg, cfg_interval=args.cfg_interval,
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-      precision=args.precision, image_size=args.image_size, eval_image_size=args.eval_image_size,
+      precision=args.precision, weights_dtype=args.weights_dtype, image_size=args.image_size,
+      eval_image_size=args.eval_image_size,
       per_device_batch=args.per_device_batch, chunk_size=args.chunk_size)
   out = paths.run_path(args.out)
   workdir = paths.run_path(args.workdir) if args.workdir else out.with_name(out.name + ".chunks")

@@ -13,8 +13,8 @@ import numpy as np
 
 from .inference import images as image_io
 from .inference.images import enlarge_nearest
-from .cli import command, int_list
-from .weights.hub import WEIGHT_HELP
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
+from .weights.hub import WEIGHT_HELP, cache_root
 
 
 @command
@@ -33,7 +33,9 @@ def main(argv=None):
                       help=".npz of float32 NHWC decodes before clipping, keys t{t}")
   parser.add_argument("--no-enlarge", action="store_true",
                       help="show partial decodes at their own size instead of enlarged")
+  add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
+  use_compile_cache(args, cache_root())
 
   from .inference.tokenizer import TokenizerFns
   from .weights.load import load_tokenizer

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from .inference import images as image_io
-from .cli import command, int_list
-from .weights.hub import WEIGHT_HELP
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
+from .weights.hub import WEIGHT_HELP, cache_root
 
 
 @command
@@ -55,7 +55,13 @@ def main(argv=None):
   parser.add_argument("--progressive", default=None,
                       help="PNG strip per image (one row each): the decode after every group")
   parser.add_argument("--per-row", type=int, default=8, help="images per grid row")
+  parser.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="GPT matmul weights: float32 (the parity path) or bfloat16 (weight-only: "
+                           "half the bytes per step, float32 activations and logits; "
+                           "docs/latency.md)")
+  add_compile_cache_flags(parser)
   args = parser.parse_args(argv)
+  use_compile_cache(args, cache_root())
 
   import jax
   from .inference.tokenizer import TokenizerFns
@@ -82,15 +88,17 @@ def main(argv=None):
   print(f"loaded GPT ({cfg.n_layer} layers, dim {cfg.dim}, {cfg.block_size} tokens, group "
         f"{cfg.group_size}) and tokenizer in {time.time() - start:.1f}s", flush=True)
 
-  sampler = Sampler(gpt)
+  sampler = Sampler(gpt, weights_dtype=args.weights_dtype)
+  params = sampler.cast_weights(gpt)
   start = time.time()
   key = jax.random.key(args.seed)
   if args.row_keys:
     key = jax.random.split(key, len(labels))
-  tokens = sampler.sample(gpt, np.asarray(labels), key, options, num_tokens=num_tokens)
+  tokens = sampler.sample(params, np.asarray(labels), key, options, num_tokens=num_tokens)
   tokens = np.asarray(jax.block_until_ready(tokens))
   print(f"sampled {len(labels)} x {num_tokens} tokens in {time.time() - start:.1f}s "
-        f"(incl. compile; cfg {args.cfg_scale}{', greedy' if args.greedy else ''})", flush=True)
+        f"(incl. compile; cfg {args.cfg_scale}{', greedy' if args.greedy else ''}, "
+        f"{args.weights_dtype} weights)", flush=True)
   if args.save_tokens:
     np.save(args.save_tokens, tokens.astype(np.int32))
     print(f"wrote {args.save_tokens}")

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from ..inference.images import to_uint8
-from ..inference.sampler import Sampler, SamplingOptions
+from ..inference.sampler import Sampler, SamplingOptions, check_weights_dtype
 from ..models.precision import Precision
 from .. import paths, sharding
 
@@ -58,6 +58,7 @@ class GenerationSettings:
   gradual_cfg: bool = False      # the reference's --gradual_cfg
   cfg_interval: int = -1         # LlamaGen's rule (see CFG_INTERVAL_NOTE); -1: off, the reference's
   precision: str = "float32"
+  weights_dtype: str = "float32"  # GPT matmul kernels (inference.sampler.Sampler's weights_dtype)
   image_size: int = 0            # decode side; 0: the tokenizer's image_size
   eval_image_size: int = 0       # side of the stored images; 0: image_size
   per_device_batch: int = 4      # the reference's per-rank batch
@@ -67,6 +68,11 @@ class GenerationSettings:
   def __post_init__(self):
     protocol.check_label_mode(self.label_mode)
     check_precision(self.precision)
+    check_weights_dtype(self.weights_dtype)
+    if self.weights_dtype != "float32" and self.precision != "float32":
+      raise ValueError(f"weights_dtype={self.weights_dtype!r} (weight-only, float32 activations) "
+                       f"needs precision='float32'; precision={self.precision!r} already runs "
+                       "every GPT weight in that dtype")
     if self.param_layout not in PARAM_LAYOUTS:
       raise ValueError(f"param_layout must be one of {PARAM_LAYOUTS}, got {self.param_layout!r}")
     for name in ("num_samples", "per_device_batch", "chunk_size"):
@@ -86,6 +92,8 @@ class GenerationSettings:
   def protocol(self) -> Dict:
     d = dataclasses.asdict(self)
     d.pop("per_device_batch")  # the images do not depend on it
+    if d["weights_dtype"] == "float32":
+      d.pop("weights_dtype")  # the default: protocols written before the field existed still match
     return d
 
 
@@ -95,8 +103,14 @@ CFG_INTERVAL_NOTE = (
     "generate_group_par ignores it, so only -1 (the default) reproduces the reference.")
 
 
-def precision_record(precision: str) -> Dict:
-  """What `precision` means in this job, for the output metadata."""
+def precision_record(precision: str, weights_dtype: str = "float32") -> Dict:
+  """What `precision` (and the GPT's `weights_dtype`) mean in this job, for the output metadata."""
+  if precision == "float32" and weights_dtype == "bfloat16":
+    return {"name": "float32", "weights_dtype": "bfloat16",
+            "gpt": "matmul kernels cast to bfloat16 (weight-only: inputs rounded to bfloat16 for "
+                   "each product, float32 accumulation and result); norms, embeddings, "
+                   "activations, KV cache and logits float32",
+            "tokenizer_decode": "float32 weights and activations", "uint8": "from float32 pixels"}
   if precision == "float32":
     return {"name": "float32", "gpt": "float32 weights and activations",
             "tokenizer_decode": "float32 weights and activations",
@@ -172,7 +186,8 @@ class GenerationJob:
     self.batch = settings.per_device_batch * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     # Labels, keys and tokens are batch-sharded over the mesh by the sampler; each device
     # always samples per_device_batch rows, whatever the device count.
-    self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh)
+    self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh, weights_dtype=settings.weights_dtype)
+    self.gpt_params = self.sampler.cast_weights(self.gpt_params)
 
   def images(self, start: int, stop: int) -> np.ndarray:
     """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""
@@ -349,7 +364,7 @@ def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seed
           "keys": "key_i = fold_in(fold_in(key(seed), 0), i); labels: see data/protocol.py",
           "uint8": "clip(127.5 x + 128, 0, 255) truncated, as the reference's samplers",
       },
-      "precision": precision_record(settings.precision),
+      "precision": precision_record(settings.precision, settings.weights_dtype),
       "models": models, "packages": package_versions(),
       "devices": {"count": jax.device_count(), "processes": jax.process_count(),
                   "platform": jax.default_backend(),

@@ -23,6 +23,15 @@ Everything (both phases, sampling, guidance) is one jitted function of fixed sha
 (batch, guidance on/off, one key or per-row keys); SamplingOptions' leaves and the token
 budget are traced values, so changing them does not recompile.
 
+Weights dtype (`weights_dtype`): at batch 1 a step reads every matmul kernel to make a handful
+of rows, so its time is the kernels' bytes over memory bandwidth. "float32" (the default and
+the parity path) runs the weights as they are; "bfloat16" stores the matmul kernels (q/k/v,
+attention output, FFN, vocabulary projection) in bf16, halving the bytes a step streams, and
+multiplies with the input rounded to bf16, float32 accumulation and a float32 result
+(models/precision.py's weight-only policy): norms, embeddings, the residual stream,
+attention, the KV cache and the logits stay float32. What it costs in tokens and logits is
+measured by benchmarks/latency.py (docs/latency.md).
+
 `Sampler.sample_stream` runs the same steps in segments (a generator of token prefixes, for
 previews as the image arrives): one more compiled program, whose step range is traced, carries
 the tokens and the KV cache from segment to segment.
@@ -38,6 +47,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from ..models.gpt import GPT, GPTConfig, KVCache, cache_chunk
+from ..models.precision import Precision, set_precision
 from ..sharding import batch_sharding, replicated
 
 CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
@@ -47,6 +57,43 @@ CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
 # from benchmarks/accelerator.py's figures.
 CACHE_ATTENTION_DEFAULTS = {"cpu": "chunked"}
 PREFIX_CHUNK = 16  # keys per chunk in the single-position prefix steps
+WEIGHTS_DTYPES = ("float32", "bfloat16")
+
+
+def check_weights_dtype(weights_dtype: str, key: str = "weights_dtype") -> str:
+  """`weights_dtype` if it is one of WEIGHTS_DTYPES, else a ValueError naming `key`."""
+  if weights_dtype not in WEIGHTS_DTYPES:
+    raise ValueError(f"{key} must be one of {' | '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+  return weights_dtype
+
+
+def cast_kernels(params, weights_dtype: str):
+  """params (an nnx.State, a tuple of them, or any pytree of a GPT's variables) with every
+  floating matmul kernel (a leaf under a `kernel` key) cast to `weights_dtype`; embeddings,
+  norm gains and integer leaves unchanged. Float32 returns params as they are."""
+  dtype = jnp.dtype(check_weights_dtype(weights_dtype))
+  if dtype == jnp.float32:
+    return params
+
+  def cast(path, x):
+    is_kernel = any(getattr(k, "key", getattr(k, "name", None)) == "kernel" for k in path)
+    if is_kernel and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+      return x.astype(dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def weight_bytes_per_step(params) -> int:
+  """Bytes of weights one sampling step reads: every kernel and norm gain in full; of the
+  embedding tables (token, class, special) only a few rows, so they do not count."""
+  total = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "embedding" in names or "spe_tok_embeddings" in names:
+      continue
+    total += x.size * x.dtype.itemsize
+  return int(total)
 
 
 def default_cache_attention(platform: Optional[str] = None) -> str:
@@ -260,13 +307,16 @@ class Sampler:
   counts traces so tests can assert reuse.
 
   cache_attention: "chunked" or "whole" (see the module docstring); None = the backend's default.
+  weights_dtype: "float32" (default; the weights as given) or "bfloat16" (weight-only bf16, see
+    the module docstring). Kernels that arrive float32 are cast inside every call; pass
+    `sampler.cast_weights(params)` once to stream the bf16 copy only.
   mesh: labels, keys, caches and outputs are sharded over the mesh's batch axes (the batch must
     divide by their size); params keep the shardings they arrive with (arrays not on the mesh
     are replicated onto it). Outputs come back as batch-sharded jax.Arrays.
   """
 
   def __init__(self, gpt_or_graphdef, *, cache_attention: Optional[str] = None,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, weights_dtype: str = "float32"):
     cache_attention = cache_attention or default_cache_attention()
     if cache_attention not in CACHE_ATTENTION_VARIANTS:
       raise ValueError(f"cache_attention must be one of {CACHE_ATTENTION_VARIANTS}, "
@@ -276,6 +326,7 @@ class Sampler:
     self.graphdef = gpt_or_graphdef
     self.config = _config_of(self.graphdef)
     self.cache_attention = cache_attention
+    self.weights_dtype = check_weights_dtype(weights_dtype)
     self.mesh = mesh
     self.trace_count = 0
     self._jitted = jax.jit(self._impl, static_argnames=("guidance", "record_logits", "key_impl"))
@@ -283,12 +334,20 @@ class Sampler:
     self._stream_segment = jax.jit(self._stream_segment_impl, static_argnames=("guidance", "key_impl"),
                                    donate_argnames=("state",))
 
+  def _model(self, params) -> GPT:
+    """The GPT of `params` (inside a trace) in this sampler's weights dtype: kernels that arrive
+    float32 are cast here, and bf16 kernels run under the weight-only policy."""
+    states = cast_kernels(params if isinstance(params, tuple) else (params,), self.weights_dtype)
+    model = nnx.merge(self.graphdef, *states)
+    if self.weights_dtype != "float32":
+      set_precision(model, Precision(self.weights_dtype, output_dtype="float32"))
+    return model
+
   def _impl(self, params, labels, key_data, opts, num_tokens, forced_tokens, *, guidance,
             record_logits, key_impl):
     self.trace_count += 1  # Python side effect: runs only while tracing
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    states = params if isinstance(params, tuple) else (params,)
-    state = _generate(nnx.merge(self.graphdef, *states), labels, key, opts, num_tokens,
+    state = _generate(self._model(params), labels, key, opts, num_tokens,
                       forced_tokens, guidance=guidance, record_logits=record_logits,
                       cache_attention=self.cache_attention, constrain=self._constrain)
     return state.tokens, state.logits
@@ -296,8 +355,7 @@ class Sampler:
   def _stream_start_impl(self, params, labels, *, guidance):
     """The empty SamplingState a stream starts from (zero tokens, zero caches)."""
     self.trace_count += 1
-    states = params if isinstance(params, tuple) else (params,)
-    model = nnx.merge(self.graphdef, *states)
+    model = self._model(params)
     rows = 2 * labels.shape[0] if guidance else labels.shape[0]
     return SamplingState(tokens=self._constrain(jnp.zeros((labels.shape[0], self.config.block_size),
                                                           jnp.int32)),
@@ -308,8 +366,7 @@ class Sampler:
     """Decode steps first .. end-1 (traced: one program serves every segment) on `state`."""
     self.trace_count += 1
     key = jax.random.wrap_key_data(key_data, impl=key_impl)
-    states = params if isinstance(params, tuple) else (params,)
-    return _generate(nnx.merge(self.graphdef, *states), labels, key, opts, num_tokens, None,
+    return _generate(self._model(params), labels, key, opts, num_tokens, None,
                      guidance=guidance, record_logits=False, cache_attention=self.cache_attention,
                      constrain=self._constrain, state=state, steps=(first, end))
 
@@ -395,6 +452,12 @@ class Sampler:
     return self._jitted(*args, **kwargs)
 
   # --- public API ---------------------------------------------------------------------
+
+  def cast_weights(self, params):
+    """params (a GPT, its nnx.State or a tuple of states) with the matmul kernels in this
+    sampler's weights_dtype: cast once and pass the result to every call, so a call streams
+    the low-precision copy only (float32: the states unchanged)."""
+    return cast_kernels(self._params(params), self.weights_dtype)
 
   def precompile(self, params, labels, options: SamplingOptions = SamplingOptions(),
                  return_logits: bool = False, key=None) -> None:

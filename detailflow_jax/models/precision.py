@@ -30,6 +30,11 @@ gradients back to float32 for the float32 master weights and the float32 residua
 exactly as before this policy existed (float32 training, or bf16-converted weights at
 inference).
 
+`Precision("bfloat16", output_dtype="float32")` is the sampler's weight-only mode
+(`Sampler(weights_dtype="bfloat16")`): kernels stored in bf16 (half the bytes a batch-1 step
+streams), inputs rounded to bf16 for the product, float32 accumulation, and the product kept
+in float32, so the residual stream, attention, the KV cache and the logits stay float32.
+
 The policy is applied to a built model with `set_precision` (the train steps do it to the model
 they merge inside the loss, which is autocast's `with` block around the forward).
 """
@@ -82,10 +87,17 @@ class Precision:
   """compute_dtype: dtype of matmul inputs (None: native, no casts). Accumulation, norms,
   softmax, losses and the residual stream are float32 whenever the parameters are."""
   compute_dtype: Optional[str] = None
+  # dtype of a product's result; None: the compute dtype (autocast). "float32": only the
+  # product's inputs are rounded (weight-only low precision at inference).
+  output_dtype: Optional[str] = None
 
   def __post_init__(self):
     if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype={self.compute_dtype!r} ({' | '.join(COMPUTE_DTYPES)})")
+    if self.output_dtype is not None and (self.output_dtype not in COMPUTE_DTYPES
+                                          or self.compute_dtype is None):
+      raise ValueError(f"output_dtype={self.output_dtype!r} needs a compute_dtype and one of "
+                       f"{' | '.join(COMPUTE_DTYPES)}")
 
   @classmethod
   def named(cls, compute_dtype, key: str = "compute_dtype") -> "Precision":
@@ -107,7 +119,12 @@ class Precision:
       return a @ b
     dtype = jnp.dtype(self.compute_dtype)
     product = lambda a, b, out_dtype: jnp.matmul(a, b, preferred_element_type=out_dtype)
-    return float32_accumulated(product, a.astype(dtype), b.astype(dtype)).astype(dtype)
+    return float32_accumulated(product, a.astype(dtype), b.astype(dtype)).astype(self.result_dtype)
+
+  @property
+  def result_dtype(self):
+    """dtype of a product's result under this policy (autocast only)."""
+    return jnp.dtype(self.output_dtype or self.compute_dtype)
 
 
 class PolicyLayer:
@@ -133,7 +150,7 @@ class PolicyLayer:
     y = float32_accumulated(self._product, x.astype(dtype), kernel.astype(dtype))
     if self.bias is not None:
       y = y + self._float32_bias(x)
-    return y.astype(dtype)
+    return y.astype(self.mixed_precision.result_dtype)
 
   def _float32_bias(self, x):
     return self.bias[...].astype(jnp.float32)
