@@ -27,21 +27,19 @@ from . import paths
 from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
 from .data.protocol import LABEL_MODES
 from .eval.generation import CFG_INTERVAL_NOTE, GenerationSettings, run_generation
-from .weights.hub import WEIGHT_HELP, cache_root
+from .weights.hub import add_model_flags, cache_root
 
 
 @command
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--tokenizer", required=True, help="tokenizer: converted dir, run dir or Hub id")
-  parser.add_argument("--gpt", required=True, help="GPT: converted dir, run dir or Hub id")
-  parser.add_argument("--gpt-weights", choices=["model", "ema"], default="ema",
-                      help="GPT weights of a released checkpoint (default: ema, as the reference "
-                           "evaluates: use_gpt_ema); converted directories hold one set. " + WEIGHT_HELP)
-  parser.add_argument("--vq-weights", choices=["model", "ema"], default="model",
-                      help="tokenizer weights of a released checkpoint (default: model, the "
-                           "reference's use_vq_ema=False); converted directories hold one set")
+  add_model_flags(parser, "tokenizer", "--tokenizer", "--vq-weights", weights_default="model",
+                  weights_help="of a released checkpoint (default: model, the reference's "
+                               "use_vq_ema=False); converted directories hold one set")
+  add_model_flags(parser, "GPT", "--gpt", "--gpt-weights", weights_default="ema",
+                  weights_help="of a released checkpoint (default: ema, as the reference evaluates: "
+                               "use_gpt_ema); converted directories hold one set")
   parser.add_argument("--num-samples", type=int, required=True)
   parser.add_argument("--out", required=True, help="output .npz (arr_0 images, arr_1 labels)")
   parser.add_argument("--seed", type=int, default=0)

@@ -14,16 +14,13 @@ import numpy as np
 from .inference import images as image_io
 from .inference.images import enlarge_nearest
 from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
-from .weights.hub import WEIGHT_HELP, cache_root
+from .weights.hub import add_model_flags, cache_root
 
 
 @command
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.reconstruct", description=__doc__)
-  parser.add_argument("--tokenizer", required=True,
-                      help="converted directory, released run directory or Hub id "
-                           "(org/name[@revision][:path/in/repo.pt])")
-  parser.add_argument("--weights", choices=["model", "ema"], default=None, help=WEIGHT_HELP)
+  add_model_flags(parser, "tokenizer", "--tokenizer", "--weights")
   parser.add_argument("--images", nargs="+", required=True, help="image files (PNG/JPEG)")
   parser.add_argument("--num-tokens", default=None,
                       help="comma-separated token counts (default: every group boundary)")

@@ -18,20 +18,14 @@ import numpy as np
 
 from .inference import images as image_io
 from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
-from .weights.hub import WEIGHT_HELP, cache_root
+from .weights.hub import add_model_flags, cache_root
 
 
 @command
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m detailflow_jax.sample", description=__doc__)
-  parser.add_argument("--tokenizer", required=True,
-                      help="tokenizer: converted directory, released run directory or Hub id "
-                           "(org/name[@revision][:path/in/repo.pt])")
-  parser.add_argument("--gpt", required=True, help="GPT: as --tokenizer")
-  parser.add_argument("--tokenizer-weights", choices=["model", "ema"], default=None,
-                      help="tokenizer weights, " + WEIGHT_HELP)
-  parser.add_argument("--gpt-weights", choices=["model", "ema"], default=None,
-                      help="GPT weights, " + WEIGHT_HELP)
+  add_model_flags(parser, "tokenizer", "--tokenizer", "--tokenizer-weights")
+  add_model_flags(parser, "GPT", "--gpt", "--gpt-weights")
   parser.add_argument("--labels", required=True, help="comma-separated class ids, one image each")
   parser.add_argument("--cfg-scale", type=float, default=1.5,
                       help="classifier-free guidance scale (> 1 enables guidance)")

@@ -46,6 +46,19 @@ SOURCE_FILE = "source.json"
 DEFAULT_WEIGHTS = {"tokenizer": "model", "gpt": "ema"}
 WEIGHT_HELP = ("released checkpoints only: 'model' or 'ema' weights (default: the reference's "
                "evaluation choice, tokenizer 'model', GPT 'ema', when the file holds both)")
+SOURCE_HELP = ("converted directory, released run directory or Hub id "
+               "(org/name[@revision][:path/in/repo.pt])")
+
+
+def add_model_flags(parser, kind: str, flag: str, weights_flag: str, *, weights_default=None,
+                    weights_help: str = WEIGHT_HELP) -> None:
+  """A command's flags for one model: where it is (`flag`, anything resolve_model_dir takes) and
+  which weights set of a released checkpoint (`weights_flag`)."""
+  parser.add_argument(flag, required=True, help=f"{kind}: {SOURCE_HELP}")
+  parser.add_argument(weights_flag, choices=["model", "ema"], default=weights_default,
+                      help=f"{kind} weights, {weights_help}")
+
+
 # What snapshot_download fetches before the checkpoint is chosen: configs only, never weights.
 _CONFIG_PATTERNS = ["*.json", "*.yaml", "*.yml"]
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
