@@ -14,8 +14,6 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Tuple
-
 
 import numpy as np
 from PIL import Image
@@ -45,7 +43,7 @@ def make_jpegs(root: pathlib.Path, count: int, classes: int = 4) -> int:
 
 
 def measure(source, workers: int, batches: int, batch_size: int,
-            degradation_prob: float) -> Tuple[float, float]:
+            degradation_prob: float) -> tuple[float, float]:
   """-> (images per wall-clock second, images per CPU second of the main process). The second
   is only meaningful with 0 workers (all work in this process) and is robust to other load on
   the machine: it is the per-core rate one worker can reach."""

@@ -29,10 +29,11 @@ def fixture_models(tmp: pathlib.Path):
 
 
 def gpt_l_models():
+  import jax.numpy as jnp
+
   from benchmarks.sampling import model_config, random_model
   from benchmarks.tokenizer import detailflow16_config
   from detailflow_jax.models.tokenizer import Tokenizer
-  import jax.numpy as jnp
   _, cfg = model_config(False, 128)
   return random_model(cfg, jnp.float32), Tokenizer(detailflow16_config(12), rngs=0)
 

@@ -18,15 +18,14 @@ import subprocess
 import sys
 import time
 
-
 import jax  # noqa: E402  (after the path insert)
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb  # noqa: E402
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions, sampling_flops  # noqa: E402
 from detailflow_jax.models.gpt import GPT, GPTConfig  # noqa: E402
 from detailflow_jax.models.keys import InitKeys  # noqa: E402
-from detailflow_jax.inference.sampler import Sampler, SamplingOptions, sampling_flops  # noqa: E402
 
 TOKENS = (128, 256, 512)
 BATCHES = (8, 32)

@@ -9,13 +9,11 @@ import argparse
 import json
 import time
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import (compiled_flops, matmul_flops_per_s, peak_device_memory_mb,
-                               peak_rss_mb, time_call)
+from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_device_memory_mb, peak_rss_mb, time_call
 from detailflow_jax.convert.tokenizer import SIGLIP2_SO400M, _vit
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 

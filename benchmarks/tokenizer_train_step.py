@@ -30,10 +30,11 @@ def measure(quick: bool, batch=None, steps=None, compute_dtype: str = "float32",
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from benchmarks.common import compiled_flops, matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_tokenizer import get_config
-  from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   from detailflow_jax import sharding
+  from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
   from detailflow_jax.train import frozen_nets
   from detailflow_jax.train import tokenizer as recipe
 

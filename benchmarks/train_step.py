@@ -18,10 +18,11 @@ def measure(quick: bool, devices: int, batch: int, steps: int, compute_dtype: st
             preset: str = "gpt_b", matmul_n: int = 2048):
   import jax
   import jax.numpy as jnp
+
   from benchmarks.common import matmul_flops_per_s, peak_rss_mb
   from configs.detailflow16_gpt_l import get_config
-  from detailflow_jax.models.gpt import GPT
   from detailflow_jax import sharding
+  from detailflow_jax.models.gpt import GPT
   from detailflow_jax.train import ar
   from detailflow_jax.train.optim import make_optimizer
   from detailflow_jax.train.state import create_train_state, make_train_step
@@ -65,6 +66,7 @@ def _step_flops(graphdef, cfg, c, tx, state, batch):
   import jax
   import optax
   from flax import nnx
+
   from detailflow_jax.train import ar
   loss_fn = ar.make_loss(cfg, 0.3)
 
@@ -93,7 +95,8 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   one = measure(args.quick, 1, args.batch, steps)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "benchmarks.train_step", "--child-devices", "8", "--batch", str(args.batch), "--steps", str(steps)]
+  cmd = [sys.executable, "-m", "benchmarks.train_step", "--child-devices", "8", "--batch", str(args.batch),
+         "--steps", str(steps)]
   if args.quick:
     cmd.append("--quick")
   child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -35,11 +35,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import matmul_flops_per_s  # noqa: E402
-from detailflow_jax.convert import gpt as gpt_convert, tokenizer as tok_convert  # noqa: E402
+from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
+from detailflow_jax.convert import tokenizer as tok_convert  # noqa: E402
 from detailflow_jax.convert.common import load_state_dict  # noqa: E402
+from detailflow_jax.inference.sampler import Sampler, SamplingOptions, sampling_flops  # noqa: E402
 from detailflow_jax.inference.tokenizer import TokenizerFns  # noqa: E402
 from detailflow_jax.models.gpt import GPTConfig  # noqa: E402
-from detailflow_jax.inference.sampler import Sampler, SamplingOptions, sampling_flops  # noqa: E402
 
 TARGETS = {"sampler": 7.8, "decode": 1.0}
 

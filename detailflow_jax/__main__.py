@@ -32,8 +32,8 @@ def main(argv=None):
   workdir = pathlib.Path(args.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
 
-  from .convert.tokenizer import convert_tokenizer
   from . import reconstruct
+  from .convert.tokenizer import convert_tokenizer
 
   start = time.time()
   tok_dir = workdir / "tokenizer"
@@ -51,8 +51,8 @@ def main(argv=None):
 
   gpt_ckpts = sorted((fixture / "gpt" / "checkpoints").glob("*.pt"))
   if gpt_ckpts:
-    from .convert.gpt import convert_gpt
     from . import sample
+    from .convert.gpt import convert_gpt
     gpt_dir = workdir / "gpt"
     if gpt_dir.exists():
       shutil.rmtree(gpt_dir)

@@ -10,7 +10,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 # What a command reports as a one-line error rather than a traceback: every error class of the
 # package that describes bad input (a config key, a file, a shape) derives from ValueError.
@@ -25,11 +25,11 @@ def setup_logging(fmt: str = "%(asctime)s %(message)s") -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def command(body: Callable[[Optional[List[str]]], Optional[int]]) -> Callable[[Optional[List[str]]], int]:
+def command(body: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
   """Wraps a command's `main(argv)`: logging set up, USER_ERRORS printed as `error: MESSAGE`
   with exit status 2 (argparse's own usage errors keep theirs), 0 when the body returns None."""
   @functools.wraps(body)
-  def main(argv: Optional[List[str]] = None) -> int:
+  def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
       status = body(argv)
@@ -40,8 +40,8 @@ def command(body: Callable[[Optional[List[str]]], Optional[int]]) -> Callable[[O
   return main
 
 
-def int_list(text: str, flag: str, *, low: Optional[int] = None, high: Optional[int] = None,
-             distinct: bool = False) -> List[int]:
+def int_list(text: str, flag: str, *, low: int | None = None, high: int | None = None,
+             distinct: bool = False) -> list[int]:
   """Comma-separated integers (or an int, or a sequence of them: config values), each in
   [low, high] (an open end where None), all different with distinct=True. Raises ValueError
   naming `flag` and the offending values."""
@@ -119,7 +119,7 @@ def add_compile_cache_flags(parser) -> None:
                      help="compile every program afresh (no persistent compilation cache)")
 
 
-def use_compile_cache(args, package_cache_dir) -> Optional[str]:
+def use_compile_cache(args, package_cache_dir) -> str | None:
   """Turns JAX's persistent compilation cache on for this process, as `args` (from
   add_compile_cache_flags) say: --compile-cache DIR, else $JAX_COMPILATION_CACHE_DIR, else
   `package_cache_dir`/xla_compilation_cache; off with --no-compile-cache. Returns the directory

@@ -12,7 +12,6 @@ import json
 import pathlib
 import sys
 
-
 from .cli import add_compile_cache_flags, command, use_compile_cache
 from .eval.evaluator import evaluate
 from .weights.hub import cache_root

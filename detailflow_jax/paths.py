@@ -10,11 +10,11 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from typing import Callable, Iterator, List, Type, Union
+from collections.abc import Callable, Iterator
 
 from etils import epath
 
-AnyPath = Union[pathlib.Path, epath.Path]
+AnyPath = pathlib.Path | epath.Path
 
 
 def is_remote(path) -> bool:
@@ -29,7 +29,7 @@ def run_path(path) -> AnyPath:
   return pathlib.Path(os.path.expanduser(os.fspath(path))).absolute()
 
 
-def files_under(root: AnyPath) -> List[AnyPath]:
+def files_under(root: AnyPath) -> list[AnyPath]:
   """Every file below `root`, sorted. (epath has no recursive glob, and its walk() mangles
   fsspec URIs: it lists directory by directory.)"""
   root = run_path(root)
@@ -93,7 +93,7 @@ def atomic_file(path, shared: bool = False) -> Iterator[pathlib.Path]:
 
 
 def write_dir_atomically(out_dir, write: Callable[[AnyPath], None],
-                         exists_error: Type[Exception] = FileExistsError) -> AnyPath:
+                         exists_error: type[Exception] = FileExistsError) -> AnyPath:
   """Runs `write(tmp_dir)` and renames tmp_dir to out_dir only if it succeeds.
 
   A failed write leaves nothing at out_dir; an existing out_dir is an `exists_error`, not

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
+from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
 from .inference import images as image_io
 from .inference.images import enlarge_nearest
-from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
 from .weights.hub import add_model_flags, cache_root
 
 

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from .inference import images as image_io
 from .cli import add_compile_cache_flags, command, int_list, use_compile_cache
+from .inference import images as image_io
 from .weights.hub import add_model_flags, cache_root
 
 
@@ -58,9 +58,10 @@ def main(argv=None):
   use_compile_cache(args, cache_root())
 
   import jax
+
+  from .inference.sampler import Sampler, SamplingOptions
   from .inference.tokenizer import TokenizerFns
   from .weights.load import load_gpt, load_tokenizer
-  from .inference.sampler import Sampler, SamplingOptions
 
   start = time.time()
   gpt = load_gpt(args.gpt, weights=args.gpt_weights)

@@ -7,7 +7,6 @@ trace time in jitted code and in data workers alike.
 """
 import dataclasses
 import math
-from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -38,7 +37,7 @@ def round_to_patches(size: int, patch: int, max_side_patches: int) -> int:
   return side
 
 
-def closest_resolution(size: int, resolutions: List[int]) -> int:
+def closest_resolution(size: int, resolutions: list[int]) -> int:
   """The first of the equally-closest entries wins (order matters)."""
   best = resolutions[0]
   for r in resolutions:
@@ -47,7 +46,7 @@ def closest_resolution(size: int, resolutions: List[int]) -> int:
   return best
 
 
-def causal_length(group_size: int, causal_num: Optional[int]) -> int:
+def causal_length(group_size: int, causal_num: int | None) -> int:
   """Tokens predicted (and perturbed) one at a time before group-parallel ones start; the
   reference's causal_num, which defaults to one group."""
   return group_size if causal_num is None else causal_num
@@ -60,7 +59,7 @@ class ResolutionSchedule:
   max_image_size: int
   max_tokens: int
   group_size: int
-  causal_num: Optional[int]
+  causal_num: int | None
   power: float
   enc_patch_size: int
   dec_patch_size: int
@@ -82,7 +81,7 @@ class ResolutionSchedule:
   def causal_len(self) -> int:
     return causal_length(self.group_size, self.causal_num)
 
-  def _build(self) -> Dict[str, object]:
+  def _build(self) -> dict[str, object]:
     g = self.group_size
     token_list = list(range(1, self.causal_len + 1)) + [
         k * g for k in range(self.causal_len // g + 1, self.max_tokens // g + 1)]
@@ -116,7 +115,7 @@ class ResolutionSchedule:
       return tables[name]
     raise AttributeError(name)
 
-  def tables(self) -> Dict[str, object]:
+  def tables(self) -> dict[str, object]:
     return dict(self._tables)
 
   def decode_resolution(self, num_tokens: int) -> int:
@@ -130,7 +129,7 @@ class ResolutionSchedule:
     listed = [t for t in self.token_list if t <= num_tokens]
     return self.token2dec_out_res[listed[-1]]
 
-  def sample_degradation(self, rng: np.random.Generator, max_tokens: Optional[int] = None) -> int:
+  def sample_degradation(self, rng: np.random.Generator, max_tokens: int | None = None) -> int:
     """Draws t as the reference's get_input_output_img does when it degrades a batch:
     uniform in [1, max_tokens - group_size], rounded up to a group multiple above causal_len."""
     cur = self.max_tokens if max_tokens is None else max_tokens
@@ -144,7 +143,7 @@ class ResolutionSchedule:
     return math.ceil(raw / self.group_size) * self.group_size if raw > self.causal_len else raw
 
   def sample_noise_index(self, t: int, rng: np.random.Generator, prob: float,
-                         correction_training: bool = True) -> Optional[int]:
+                         correction_training: bool = True) -> int | None:
     """Self-correction: the first token position to perturb for a batch encoded with t tokens,
     or None (no perturbation). Inside the causal prefix any position; after it, a group start,
     never the last group."""

@@ -9,7 +9,8 @@ not divide stays replicated rather than failing, so tiny configs run on any mesh
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
-DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -32,7 +33,7 @@ DEFAULT_RULES: Tuple[Tuple[str, object], ...] = (
 )
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> Tuple[int, int, int]:
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
   """Mesh sizes with at most one -1 ("the rest of the devices")."""
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
@@ -51,7 +52,7 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> T
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over all devices (all processes' devices on multi-host)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
@@ -62,11 +63,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   return Mesh(grid, MESH_AXES)
 
 
-def _mesh_axes(target) -> Tuple[str, ...]:
+def _mesh_axes(target) -> tuple[str, ...]:
   return (target,) if isinstance(target, str) else tuple(target or ())
 
 
-def logical_to_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules=DEFAULT_RULES) -> PartitionSpec:
   """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`.
 
@@ -75,8 +76,8 @@ def logical_to_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh
   mlp x mlp kernel) shards its first occurrence. A mesh axis shards a dimension only where it
   divides it; otherwise the dimension stays replicated (see `replicated_report`).
   """
-  table: Dict[str, object] = dict(rules)
-  claimed: Dict[str, str] = {}
+  table: dict[str, object] = dict(rules)
+  claimed: dict[str, str] = {}
   for name in logical:
     for axis in _mesh_axes(table.get(name)) if name is not None else ():
       if claimed.setdefault(axis, name) != name:
@@ -117,7 +118,7 @@ def shardings_for(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def replicated_report(tree: Any, specs: Any) -> Tuple[List[Tuple[str, Tuple[int, ...], int]], int]:
+def replicated_report(tree: Any, specs: Any) -> tuple[list[tuple[str, tuple[int, ...], int]], int]:
   """Which arrays of `tree` every device holds whole under `specs` (its shardings, e.g. from
   `shardings_for`): [(path, shape, bytes)] of the non-scalar arrays whose spec shards no
   dimension, and their total bytes (per device, i.e. what sharding them would save x devices).
@@ -172,7 +173,7 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def logical_axes(initializer, axes: Sequence[Optional[str]]):
+def logical_axes(initializer, axes: Sequence[str | None]):
   """`initializer` whose Variable carries the logical axis names `axes` (see DEFAULT_RULES) as metadata
   only. Flax 0.12 would otherwise shard a variable eagerly at creation and demand a mesh; the
   names are mapped to mesh axes with the one rules table when a train state is created (init

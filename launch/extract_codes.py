@@ -9,7 +9,6 @@ training), extract.per_device_batch images per device per step, extract.precisio
 """
 import logging
 
-
 from absl import app, flags
 from ml_collections import config_flags
 

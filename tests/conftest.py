@@ -66,6 +66,7 @@ def inception_random_dir(tmp_path_factory):
   and converted once per session with `python -m detailflow_jax.convert inception`."""
   import torch
   from inception_helpers import random_inception_state_dict
+
   from detailflow_jax.convert.__main__ import main
   tmp = tmp_path_factory.mktemp("inception")
   pth = tmp / "pt_inception-2015-12-05-6726825d.pth"

@@ -7,10 +7,10 @@ from flax import nnx
 from safetensors import safe_open
 
 from detailflow_jax import export
-from detailflow_jax.weights import export as weights_export
-from detailflow_jax.weights import hub
 from detailflow_jax.convert.gpt import convert_gpt
 from detailflow_jax.convert.tokenizer import convert_tokenizer
+from detailflow_jax.weights import export as weights_export
+from detailflow_jax.weights import hub
 from detailflow_jax.weights.load import load_model_dir
 
 CONVERTERS = {"tokenizer": convert_tokenizer, "gpt": convert_gpt}

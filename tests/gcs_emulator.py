@@ -41,13 +41,12 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
-from typing import Dict, List
 
 MAX_SECONDS = 900.0
 HOST = "127.0.0.1"
 
 
-def client_env(url: str) -> Dict[str, str]:
+def client_env(url: str) -> dict[str, str]:
   """Environment variables that send tensorstore's and gcsfs's gs:// requests to `url`."""
   closed = f"{HOST}:9"  # nothing listens there: any metadata-server probe fails at once
   return {"TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
@@ -90,7 +89,7 @@ class GcsEmulator:
   def create_bucket(self, name: str) -> None:
     self._request("POST", "/storage/v1/b", json.dumps({"name": name}).encode())
 
-  def list_objects(self, bucket: str, prefix: str = "") -> List[str]:
+  def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
     """Every object name in `bucket` under `prefix`, sorted: what GCS holds, asked of the
     emulator directly (no client cache in between)."""
     query = urllib.parse.urlencode({"prefix": prefix})
@@ -121,6 +120,7 @@ class GcsEmulator:
 def _complete_emulator() -> None:
   """Adds the three GCS answers the module docstring names to the emulator's routing."""
   from http import HTTPStatus
+
   from gcp_storage_emulator import server, settings
   from gcp_storage_emulator.exceptions import NotFound
   from gcp_storage_emulator.handlers import objects

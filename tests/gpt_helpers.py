@@ -10,10 +10,10 @@ import numpy as np
 from flax import nnx
 
 from detailflow_jax.convert.gpt import convert_gpt
+from detailflow_jax.inference.sampler import Sampler
 from detailflow_jax.models.gpt import GPT, GPTConfig
 from detailflow_jax.models.keys import InitKeys
 from detailflow_jax.weights.load import load_gpt
-from detailflow_jax.inference.sampler import Sampler
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "detailflow_tiny_a"

@@ -4,7 +4,6 @@ import hashlib
 import io
 import os
 import pathlib
-from typing import Dict, Optional, Union
 
 from conftest import TINY
 
@@ -13,8 +12,8 @@ GPT_REPO = "ByteFlow-AI/DetailFlow-16-GPT-L"
 _SIGLIP = "cache_data/siglip2-so400m-patch16-naflex/config.json"
 
 
-def add_snapshot(hub_cache: pathlib.Path, repo: str, files: Dict[str, Union[bytes, pathlib.Path]],
-                 ref: Optional[str] = "main", commit: Optional[str] = None) -> str:
+def add_snapshot(hub_cache: pathlib.Path, repo: str, files: dict[str, bytes | pathlib.Path],
+                 ref: str | None = "main", commit: str | None = None) -> str:
   """models--org--name/{blobs/<sha256>, snapshots/<commit>/<path> -> ../../blobs/..., refs/<ref>};
   returns the commit hash (40 hex digits, derived from the contents unless given)."""
   contents = {name: (data.read_bytes() if isinstance(data, pathlib.Path) else data)
@@ -39,7 +38,7 @@ def add_snapshot(hub_cache: pathlib.Path, repo: str, files: Dict[str, Union[byte
   return commit
 
 
-def tokenizer_files() -> Dict[str, Union[bytes, pathlib.Path]]:
+def tokenizer_files() -> dict[str, bytes | pathlib.Path]:
   """The fixture tokenizer run; its fixture-only SigLIP2 config moves inside the repo."""
   yaml_text = (TINY / "tokenizer" / "config.yaml").read_text()
   yaml_text = yaml_text.replace("../" + _SIGLIP, _SIGLIP)
@@ -47,7 +46,7 @@ def tokenizer_files() -> Dict[str, Union[bytes, pathlib.Path]]:
           _SIGLIP: TINY / _SIGLIP, "checkpoints/tokenizer.pt": TINY / "tokenizer" / "checkpoints" / "tokenizer.pt"}
 
 
-def gpt_files(checkpoint: Optional[bytes] = None, name: str = "gpt.pt") -> Dict[str, Union[bytes, pathlib.Path]]:
+def gpt_files(checkpoint: bytes | None = None, name: str = "gpt.pt") -> dict[str, bytes | pathlib.Path]:
   return {"config.json": TINY / "gpt" / "config.json", "config.yaml": TINY / "gpt" / "config.yaml",
           f"checkpoints/{name}": checkpoint if checkpoint is not None else TINY / "gpt" / "checkpoints" / "gpt.pt"}
 
@@ -61,10 +60,11 @@ def swapped_gpt_checkpoint() -> bytes:
   return buf.getvalue()
 
 
-def imagenet_gpt_files() -> Dict[str, bytes]:
+def imagenet_gpt_files() -> dict[str, bytes]:
   """The fixture GPT widened to 1000 classes (rows 0-9 and the null row are the fixture's), so
   ImageNet labels such as 207,360 are valid."""
   import json
+
   import torch
   obj = torch.load(TINY / "gpt" / "checkpoints" / "gpt.pt", weights_only=True)
   gen = torch.Generator().manual_seed(0)

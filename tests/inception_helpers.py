@@ -69,6 +69,7 @@ def torch_fidelity_model(state_dict, dtype: str, tmp_dir):
   """torch-fidelity's module holding `state_dict` (loaded strictly, via its own weights-path
   argument) computing in `dtype` ('float32' or 'float64')."""
   import pathlib
+
   import torch
   cls = import_torch_fidelity_inception()
   path = pathlib.Path(tmp_dir) / "random-inception.pth"

@@ -1,7 +1,6 @@
 """benchmarks/vs_reference.py and benchmarks/accelerator.py: the skip path, our side of the
 side-by-side run on the fixture checkpoints, the accelerator script's --quick mode, and
 benchmarks/memory_plan.py --quick."""
-import pytest
 import contextlib
 import io
 import json
@@ -11,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,8 +42,8 @@ def test_vs_reference_skips_with_a_reason(tmp_path):
 
 def test_reference_flop_count_matches_the_issue_figure():
   """generate_group_par re-runs the prefix: 8.7x our KV-cache FLOPs at GPT-B, 128 tokens."""
-  from detailflow_jax.models.gpt import GPTConfig
   from detailflow_jax.inference.sampler import sampling_flops
+  from detailflow_jax.models.gpt import GPTConfig
   cfg = GPTConfig.preset("GPT-B", vocab_size=8192, block_size=128, group_size=8)
   ratio = vs_reference.reference_sampler_flops(cfg, 8, 128) / sampling_flops(cfg, 8, 128)
   assert 8.6 < ratio < 8.9

@@ -1,7 +1,6 @@
 """Checkpoints as a long run needs them: the `keep` newest plus milestones, a damaged newest step
 skipped (named, moved aside) on resume, and `export --workdir --step N --weights` for any kept
 step of a real tokenizer train state."""
-import json
 import logging
 import pathlib
 
@@ -13,10 +12,10 @@ from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
 from detailflow_jax import export
-from detailflow_jax.weights import saved_steps
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import tokenizer as recipe
-from detailflow_jax.train.checkpoint import Checkpointer, DamagedCheckpointError, abstract_with_shardings
+from detailflow_jax.train.checkpoint import Checkpointer, DamagedCheckpointError
+from detailflow_jax.weights import saved_steps
 
 
 def _state(step):

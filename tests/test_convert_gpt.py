@@ -9,15 +9,13 @@ import pytest
 import torch
 import yaml
 from flax import nnx
+from gpt_helpers import GPT_PT, GPT_RUN, GPT_SAFETENSORS, MANIFESTS, converted_gpt_dir, forward, loaded_gpt
 
 from detailflow_jax.convert import __main__ as convert_cli
 from detailflow_jax.convert.common import ConversionError
 from detailflow_jax.convert.gpt import convert_gpt, expected_torch_keys, load_reference_config
 from detailflow_jax.models.gpt import GPTConfig
 from detailflow_jax.weights.load import load_gpt
-
-from gpt_helpers import (GPT_PT, GPT_RUN, GPT_SAFETENSORS, MANIFESTS, converted_gpt_dir, forward,
-                         loaded_gpt)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +177,9 @@ def test_full_size_manifest_keys_and_shapes_map(manifest):
 def test_gpt_directory_of_the_fused_qkv_format_is_refused(tmp_path):
   """Format-1 GPT directories hold the fused q/k/v kernel: loading one says to convert again."""
   import json
-  from detailflow_jax.weights.model_dir import DamagedModelError
+
   from detailflow_jax.weights.load import load_model_dir
+  from detailflow_jax.weights.model_dir import DamagedModelError
   out = convert_gpt(GPT_PT, tmp_path / "old")
   meta = json.loads((out / "config.json").read_text())
   (out / "config.json").write_text(json.dumps(dict(meta, format_version=1)))

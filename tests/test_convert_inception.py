@@ -3,11 +3,10 @@ same model; bad files give errors naming the key, the node and the shapes."""
 
 import numpy as np
 import pytest
-
 from inception_helpers import random_inception_state_dict, write_synthetic_graphdef
+
 from detailflow_jax.convert.common import ConversionError
-from detailflow_jax.convert.inception import (read_graphdef, values_from_graphdef,
-                                              values_from_state_dict, weights_sha256)
+from detailflow_jax.convert.inception import read_graphdef, values_from_graphdef, values_from_state_dict, weights_sha256
 
 # The 2015-12-05 graph's name for each conv layer (checked once against torch-fidelity's
 # utils/util_convert_inception_weights.py); "a.b c" = torch prefix a.b, graph scope c.
@@ -93,9 +92,10 @@ def test_graphdef_gives_the_pth_model(pth_values, graph_file):
 def test_cli_converts_both_formats_to_one_model(inception_random_dir, tmp_path):
   """The session's .pth conversion (golden seed) and the CLI on a GraphDef of the same weights."""
   from flax import nnx
+
   from detailflow_jax.convert.__main__ import main
-  from detailflow_jax.paths import file_sha256
   from detailflow_jax.eval.inception import load_inception
+  from detailflow_jax.paths import file_sha256
   pb = write_synthetic_graphdef(random_inception_state_dict(), tmp_path / "classify_image_graph_def.pb", GRAPH_NAMES)
   assert main(["inception", "--checkpoint", str(pb), "--out", str(tmp_path / "b")]) == 0
   (model_a, info_a), (model_b, info_b) = load_inception(inception_random_dir), load_inception(tmp_path / "b")

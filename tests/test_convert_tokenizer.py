@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import MANIFESTS, TINY
 from safetensors.torch import save_file
 
 from detailflow_jax.convert.__main__ import main as convert_main
 from detailflow_jax.convert.common import ConversionError, load_state_dict
 from detailflow_jax.convert.tokenizer import config_from_reference, convert_tokenizer, expected_torch_keys
 from detailflow_jax.weights.load import load_tokenizer
-
-from conftest import MANIFESTS, TINY
 
 CKPT = TINY / "tokenizer" / "checkpoints" / "tokenizer.pt"
 

@@ -4,13 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY
 
-from detailflow_jax.data.degradation import (DynamicResolution, batch_shapes, degrade_batch,
-                                             draw_batch_resolution)
+from detailflow_jax.data.degradation import DynamicResolution, batch_shapes, degrade_batch, draw_batch_resolution
 from detailflow_jax.ops.resize import resize_images
 from detailflow_jax.schedule import ResolutionSchedule
-
-from conftest import TINY
 
 TABLES = json.loads((TINY / "degradation_tables.json").read_text())["fixture"]
 ARGS = TABLES["args"]

@@ -3,9 +3,17 @@ process shards with a shared t per batch, global batch assembly, progress counte
 import numpy as np
 import pytest
 
-from detailflow_jax.data.pipeline import (ImagePipelineConfig, Progress, global_batch, image_dataset,
-                                          image_iterator, resolve_shard, to_iterator, token_dataset)
 from detailflow_jax.data.degradation import DynamicResolution, batch_shapes
+from detailflow_jax.data.pipeline import (
+  ImagePipelineConfig,
+  Progress,
+  global_batch,
+  image_dataset,
+  image_iterator,
+  resolve_shard,
+  to_iterator,
+  token_dataset,
+)
 from detailflow_jax.data.sources import ProceduralShapes
 from detailflow_jax.schedule import ResolutionSchedule
 
@@ -86,6 +94,7 @@ def test_resume_from_state_gives_the_next_batch(tmp_path):
   # Through Orbax (grain.checkpoint inside ocp.args.Composite) next to a train state, as the
   # trainers save it; the Progress wrapper is what they hold.
   import jax.numpy as jnp
+
   from detailflow_jax.train.checkpoint import Checkpointer
   it = image_iterator(SOURCE, _config(), SCHEDULE)
   _take(it, 3)
@@ -136,6 +145,7 @@ def test_token_shards_are_disjoint():
 
 def test_global_batch_and_progress(caplog):
   import jax
+
   from detailflow_jax.sharding import make_mesh
   it = image_iterator(SOURCE, _config(), SCHEDULE, log_every=1)
   assert isinstance(it, Progress)

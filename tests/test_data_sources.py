@@ -8,8 +8,14 @@ import pytest
 from PIL import Image
 
 from detailflow_jax.data.pipeline import ImagePipelineConfig, image_dataset, image_iterator, to_iterator, token_dataset
-from detailflow_jax.data.sources import (ImageFolderSource, ProceduralShapes, TFDSSource, TokenRecordSource,
-                                         TokenRecordWriter, class_shape_colour)
+from detailflow_jax.data.sources import (
+  ImageFolderSource,
+  ProceduralShapes,
+  TFDSSource,
+  TokenRecordSource,
+  TokenRecordWriter,
+  class_shape_colour,
+)
 from detailflow_jax.data.transforms import center_crop_arr, decode_image, random_crop_arr, to_float
 
 SHARD = dict(shard_index=0, shard_count=1)

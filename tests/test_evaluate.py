@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES
 from inception_helpers import golden_inputs
+
 from detailflow_jax.eval import scores
 from detailflow_jax.eval.reference import EvalInputError, load_batch, read_image_set
 
@@ -26,6 +26,7 @@ def _features(model, images):
 
 def test_features_match_torch_fidelity_across_8_devices(model_and_info):
   import jax
+
   from detailflow_jax.eval.features import extract_features
   assert jax.device_count() == 8
   model, _ = model_and_info
@@ -146,6 +147,7 @@ def test_features_under_two_jax_distributed_processes(inception_random_dir):
   """Two localhost processes x 4 CPU devices: each feeds its half of every padded batch and both
   get all features, equal to torch-fidelity's golden ones."""
   import pathlib
+
   from conftest import run_two_processes
   script = pathlib.Path(__file__).parent / "scripts" / "two_process_inception.py"
   results = run_two_processes(script, inception_random_dir, timeout=300)

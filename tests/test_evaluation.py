@@ -6,12 +6,11 @@ import pytest
 from PIL import Image
 
 from configs.detailflow16_tokenizer import get_config
-from detailflow_jax.demo.judge import (clean_shape_images, coarse_to_fine_errors, judge_images,
-                                       train_judge)
+from detailflow_jax.demo.judge import clean_shape_images, coarse_to_fine_errors, judge_images, train_judge
+from detailflow_jax.inference.plots import read_metrics, save_curves
 from detailflow_jax.inference.tokenizer import TokenizerFns
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.ops.resize import resize_images
-from detailflow_jax.inference.plots import read_metrics, save_curves
 
 
 def test_coarse_to_fine_errors_match_a_direct_computation():

@@ -28,6 +28,7 @@ def test_ten_crops_layout():
 
 def _encoder(tokenizer, devices: int, self_correction: bool = True, precision: str = "float32"):
   import jax
+
   from detailflow_jax import sharding
   from detailflow_jax.models.precision import Precision
   return CodeEncoder(tokenizer, tokenizer.config.num_latent_tokens, self_correction,
@@ -131,8 +132,9 @@ def test_records_hold_triples_for_every_view(extracted, tokenizer):
   assert len(src) == 128
   shapes = ProceduralShapes(c.extract.num_classes, 64, 128, c.extract.seed)
   assert [src[i]["label"] for i in range(128)] == [shapes[i]["label"] for i in range(128)]  # in order
-  from detailflow_jax.data.transforms import to_float
   import jax.numpy as jnp
+
+  from detailflow_jax.data.transforms import to_float
   for i in (0, 47, 48, 127):  # the first and last images of chunks 0, 1 and 2
     views = np.asarray(src[i]["tokens"]).reshape(2, 32, 3)
     image = to_float(shapes[i]["image"])
@@ -148,6 +150,7 @@ def test_records_hold_triples_for_every_view(extracted, tokenizer):
 
 def test_one_device_and_fsdp_params_write_the_same_bytes(extracted, tokenizer_dir, tokenizer, tmp_path):
   import jax
+
   from detailflow_jax import sharding
   _, out = extracted
   one = sharding.make_mesh(devices=jax.devices()[:1])
@@ -206,6 +209,7 @@ def test_kill_9_and_rerun_gives_the_same_records(extracted, tokenizer_dir, tmp_p
   import os
   import pathlib
   import sys
+
   from conftest import kill_9_when
   _, out = extracted
   repo = pathlib.Path(__file__).resolve().parents[1]
@@ -228,6 +232,7 @@ def test_two_processes_write_the_same_bytes(extracted, tokenizer_dir, tmp_path):
   data=4 x fsdp=2 spanning both): each process writes its own chunks; the files equal the
   single-process ones."""
   import pathlib
+
   from conftest import run_two_processes
   _, out = extracted
   script = pathlib.Path(__file__).parent / "scripts" / "two_process_extract.py"

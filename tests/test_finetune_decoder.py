@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.models import tokenizer as tokenizer_lib
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
-from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import tokenizer as recipe
 
 TEACHER = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, position_grid=4, patch_size=8)

@@ -20,10 +20,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from detailflow_jax.convert.common import ConversionError
-from detailflow_jax.convert.frozen import (MissingWeightsError, dino_discriminator_from_torch,
-                                           dino_values, init_encoder_from_siglip2, load_dino_heads,
-                                           load_patchgan, load_teacher_from_siglip2, lpips_from_torch,
-                                           siglip2_tower_from_file, siglip2_weights)
+from detailflow_jax.convert.frozen import (
+  MissingWeightsError,
+  dino_discriminator_from_torch,
+  dino_values,
+  init_encoder_from_siglip2,
+  load_dino_heads,
+  load_patchgan,
+  load_teacher_from_siglip2,
+  lpips_from_torch,
+  siglip2_tower_from_file,
+  siglip2_weights,
+)
 from detailflow_jax.models.dino import DinoDiscriminator
 from detailflow_jax.models.frozen import TRAINABLE, Frozen
 from detailflow_jax.models.patchgan import PatchGANDiscriminator

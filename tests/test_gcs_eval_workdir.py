@@ -9,7 +9,6 @@ import pathlib
 import sys
 
 import numpy as np
-
 from conftest import kill_9_when
 from generation_settings import CLI_ARGS
 from gpt_helpers import converted_gpt_dir

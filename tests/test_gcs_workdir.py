@@ -23,20 +23,20 @@ import pytest
 import torch
 from etils.epath import backend
 from flax import nnx
+from gcs_emulator import GcsEmulator
 from safetensors import safe_open
 
 from configs.detailflow16_gpt_l import get_config
 from detailflow_jax import export, paths
-from detailflow_jax.weights import saved_steps
 from detailflow_jax import sharding as mesh_lib
-from detailflow_jax.models.gpt import GPT
-from detailflow_jax.weights.load import load_gpt
 from detailflow_jax.inference.sampler import Sampler, SamplingOptions
+from detailflow_jax.models.gpt import GPT
 from detailflow_jax.train import ar
 from detailflow_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state
-from gcs_emulator import GcsEmulator
+from detailflow_jax.weights import saved_steps
+from detailflow_jax.weights.load import load_gpt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import tracemalloc
 import jax
 import numpy as np
 import pytest
-
 from generation_settings import CLI_ARGS, SETTINGS
 from gpt_helpers import converted_gpt_dir, loaded_gpt
+
 from detailflow_jax.data import protocol
 from detailflow_jax.eval.chunks import ChunkStore, ChunkStoreError, write_npz_streaming
 
@@ -148,9 +148,9 @@ def test_output_file_and_results_json(eight_devices, models, reference):
 
 
 def test_one_device_gives_the_same_bytes(eight_devices, models, tmp_path):
+  from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.eval.generation import GenerationJob
   from detailflow_jax.weights.load import load_gpt, load_tokenizer
-  from detailflow_jax import sharding as mesh_lib
   _, samples, _ = eight_devices
   one = mesh_lib.make_mesh(devices=jax.devices()[:1])
   job = GenerationJob(load_gpt(models[1]), load_tokenizer(models[0]), SETTINGS, mesh=one)
@@ -167,8 +167,9 @@ def test_sharded_sampler_equals_single_device_sampler_token_for_token(models, tm
   """The job's sampling call (8-device mesh, per-row keys of (seed, i)) against the
   single-device Sampler run one row at a time with the same key."""
   from flax import nnx
-  from detailflow_jax.inference.sampler import Sampler
+
   from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax.inference.sampler import Sampler
   gpt = loaded_gpt(tmp_path_factory)
   mesh = mesh_lib.make_mesh()
   idx = np.arange(100, 108, dtype=np.int32)
@@ -235,9 +236,10 @@ def test_launcher_refuses_a_training_config():
 
 def test_fsdp_sharded_gpt_params_give_the_same_bytes(eight_devices, models, tmp_path):
   import dataclasses
+
+  from detailflow_jax import sharding as mesh_lib
   from detailflow_jax.eval.generation import GenerationJob
   from detailflow_jax.weights.load import load_gpt, load_tokenizer
-  from detailflow_jax import sharding as mesh_lib
   _, samples, _ = eight_devices
   mesh = mesh_lib.make_mesh(data=4, fsdp=2)
   settings = dataclasses.replace(SETTINGS, param_layout="fsdp")

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 from gpt_helpers import random_gpt
+
 from detailflow_jax.eval.generation import CFG_INTERVAL_NOTE, GenerationSettings, decode_plan
 from detailflow_jax.inference.images import to_uint8
 from detailflow_jax.ops.resize import resize_bicubic
@@ -130,8 +130,8 @@ def test_options_give_the_same_bytes_on_one_and_eight_devices(short_gpt_dir, tmp
 
   # The stored images are the reference's pipeline on this job's tokens: decode 24 tokens at
   # 64 under autocast (bf16 out), torch bicubic to 48, uint8 in bf16.
-  from detailflow_jax.eval.device import decode_tokens
   from detailflow_jax.data import protocol
+  from detailflow_jax.eval.device import decode_tokens
   labels = protocol.labels_for(5, 0, 2, 10, "uniform")
   from detailflow_jax.eval.generation import _row_keys
   tokens = job.sampler.sample(job.gpt_params, labels, _row_keys(jnp.uint32(5), np.arange(2, dtype=np.int32)),

@@ -5,12 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from gpt_helpers import forward, loaded_gpt, random_gpt
 
 from detailflow_jax.models.gpt import GPT, PRESETS, Attention, GPTConfig, count_params
 from detailflow_jax.models.keys import InitKeys
 from detailflow_jax.models.rope import apply_rope, rope_table_2d
-
-from gpt_helpers import forward, loaded_gpt, random_gpt
 
 TF_LENGTHS = {"full": 28, "short": 9, "prefix": 3}
 

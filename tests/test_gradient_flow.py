@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 from configs.detailflow16_tokenizer import get_config
-from detailflow_jax.models.quantizer import VectorQuantizer
-from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.models.frozen import Frozen
+from detailflow_jax.models.quantizer import VectorQuantizer
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.train import frozen_nets
 from detailflow_jax.train import tokenizer as recipe
 

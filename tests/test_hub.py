@@ -6,15 +6,15 @@ import pathlib
 import subprocess
 import sys
 
+import hub_helpers as hh
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 
-import hub_helpers as hh
-from conftest import TINY
-from detailflow_jax.weights import hub
 from detailflow_jax.convert.common import load_state_dict
 from detailflow_jax.convert.gpt import torch_name
+from detailflow_jax.weights import hub
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -139,8 +139,9 @@ def test_damaged_cached_conversion_is_redone(offline_cache, capsys, damage):
   err = capsys.readouterr().err
   assert "converting again" in err
   assert ("has changed (SHA-256 differs)" if damage == "flip" else "bytes, ") in err
-  from detailflow_jax.weights.load import load_tokenizer
   from conftest import nchw_to_nhwc
+
+  from detailflow_jax.weights.load import load_tokenizer
   with np.load(TINY / "golden.npz") as g:
     images, want = nchw_to_nhwc(g["images"]), g["tok_indices_full"]
   tok = load_tokenizer(directory)

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import FIXTURES
+from flax import nnx
 from inception_helpers import golden_inputs, random_inception_state_dict
+
 from detailflow_jax.convert.inception import expected_torch_keys, model_from_values, values_from_state_dict
 from detailflow_jax.eval.inception import cast_model, preprocess
 

@@ -1,22 +1,21 @@
 """init_from: a fresh run's weights from a converted model directory (strict / partial with a
 report) or a training workdir's Orbax step (model, EMA); step and optimizer stay fresh."""
-import json
 import logging
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from gpt_helpers import converted_gpt_dir, loaded_gpt
 
 from configs.detailflow16_gpt_l import get_config
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.models.gpt import GPT
 from detailflow_jax.train import init_from
-from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train.ar import gpt_config_from
 from detailflow_jax.train.checkpoint import Checkpointer
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state
-from gpt_helpers import converted_gpt_dir, loaded_gpt
 
 
 def fresh_state(seed=0, **model):
@@ -117,9 +116,10 @@ def test_config_keys_are_checked(tmp_path_factory):
 def test_from_a_released_run_model_and_its_ema(tmp_path, monkeypatch):
   """A released run directory (torch.save({'model', 'ema'})): the weights are 'model', the EMA
   starts from the file's 'ema' (the reference's fine-tune loads checkpoint['ema'])."""
+  from gpt_helpers import GPT_RUN
+
   from detailflow_jax.weights.hub import CACHE_ENV
   from detailflow_jax.weights.load import load_gpt
-  from gpt_helpers import GPT_RUN
   monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
   _, state = fresh_state()
   new, _ = init_from.initialize(state, str(GPT_RUN), "gpt", "strict")

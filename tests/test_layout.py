@@ -7,7 +7,6 @@ convert/) -> models/ -> foundations (sharding, paths, schedule, cli, ops/, confi
 import ast
 import importlib
 import pathlib
-from typing import Dict, List, Set, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "detailflow_jax"
@@ -26,11 +25,11 @@ def _module_name(path: pathlib.Path) -> str:
   return ".".join(parts)
 
 
-def _modules() -> Dict[str, pathlib.Path]:
+def _modules() -> dict[str, pathlib.Path]:
   return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def _imports(name: str, path: pathlib.Path, modules) -> List[Tuple[str, str, int]]:
+def _imports(name: str, path: pathlib.Path, modules) -> list[tuple[str, str, int]]:
   """(module imported, name imported from it or '', line) for every import statement."""
   package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
   out = []
@@ -52,12 +51,12 @@ def _imports(name: str, path: pathlib.Path, modules) -> List[Tuple[str, str, int
   return out
 
 
-def _graph() -> Dict[str, Set[str]]:
+def _graph() -> dict[str, set[str]]:
   modules = _modules()
   return {name: {m for m, _, _ in _imports(name, path, modules)} for name, path in modules.items()}
 
 
-def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   """Strongly connected components with more than one module (Tarjan), plus self-imports."""
   index, low, stack, on_stack, out = {}, {}, [], set(), []
 

@@ -11,11 +11,10 @@ import pathlib
 import socket
 import sys
 
+import hub_helpers as hh
 import numpy as np
 import pytest
 from PIL import Image
-
-import hub_helpers as hh
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

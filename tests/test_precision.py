@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs.detailflow16_gpt_l import get_config as gpt_config
 from configs.detailflow16_tokenizer import get_config as tokenizer_config
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.models.dino import DinoConfig, DinoDiscriminator
 from detailflow_jax.models.disc_layers import BatchNorm, BatchNormLocal, Conv1d
 from detailflow_jax.models.gpt import GPT
@@ -19,7 +20,6 @@ from detailflow_jax.models.lpips import VGG16_CONVS_PER_STAGE
 from detailflow_jax.models.patchgan import PatchGANDiscriminator
 from detailflow_jax.models.precision import Conv, Linear, Precision, set_precision
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
-from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train import ar, frozen_nets
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.optim import make_optimizer

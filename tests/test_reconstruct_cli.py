@@ -1,10 +1,9 @@
 """The reconstruct CLI reproduces the golden indices and partial decodes from the fixture PNGs."""
 import numpy as np
+from conftest import TINY
 from PIL import Image
 
 from detailflow_jax.reconstruct import main
-
-from conftest import TINY
 
 
 def test_cli_matches_goldens(tokenizer_dir, golden, tmp_path, capsys):

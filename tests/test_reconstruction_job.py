@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from detailflow_jax.eval import scores
 from detailflow_jax.data import protocol
+from detailflow_jax.eval import scores
 from detailflow_jax.eval.pixel_metrics import psnr, ssim
 from detailflow_jax.eval.reconstruction import RunningStatistics, normalize, streamed_statistics
 
@@ -67,8 +67,8 @@ def image_folder(tmp_path_factory):
 
 
 def test_tokenizer_job_end_to_end(tokenizer, inception_random_dir, image_folder, tmp_path, monkeypatch):
-  from detailflow_jax.eval.reconstruction import ReconstructionJob, ReconstructionSettings, crop_record
   from detailflow_jax.eval.inception import load_inception
+  from detailflow_jax.eval.reconstruction import ReconstructionJob, ReconstructionSettings, crop_record
   monkeypatch.setenv("DETAILFLOW_CACHE", str(tmp_path / "cache"))
   inception, info = load_inception(inception_random_dir)
   # t = 28 and 32 decode at 64 px: one Inception input shape for the whole test.

@@ -26,10 +26,10 @@ def image_folder(tmp_path_factory):
 
 
 def test_image_size_and_image_size_eval(tokenizer_dir, inception_random_dir, image_folder, tmp_path):
+  from detailflow_jax.eval.inception import load_inception
   from detailflow_jax.eval.reconstruction import ReconstructionJob, ReconstructionSettings, crop_record, normalize
   from detailflow_jax.inference.images import to_uint8
   from detailflow_jax.ops.resize import resize_bicubic
-  from detailflow_jax.eval.inception import load_inception
   from detailflow_jax.weights.load import load_tokenizer
   tokenizer = load_tokenizer(tokenizer_dir)
   # The fixture allows only 64 (min_image_size = max_image_size, as reconstruct_vq.py asserts):
@@ -48,8 +48,8 @@ def test_image_size_and_image_size_eval(tokenizer_dir, inception_random_dir, ima
 
   # Recomputed: crop at 48, encode 20 tokens, decode at 48, bicubic to 40, uint8; the crop
   # resized to 40 the same way for the PSNR target.
-  from flax import nnx
   import jax
+  from flax import nnx
   crops = np.stack([crop_record(job.source[i], 48) for i in range(3)])
   x = normalize(crops)
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_precision import eqns
 
 from configs.detailflow16_gpt_l import get_config as gpt_config
 from configs.detailflow16_tokenizer import get_config as tokenizer_config
@@ -14,7 +15,6 @@ from detailflow_jax.models.gpt import GPT
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.train import ar
 from detailflow_jax.train import tokenizer as recipe
-from test_precision import eqns
 
 POLICIES = tuple(remat.POLICIES)
 

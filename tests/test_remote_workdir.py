@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from etils import epath
 from etils.epath import backend, gpath, register
+from gpt_helpers import converted_gpt_dir
 from PIL import Image
 
 from configs.detailflow16_gpt_l import get_config
 from detailflow_jax import paths
-from detailflow_jax.inference import images
 from detailflow_jax.convert.common import ConversionError, write_atomically
-from detailflow_jax.weights.model_dir import DamagedModelError, is_model_dir, verify_model_dir
+from detailflow_jax.inference import images
 from detailflow_jax.train import ar, driver
 from detailflow_jax.train.metrics import create_writer
-from gpt_helpers import converted_gpt_dir
+from detailflow_jax.weights.model_dir import DamagedModelError, is_model_dir, verify_model_dir
 
 
 @pytest.fixture

@@ -4,12 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from detailflow_jax.inference.sampler import (CACHE_ATTENTION_DEFAULTS, Sampler, SamplingOptions,
-                                     default_cache_attention, filter_logits)
-from detailflow_jax.sharding import batch_sharding, make_mesh, shardings_for
-
 from gpt_helpers import fixture_sampler, forward, loaded_gpt, random_gpt
+
+from detailflow_jax.inference.sampler import (
+  CACHE_ATTENTION_DEFAULTS,
+  Sampler,
+  SamplingOptions,
+  default_cache_attention,
+  filter_logits,
+)
+from detailflow_jax.sharding import batch_sharding, make_mesh, shardings_for
 
 GREEDY = {
     "cfg1p5": SamplingOptions(cfg_scale=1.5, greedy=True),

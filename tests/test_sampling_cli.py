@@ -1,13 +1,12 @@
 """`python -m detailflow_jax.sample` end to end on the fixture: exact greedy tokens, PNGs."""
 import jax
 import numpy as np
+from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt
 from PIL import Image
 
 from detailflow_jax import sample as sample_cli
-from detailflow_jax.inference.tokenizer import TokenizerFns
 from detailflow_jax.inference.sampler import SamplingOptions
-
-from gpt_helpers import converted_gpt_dir, fixture_sampler, loaded_gpt
+from detailflow_jax.inference.tokenizer import TokenizerFns
 
 
 def test_greedy_samples_decode_like_the_reference(tmp_path_factory, tokenizer, golden):

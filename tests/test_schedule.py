@@ -3,10 +3,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from detailflow_jax.schedule import ResolutionSchedule, closest_resolution
-
-from conftest import TINY
 
 TABLES = json.loads((TINY / "degradation_tables.json").read_text())
 

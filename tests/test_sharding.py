@@ -1,7 +1,7 @@
 """The sharding module: rules collisions raise, and what stays replicated is reported."""
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P

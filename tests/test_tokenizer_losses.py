@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detailflow_jax.train import gan
 from detailflow_jax.models.tokenizer import group_cosine_similarity
+from detailflow_jax.train import gan
 
 
 def test_gan_losses_hand_computed():

@@ -3,12 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 
 from detailflow_jax.convert.common import load_state_dict
 from detailflow_jax.convert.tokenizer import convert_state_dict, load_reference_config
 from detailflow_jax.inference.tokenizer import TokenizerFns
-
-from conftest import TINY
 
 ENC_ATOL = 1e-4
 QUANT_ATOL = 1e-5

@@ -50,6 +50,7 @@ def test_no_config_key_is_silently_ignored():
   """Unknown model keys, a compute dtype the step would not use, a weight file nothing reads,
   and GPT knobs without an implementation are errors naming the key."""
   import dataclasses
+
   from detailflow_jax.models.gpt import GPTConfig
   # enc_pretrained: the reference's checkpoint field, not a model key here.
   _assert_refused("model.enc_pretrained", True, "unknown key.*enc_pretrained")
@@ -145,8 +146,8 @@ def test_kill_and_resume_matches_a_straight_run(tmp_path):
 
 
 def test_reconstructions_too_small_for_the_discriminator_skip_the_gan_terms():
-  from detailflow_jax.models.tokenizer import Tokenizer
   from detailflow_jax import sharding as mesh_lib
+  from detailflow_jax.models.tokenizer import Tokenizer
   from detailflow_jax.train import frozen_nets
   c = get_config("tiny")
   c.disc.type = "patchgan"

@@ -7,15 +7,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs.detailflow16_tokenizer import get_config
-from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.train import frozen_nets
 from detailflow_jax.train import tokenizer as recipe
-
 
 # --- learning-rate schedule -----------------------------------------------------------------------
 

@@ -6,16 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train_state import _config, _loss
 
-from detailflow_jax.models.tokenizer import Tokenizer
 from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.models.tokenizer import Tokenizer
 from detailflow_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from detailflow_jax.train.loop import NonFiniteLossError, run_training
 from detailflow_jax.train.metrics import create_writer
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
-
-from test_train_state import _config, _loss
 
 
 def _batches(seed=0):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.models.vit import ViTConfig
-from detailflow_jax import sharding as mesh_lib
 from detailflow_jax.train.optim import make_optimizer
 from detailflow_jax.train.state import create_train_state, make_train_step
 
@@ -113,7 +113,8 @@ def test_checkpoint_roundtrip_keeps_values_and_shardings(tmp_path):
     Checkpointer(tmp_path / "empty").restore(abstract_with_shardings(state, shardings))
   with PreemptionGuard() as guard:
     assert not guard.requested(0)
-    import os, signal
+    import os
+    import signal
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.requested(1)
 

@@ -6,18 +6,18 @@ samples."""
 import pathlib
 
 import jax
-import pytest
 import numpy as np
-from flax import nnx
-
+import pytest
 from conftest import run_two_processes, write_token_records
+from flax import nnx
+from gpt_helpers import converted_gpt_dir, loaded_gpt
+
 from detailflow_jax import export
-from detailflow_jax.weights import saved_steps
-from detailflow_jax.weights import export as weights_export
-from detailflow_jax.weights.load import load_gpt
 from detailflow_jax.inference.sampler import Sampler
 from detailflow_jax.train.driver import KILL_AFTER_STEP_ENV
-from gpt_helpers import converted_gpt_dir, loaded_gpt
+from detailflow_jax.weights import export as weights_export
+from detailflow_jax.weights import saved_steps
+from detailflow_jax.weights.load import load_gpt
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_launch.py"
 

@@ -5,11 +5,11 @@ directory loads and runs; each PNG is written once (by process 0)."""
 import pathlib
 
 import jax
-import pytest
 import numpy as np
+import pytest
+from conftest import run_two_processes, write_token_records
 from PIL import Image
 
-from conftest import run_two_processes, write_token_records
 from detailflow_jax.weights.load import load_gpt, load_tokenizer
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_launch.py"

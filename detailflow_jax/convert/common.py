@@ -13,7 +13,8 @@ import importlib.util
 import json
 import pathlib
 import pickle
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import ml_dtypes
@@ -22,9 +23,8 @@ import yaml
 from flax import nnx
 from safetensors import safe_open
 
-from ..weights.model_dir import save_model_dir
-
 from .. import paths
+from ..weights.model_dir import save_model_dir
 
 # Wrappers that DDP/FSDP/torch.compile put in front of parameter names.
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -55,7 +55,7 @@ def _strip_wrappers(key: str) -> str:
   return key
 
 
-def _load_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   out = {}
   try:
     # The numpy framework cannot represent bfloat16; go through torch when it is there.
@@ -71,7 +71,7 @@ def _load_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
   return out
 
 
-def _load_pt(path: pathlib.Path, weights: str) -> Dict[str, np.ndarray]:
+def _load_pt(path: pathlib.Path, weights: str) -> dict[str, np.ndarray]:
   import torch  # Only needed to read .pt files.
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -98,7 +98,7 @@ def _load_pt(path: pathlib.Path, weights: str) -> Dict[str, np.ndarray]:
   return {k: _to_numpy(k, v) for k, v in state.items()}
 
 
-def weight_sets(path) -> Tuple[str, ...]:
+def weight_sets(path) -> tuple[str, ...]:
   """Which of "model" / "ema" a checkpoint holds: ("model",) for .safetensors and bare state
   dicts. A .pt is memory-mapped, so this reads the pickle, not the tensors."""
   path = pathlib.Path(path)
@@ -119,7 +119,7 @@ def weight_sets(path) -> Tuple[str, ...]:
   return found or ("model",)
 
 
-def load_state_dict(path, weights: str = "model") -> Dict[str, np.ndarray]:
+def load_state_dict(path, weights: str = "model") -> dict[str, np.ndarray]:
   """Loads a PyTorch state dict as float32/int numpy arrays with wrapper prefixes removed.
 
   Args:
@@ -162,7 +162,7 @@ class StateDictReader:
   def keys(self):
     return self._state.keys()
 
-  def take(self, key: str, shape: Optional[Sequence[int]] = None) -> np.ndarray:
+  def take(self, key: str, shape: Sequence[int] | None = None) -> np.ndarray:
     if key not in self._state:
       raise ConversionError(f"{self.source}: missing key {key!r}"
                             + (f" (expected shape {tuple(shape)})" if shape is not None else ""))
@@ -185,7 +185,7 @@ class StateDictReader:
       raise ConversionError(f"{self.source}: unexpected key(s) {shown}{more}")
 
 
-def relayout(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+def relayout(path: tuple, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """One array between the two layouts, either way: torch Linear weights are [out, in], flax
   kernels [in, out] (a transpose is its own inverse); every other difference is a reshape
   (leading singleton axes of token tables)."""
@@ -196,11 +196,11 @@ def relayout(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarr
 
 class KeyMapping(NamedTuple):
   """How a model's parameters are named and shaped in the reference's state dict."""
-  name: Callable[[Tuple], str]                          # our path -> reference key
-  shape: Callable[[Tuple, Tuple[int, ...]], Tuple[int, ...]]  # our path, our shape -> theirs
+  name: Callable[[tuple], str]                          # our path -> reference key
+  shape: Callable[[tuple, tuple[int, ...]], tuple[int, ...]]  # our path, our shape -> theirs
   # (our path, value in one layout, shape in the other) -> value in the other layout
-  to_ours: Callable[[Tuple, np.ndarray, Tuple[int, ...]], np.ndarray] = relayout
-  to_theirs: Callable[[Tuple, np.ndarray, Tuple[int, ...]], np.ndarray] = relayout
+  to_ours: Callable[[tuple, np.ndarray, tuple[int, ...]], np.ndarray] = relayout
+  to_theirs: Callable[[tuple, np.ndarray, tuple[int, ...]], np.ndarray] = relayout
 
 
 def float_dtype(name) -> np.dtype:
@@ -229,7 +229,7 @@ def model_from_state_dict(abstract_model, mapping: KeyMapping, state: Mapping[st
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def state_dict_from_model(model, mapping: KeyMapping) -> Dict[str, np.ndarray]:
+def state_dict_from_model(model, mapping: KeyMapping) -> dict[str, np.ndarray]:
   """The reference's state dict of `model` (numpy, keyed and shaped as the reference's).
 
   The reference's state dicts hold floating tensors only (its integer-valued codebook-usage
@@ -261,13 +261,13 @@ class ReferenceFormat:
   def abstract_model(self, cfg):
     return nnx.eval_shape(lambda: self.build(cfg))
 
-  def expected_torch_keys(self, cfg) -> Dict[str, Tuple[int, ...]]:
+  def expected_torch_keys(self, cfg) -> dict[str, tuple[int, ...]]:
     """The state-dict keys (and shapes) a reference checkpoint of `cfg` holds (abstract
     shapes: no weights allocated)."""
     return {self.mapping.name(p): self.mapping.shape(p, v.shape)
             for p, v in nnx.to_flat_state(nnx.state(self.abstract_model(cfg)))}
 
-  def convert_state_dict(self, cfg, state: Dict[str, np.ndarray], source: str, dtype="float32"):
+  def convert_state_dict(self, cfg, state: dict[str, np.ndarray], source: str, dtype="float32"):
     """A model holding exactly the weights of `state`: every key used, every parameter
     filled, shapes checked (errors name the key and both shapes)."""
     return model_from_state_dict(self.abstract_model(cfg), self.mapping, state, source, dtype)
@@ -298,7 +298,7 @@ def read_json(path) -> dict:
     raise ConversionError(f"config file {path} is not valid JSON: {e}") from e
 
 
-def read_run_configs(run_dir) -> Tuple[dict, dict]:
+def read_run_configs(run_dir) -> tuple[dict, dict]:
   """A released run's RUN/config.json (model arguments) and RUN/config.yaml (training args)."""
   run_dir = pathlib.Path(run_dir)
   config_json = read_json(run_dir / "config.json")

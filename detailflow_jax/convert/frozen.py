@@ -20,7 +20,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import Dict, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +30,13 @@ from flax import nnx
 from ..models.dino import DinoBackbone, DinoConfig, DinoDiscriminator
 from ..models.lpips import LPIPS, SCALE, SHIFT, VGG16_CONVS_PER_STAGE
 from ..models.patchgan import PatchGANDiscriminator
-from ..models.vit import ViTConfig, VisionTower
+from ..models.vit import VisionTower, ViTConfig
 from .common import ConversionError, StateDictReader, load_state_dict
 
 log = logging.getLogger("detailflow_jax")
 
-Path = Tuple  # a flat nnx path, e.g. ("layers", 0, "mlp", "fc1", "kernel")
-Values = Dict[Path, np.ndarray]
+Path = tuple  # a flat nnx path, e.g. ("layers", 0, "mlp", "fc1", "kernel")
+Values = dict[Path, np.ndarray]
 
 
 class MissingWeightsError(ConversionError, FileNotFoundError):
@@ -104,7 +104,7 @@ LPIPS_HINT = ("torchvision's vgg16 weights (vgg16-397923af.pth, keys features.N.
               "heads (taming-transformers / LPIPS v0.1 vgg.pth, keys lin0..lin4), as one file or two")
 
 
-def _vgg_conv_from_slice(k: int, j: int) -> Optional[int]:
+def _vgg_conv_from_slice(k: int, j: int) -> int | None:
   """LPIPS net.slice{k}.{j}: j is either the torchvision index (LPIPS package) or the index
   inside the slice (nn.Sequential(*layers), as DetailFlow builds it). The two never collide."""
   lo, hi = _SLICE_BOUNDS[k - 1]
@@ -114,10 +114,10 @@ def _vgg_conv_from_slice(k: int, j: int) -> Optional[int]:
   return None
 
 
-def lpips_values(state: Mapping[str, np.ndarray], source: str) -> Tuple[Values, Tuple[int, ...]]:
+def lpips_values(state: Mapping[str, np.ndarray], source: str) -> tuple[Values, tuple[int, ...]]:
   """Maps an LPIPS/VGG16 state dict to LPIPS parameter paths; returns (values, stage widths)."""
   values: Values = {}
-  origin: Dict[Path, str] = {}
+  origin: dict[Path, str] = {}
 
   def put(path, value, key):
     if path in values:
@@ -178,7 +178,7 @@ def lpips_from_torch(vgg_path, lin_path=None, *, dtype="float32") -> LPIPS:
   paths = [_require(vgg_path, "LPIPS", LPIPS_HINT)]
   if lin_path:
     paths.append(_require(lin_path, "LPIPS heads", LPIPS_HINT))
-  state: Dict[str, np.ndarray] = {}
+  state: dict[str, np.ndarray] = {}
   for p in paths:
     for key, value in load_state_dict(p).items():
       if key in state:
@@ -202,10 +202,10 @@ _HF_VIT_BLOCK = {
 }
 
 
-def _hf_vit_to_timm(state: Mapping[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
+def _hf_vit_to_timm(state: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
   """HF ViTModel names -> timm names (query/key/value fused into qkv, as timm stores them)."""
-  out: Dict[str, np.ndarray] = {}
-  qkv: Dict[Tuple[int, str], Dict[str, np.ndarray]] = {}
+  out: dict[str, np.ndarray] = {}
+  qkv: dict[tuple[int, str], dict[str, np.ndarray]] = {}
   for key, value in state.items():
     k = key[len("vit."):] if key.startswith("vit.") else key
     if k == "embeddings.cls_token":
@@ -233,8 +233,8 @@ def _hf_vit_to_timm(state: Mapping[str, np.ndarray], source: str) -> Dict[str, n
   return out
 
 
-def dino_values(state: Mapping[str, np.ndarray], source: str, *, num_heads: Optional[int] = None,
-                depth: Optional[int] = None, key_depths=(2, 5, 8, 11)) -> Tuple[Values, DinoConfig]:
+def dino_values(state: Mapping[str, np.ndarray], source: str, *, num_heads: int | None = None,
+                depth: int | None = None, key_depths=(2, 5, 8, 11)) -> tuple[Values, DinoConfig]:
   """Maps a DINO ViT state dict (timm or HF names) to DinoBackbone paths and infers its
   DinoConfig (heads default to hidden / 64, as in every DINO ViT). Blocks past `depth` are
   skipped; the final norm (unused by the discriminator) is skipped."""
@@ -301,8 +301,8 @@ def dino_values(state: Mapping[str, np.ndarray], source: str, *, num_heads: Opti
   return {k: np.ascontiguousarray(a) for k, a in v.items()}, cfg
 
 
-def dino_discriminator_from_torch(path, *, key_depths=(2, 5, 8, 11), depth: Optional[int] = None,
-                                  num_heads: Optional[int] = None, kernel_size: int = 9,
+def dino_discriminator_from_torch(path, *, key_depths=(2, 5, 8, 11), depth: int | None = None,
+                                  num_heads: int | None = None, kernel_size: int = 9,
                                   norm_type: str = "sbn", norm_eps: float = 1e-6,
                                   virtual_bs: int = 8, spectral_norm: bool = True, seed: int = 0,
                                   dtype="float32") -> DinoDiscriminator:
@@ -386,7 +386,7 @@ SIGLIP2_HINT = ("SigLIP2 vision weights: an HF model directory or model.safetens
                 "google/siglip2-so400m-patch16-naflex) or a big_vision .npz (e.g. "
                 "siglip2_so400m16_naflex.npz)")
 
-SIGLIP2_VARIANTS: Dict[str, ViTConfig] = {
+SIGLIP2_VARIANTS: dict[str, ViTConfig] = {
     "siglip2-so400m-patch16-naflex": ViTConfig(hidden_size=1152, num_layers=27, num_heads=16,
                                                mlp_dim=4304, position_grid=16, patch_size=16),
     "siglip2-base-patch16-naflex": ViTConfig(hidden_size=768, num_layers=12, num_heads=12,
@@ -412,7 +412,7 @@ class SigLIP2Weights:
   """A SigLIP2 vision tower's arrays keyed by our VisionTower paths (all layers of the file),
   with what the file says about its shape (`num_heads` is None when the file cannot tell)."""
 
-  def __init__(self, values: Values, source: str, num_heads: Optional[int]):
+  def __init__(self, values: Values, source: str, num_heads: int | None):
     self.values, self.source, self.num_heads = values, source, num_heads
     self.num_layers = len({p[1] for p in values if p[0] == "layers"})
     kernel = values[("embeddings", "patch_embedding", "kernel")]
@@ -422,7 +422,7 @@ class SigLIP2Weights:
     self.position_grid = int(round(n ** 0.5))
     self.mlp_dim = values[("layers", 0, "mlp", "fc1", "kernel")].shape[1]
 
-  def config(self, num_layers: Optional[int] = None, num_heads: Optional[int] = None) -> ViTConfig:
+  def config(self, num_layers: int | None = None, num_heads: int | None = None) -> ViTConfig:
     heads = num_heads or self.num_heads
     if heads is None:
       raise ConversionError(f"{self.source}: the number of attention heads is not in the file; "
@@ -466,7 +466,7 @@ def _siglip2_from_hf(state: Mapping[str, np.ndarray], source: str) -> Values:
   return values
 
 
-def _siglip2_from_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> Tuple[Values, int]:
+def _siglip2_from_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> tuple[Values, int]:
   values: Values = {}
   heads = None
   flat = {}
@@ -517,7 +517,7 @@ def _key_of(arrays: Mapping[str, np.ndarray], stripped: str) -> str:
   return stripped
 
 
-def _hf_num_heads(directory: pathlib.Path) -> Optional[int]:
+def _hf_num_heads(directory: pathlib.Path) -> int | None:
   config = directory / "config.json"
   if not config.is_file():
     return None
@@ -529,7 +529,7 @@ def _hf_num_heads(directory: pathlib.Path) -> Optional[int]:
   return vision.get("num_attention_heads")
 
 
-def siglip2_weights(path, num_heads: Optional[int] = None) -> SigLIP2Weights:
+def siglip2_weights(path, num_heads: int | None = None) -> SigLIP2Weights:
   """Reads a SigLIP2 vision tower from an HF directory / safetensors / .bin, or a big_vision
   .npz, into our VisionTower paths."""
   p = _require(path, "SigLIP2", SIGLIP2_HINT)
@@ -552,7 +552,7 @@ def siglip2_weights(path, num_heads: Optional[int] = None) -> SigLIP2Weights:
     else:
       files = [p]
       file_heads = _hf_num_heads(p.parent)
-    state: Dict[str, np.ndarray] = {}
+    state: dict[str, np.ndarray] = {}
     for f in files:
       state.update(load_state_dict(f))
     values = _siglip2_from_hf(state, source)
@@ -567,7 +567,7 @@ def siglip2_weights(path, num_heads: Optional[int] = None) -> SigLIP2Weights:
   return SigLIP2Weights(values, source, file_heads if file_heads is not None else num_heads)
 
 
-def load_siglip2_tower(tower: VisionTower, weights: Union[SigLIP2Weights, str, pathlib.Path], *,
+def load_siglip2_tower(tower: VisionTower, weights: SigLIP2Weights | str | pathlib.Path, *,
                        exact_depth: bool = False, require_patch_embedding: bool = False,
                        dtype=None) -> None:
   """Fills `tower` from SigLIP2: embeddings, its first `tower.cfg.num_layers` layers and
@@ -610,8 +610,8 @@ def load_siglip2_tower(tower: VisionTower, weights: Union[SigLIP2Weights, str, p
                           + ", ".join("/".join(map(str, p)) for p in missing[:8]))
 
 
-def siglip2_tower_from_file(path, cfg: Optional[ViTConfig] = None, *,
-                            num_layers: Optional[int] = None, num_heads: Optional[int] = None,
+def siglip2_tower_from_file(path, cfg: ViTConfig | None = None, *,
+                            num_layers: int | None = None, num_heads: int | None = None,
                             dtype="float32") -> VisionTower:
   """A standalone VisionTower with SigLIP2 weights (config from the file unless given)."""
   w = siglip2_weights(path, num_heads=num_heads or (cfg.num_heads if cfg else None))

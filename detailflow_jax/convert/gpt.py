@@ -7,7 +7,6 @@ config.
 """
 import dataclasses
 import pathlib
-from typing import Dict, Tuple
 
 import numpy as np
 
@@ -31,7 +30,7 @@ _REFERENCE_ONLY_FIELDS = {"caption_dim": 2048, "model_type": "c2i", "max_batch_s
 CUSTOM_PRESET = "GPT-custom"
 
 
-def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict, Dict]:
+def reference_configs(cfg: GPTConfig) -> tuple[dict, dict, dict]:
   """(config.json, config.yaml, extra files: none) of a released run for `cfg`.
 
   Sizes of one of the reference's GPT_models presets get its name (load_ar_model loads it
@@ -51,7 +50,7 @@ def reference_configs(cfg: GPTConfig) -> Tuple[Dict, Dict, Dict]:
   return config_json, config_yaml, {}
 
 
-def torch_name(path: Tuple) -> str:
+def torch_name(path: tuple) -> str:
   """Our parameter path -> the reference's state-dict key."""
   parts = [str(p) for p in path]
   if parts == ["spe_tok_embeddings"]:
@@ -61,24 +60,24 @@ def torch_name(path: Tuple) -> str:
   return ".".join(parts)
 
 
-def _is_qkv(path: Tuple) -> bool:
+def _is_qkv(path: tuple) -> bool:
   return len(path) >= 2 and path[-2:] == ("wqkv", "kernel")
 
 
-def torch_shape(path: Tuple, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+def torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
   if _is_qkv(path):  # ours [dim, K, R + 2, hd] (see models.gpt.Attention) -> [(H + 2K) hd, dim]
     dim, kv, groups, hd = shape
     return (kv * groups * hd, dim)
   return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
 
 
-def _to_ours(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+def _to_ours(path: tuple, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if _is_qkv(path):
     return np.ascontiguousarray(Attention.group_qkv(value.T, shape[1], shape[3]))
   return relayout(path, value, shape)
 
 
-def _to_theirs(path: Tuple, value: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+def _to_theirs(path: tuple, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if _is_qkv(path):
     return np.ascontiguousarray(Attention.fuse_qkv(value).T)
   return relayout(path, value, shape)

@@ -19,7 +19,7 @@ from the .pth and the .pb give the same one, and reference statistics carry it.
 import functools
 import hashlib
 import pathlib
-from typing import Dict, List, Mapping, Tuple
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
@@ -30,7 +30,7 @@ from ..weights.model_dir import save_model_dir
 from .common import ConversionError, StateDictReader, load_state_dict, write_atomically
 
 KIND = "inception"
-Path = Tuple
+Path = tuple
 # Unknown Consts up to this many elements are graph plumbing (concat dims, sizes, reshape shapes).
 MAX_PLUMBING_CONST = 8
 # The graph's BatchNormWithGlobalNormalization ops must normalise as our BatchNorm does.
@@ -42,7 +42,7 @@ _STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "c
          "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
 
 
-def _numbered(prefix: str, names: List[str]) -> Dict[str, str]:
+def _numbered(prefix: str, names: list[str]) -> dict[str, str]:
   """torch branch names in order -> the graph's tower/conv, tower/conv_1, tower/conv_2, ..."""
   return {n: f"{prefix}conv" + (f"_{i}" if i else "") for i, n in enumerate(names)}
 
@@ -76,7 +76,7 @@ _BN_NAMES = {"scale": ("weight", "gamma"), "bias": ("bias", "beta"),
              "mean": ("running_mean", "moving_mean"), "var": ("running_var", "moving_variance")}
 
 
-def graph_scope(layer: Tuple[str, ...]) -> str:
+def graph_scope(layer: tuple[str, ...]) -> str:
   """Our conv layer path, e.g. ('Mixed_6d', 'branch1x1') -> the graph's 'mixed_6/conv'."""
   if len(layer) == 1 and layer[0] in _STEM:
     return _STEM[layer[0]]
@@ -96,7 +96,7 @@ def abstract_state():
   return nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))))
 
 
-def _torch_entry(path: Path, shape) -> Tuple[str, Tuple[int, ...]]:
+def _torch_entry(path: Path, shape) -> tuple[str, tuple[int, ...]]:
   """Our parameter -> (.pth key, .pth shape)."""
   *layer, module, leaf = [str(p) for p in path]
   if module == "conv":
@@ -109,7 +109,7 @@ def _torch_entry(path: Path, shape) -> Tuple[str, Tuple[int, ...]]:
   raise ConversionError(f"no .pth key for parameter {'/'.join(map(str, path))}")
 
 
-def expected_torch_keys(with_batch_counters: bool = True) -> Dict[str, Tuple[int, ...]]:
+def expected_torch_keys(with_batch_counters: bool = True) -> dict[str, tuple[int, ...]]:
   """The `.pth` layout: key -> shape (566 entries with the BatchNorm
   `num_batches_tracked` counters, 472 without; 23,885,392 float values either way)."""
   out = {}
@@ -121,7 +121,7 @@ def expected_torch_keys(with_batch_counters: bool = True) -> Dict[str, Tuple[int
   return out
 
 
-def values_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> Dict[Path, np.ndarray]:
+def values_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> dict[Path, np.ndarray]:
   """A pytorch-fid / torch-fidelity state dict -> {our path: array}."""
   reader = StateDictReader(state, source)
   values = {}
@@ -165,7 +165,7 @@ def _tensor_to_numpy(tensor, name: str) -> np.ndarray:
   return flat.astype(dtype.newbyteorder("=")).reshape(shape)
 
 
-def read_graphdef(path) -> Dict[str, np.ndarray]:
+def read_graphdef(path) -> dict[str, np.ndarray]:
   """Every numeric Const node of a GraphDef file, by node name; checks the BatchNorm ops' eps."""
   from google.protobuf.message import DecodeError
   from tensorboardX.proto import graph_pb2
@@ -190,7 +190,7 @@ def read_graphdef(path) -> Dict[str, np.ndarray]:
   return consts
 
 
-def values_from_graphdef(consts: Mapping[str, np.ndarray], source: str) -> Dict[Path, np.ndarray]:
+def values_from_graphdef(consts: Mapping[str, np.ndarray], source: str) -> dict[Path, np.ndarray]:
   """The graph's weight Consts -> {our path: array}; every weight-sized Const must be used."""
   reader = StateDictReader(consts, source)
   values = {}
@@ -228,7 +228,7 @@ def model_from_values(values: Mapping[Path, np.ndarray]) -> InceptionV3:
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def read_values(checkpoint) -> Tuple[Dict[Path, np.ndarray], str]:
+def read_values(checkpoint) -> tuple[dict[Path, np.ndarray], str]:
   """(values, format) of a .pth/.pt/.bin state dict or a .pb GraphDef."""
   checkpoint = pathlib.Path(checkpoint)
   if not checkpoint.is_file():

@@ -10,7 +10,8 @@ import itertools
 import json
 import pathlib
 import re
-from typing import Any, Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 from ..models.tokenizer import Tokenizer, TokenizerConfig
 from ..models.vit import ViTConfig
@@ -27,7 +28,7 @@ SIGLIP2_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_la
 SIGLIP2_DIR = "siglip2-so400m-patch16-naflex"
 
 
-def _vit(siglip: Dict[str, Any], *, layers, hidden=None, heads=None, mlp=None, patch,
+def _vit(siglip: dict[str, Any], *, layers, hidden=None, heads=None, mlp=None, patch,
          patch_embedding=True) -> ViTConfig:
   grid = int(siglip["num_patches"] ** 0.5)
   return ViTConfig(hidden_size=hidden or siglip["hidden_size"],
@@ -39,8 +40,8 @@ def _vit(siglip: Dict[str, Any], *, layers, hidden=None, heads=None, mlp=None, p
                    patch_embedding=patch_embedding, num_channels=siglip.get("num_channels", 3))
 
 
-def _tower(name: str, pretrained: bool, siglip: Dict[str, Any], patch: int, is_encoder: bool,
-           fixture_builder: Optional[Dict[str, Any]]) -> ViTConfig:
+def _tower(name: str, pretrained: bool, siglip: dict[str, Any], patch: int, is_encoder: bool,
+           fixture_builder: dict[str, Any] | None) -> ViTConfig:
   """Sizes the reference's build_encoder/build_decoder give each builder name: a pretrained
   tower is the SigLIP2 config's width, heads and MLP with 12 (siglip2_base), 16 (siglip2_large)
   or all (siglip2) of its layers; the only tower from scratch is siglip2_base, 768 wide with 12
@@ -68,7 +69,7 @@ def _tower(name: str, pretrained: bool, siglip: Dict[str, Any], patch: int, is_e
                         "siglip2_large, siglip2)")
 
 
-def siglip2_vision_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+def siglip2_vision_config(raw: dict[str, Any]) -> dict[str, Any]:
   """The vision part of a SigLIP2 config file: a bare Siglip2VisionConfig as it is, or the
   `vision_config` of a full (text + vision) Siglip2Config, as transformers takes it."""
   vision = raw.get("vision_config", raw)
@@ -79,9 +80,9 @@ def siglip2_vision_config(raw: Dict[str, Any]) -> Dict[str, Any]:
   return vision
 
 
-def config_from_reference(config_json: Dict[str, Any], config_yaml: Dict[str, Any],
-                          run_dir: Optional[pathlib.Path] = None,
-                          siglip: Optional[Dict[str, Any]] = None) -> TokenizerConfig:
+def config_from_reference(config_json: dict[str, Any], config_yaml: dict[str, Any],
+                          run_dir: pathlib.Path | None = None,
+                          siglip: dict[str, Any] | None = None) -> TokenizerConfig:
   """Builds our TokenizerConfig from the reference's config.json (+ config.yaml)."""
   try:
     fixture = config_yaml.get("fixture_builder")
@@ -146,7 +147,7 @@ _EMPTY_WEIGHTS_NOTE = ("no tensors: the pretrained path's from_pretrained needs 
                        "tokenizer checkpoint holds every tower tensor and load_state_dict replaces them")
 
 
-def _siglip2_of(tower: ViTConfig, num_layers: int, patch_size: int) -> Dict[str, Any]:
+def _siglip2_of(tower: ViTConfig, num_layers: int, patch_size: int) -> dict[str, Any]:
   """A SigLIP2 vision config whose width, heads, MLP, grid and eps are `tower`'s."""
   return {"model_type": "siglip2_vision_model", "hidden_size": tower.hidden_size,
           "intermediate_size": tower.mlp_dim, "num_hidden_layers": num_layers,
@@ -156,7 +157,7 @@ def _siglip2_of(tower: ViTConfig, num_layers: int, patch_size: int) -> Dict[str,
           "attention_dropout": 0.0}
 
 
-def _widths(tower: ViTConfig) -> Tuple[int, int, int]:
+def _widths(tower: ViTConfig) -> tuple[int, int, int]:
   return tower.hidden_size, tower.num_heads, tower.mlp_dim
 
 
@@ -165,7 +166,7 @@ def _describe(tower: ViTConfig) -> str:
           f"{tower.position_grid}x{tower.position_grid} positions, eps {tower.layer_norm_eps}")
 
 
-def _siglip2_candidates(cfg: TokenizerConfig) -> Iterator[Dict[str, Any]]:
+def _siglip2_candidates(cfg: TokenizerConfig) -> Iterator[dict[str, Any]]:
   """SigLIP2 configs both towers (and the teacher) might be read from: SigLIP2-so400m first (a
   released layout keeps its real SigLIP2), then one with a tower's widths. With a teacher the
   config is the teacher (the reference's repa model is the whole SigLIP2 tower, at the
@@ -180,14 +181,14 @@ def _siglip2_candidates(cfg: TokenizerConfig) -> Iterator[Dict[str, Any]]:
     yield _siglip2_of(like, depth, cfg.encoder.patch_size)
 
 
-def _tower_or_none(name, pretrained, siglip, tower: ViTConfig, is_encoder: bool) -> Optional[ViTConfig]:
+def _tower_or_none(name, pretrained, siglip, tower: ViTConfig, is_encoder: bool) -> ViTConfig | None:
   try:
     return _tower(name, pretrained, siglip, tower.patch_size, is_encoder, None)
   except ConversionError:  # e.g. siglip2_base's 12 layers from a shallower SigLIP2
     return None
 
 
-def reference_layout(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Tuple[str, bool], Tuple[str, bool]]:
+def reference_layout(cfg: TokenizerConfig) -> tuple[dict[str, Any], tuple[str, bool], tuple[str, bool]]:
   """(SigLIP2 vision config, (encoder builder, pretrained), (decoder builder, pretrained)) with
   which the reference's unmodified build_encoder/build_decoder (and build_repa_model, for a
   teacher) build exactly `cfg`'s towers; a ConversionError saying why when none does."""
@@ -210,7 +211,7 @@ def reference_layout(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Tuple[str, b
       "--format model_dir writes any tokenizer")
 
 
-def reference_configs(cfg: TokenizerConfig) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, bytes]]:
+def reference_configs(cfg: TokenizerConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
   """(config.json, config.yaml, extra files {relative path: bytes}) of a released run for `cfg`.
 
   The builder names are the reference's own (`reference_layout`), and the SigLIP2 vision config
@@ -267,7 +268,7 @@ def load_reference_config(run_dir) -> TokenizerConfig:
 _MLP_PARENTS = ("global_token_proj", "projection")
 
 
-def torch_name(path: Tuple) -> str:
+def torch_name(path: tuple) -> str:
   """Our parameter path -> the reference's state-dict key."""
   parts = [str(p) for p in path]
   leaf = parts[-1]
@@ -283,7 +284,7 @@ def torch_name(path: Tuple) -> str:
   return f"{stem}.{leaf}" if stem else leaf
 
 
-def torch_shape(path: Tuple, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+def torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
   leaf = path[-1]
   if leaf == "kernel":
     return tuple(reversed(shape))

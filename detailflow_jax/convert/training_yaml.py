@@ -12,7 +12,8 @@ The model section goes through convert.tokenizer.config_from_reference (the one 
 reference's builder names), so a tokenizer trained from this config loads the reference's
 checkpoints of the same YAML key for key.
 """
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -21,7 +22,7 @@ from .tokenizer import config_from_reference
 
 # train_tokenizer.py's argparse defaults for the keys this converter reads (what the reference
 # uses when the YAML leaves a key out).
-REFERENCE_DEFAULTS: Dict[str, Any] = {
+REFERENCE_DEFAULTS: dict[str, Any] = {
     "vq_model": "VQ-16", "ema": True, "codebook_size": 16384, "codebook_embed_dim": 8,
     "codebook_l2_norm": True, "codebook_weight": 1.0, "entropy_loss_ratio": 0.0,
     "vq_loss_ratio": 1.0, "commit_loss_beta": 0.25, "reconstruction_weight": 1.0,
@@ -106,7 +107,7 @@ KNOWN = frozenset(REFERENCE_DEFAULTS) | NO_EFFECT | frozenset(ONLY)
 EMA_DECAY = 0.9999  # utils/ema.update_ema's default, the only one train_tokenizer.py uses
 
 
-def check_keys(yaml: Mapping[str, Any], where: str = "training YAML") -> Dict[str, Any]:
+def check_keys(yaml: Mapping[str, Any], where: str = "training YAML") -> dict[str, Any]:
   """The YAML with the reference's defaults filled in; unknown keys and unsupported values are
   errors naming the key."""
   unknown = sorted(set(yaml) - KNOWN)
@@ -125,7 +126,7 @@ def check_keys(yaml: Mapping[str, Any], where: str = "training YAML") -> Dict[st
   return args
 
 
-def model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
+def model_args(args: Mapping[str, Any]) -> dict[str, Any]:
   """The VQ ModelArgs train_tokenizer.py builds from its arguments (config.json's fields)."""
   return {
       "image_size": args["image_size"], "max_image_size": args["max_image_size"],
@@ -146,8 +147,8 @@ def model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
   }
 
 
-def tokenizer_run_config(yaml: Mapping[str, Any], *, siglip: Optional[Mapping[str, Any]] = None,
-                         fixture_builder: Optional[Mapping[str, Any]] = None,
+def tokenizer_run_config(yaml: Mapping[str, Any], *, siglip: Mapping[str, Any] | None = None,
+                         fixture_builder: Mapping[str, Any] | None = None,
                          run_dir=None, where: str = "training YAML") -> ml_collections.ConfigDict:
   """Our tokenizer run config from the reference's training YAML (as a dict).
 

@@ -8,10 +8,16 @@ Typical use (tokenizer training):
   batch = global_batch(next(it), mesh)
 """
 from .degradation import DynamicResolution, batch_shapes, degrade_batch
-from .pipeline import (ImagePipelineConfig, Progress, global_batch, image_dataset, image_iterator,
-                       to_iterator, token_dataset)
-from .sources import (ImageFolderSource, ProceduralShapes, TFDSSource, TokenRecordSource,
-                      TokenRecordWriter)
+from .pipeline import (
+                       ImagePipelineConfig,
+                       Progress,
+                       global_batch,
+                       image_dataset,
+                       image_iterator,
+                       to_iterator,
+                       token_dataset,
+)
+from .sources import ImageFolderSource, ProceduralShapes, TFDSSource, TokenRecordSource, TokenRecordWriter
 
 __all__ = ["DynamicResolution", "batch_shapes", "degrade_batch", "ImagePipelineConfig", "Progress", "global_batch",
            "image_dataset", "image_iterator", "to_iterator", "token_dataset", "ImageFolderSource", "ProceduralShapes",

@@ -15,7 +15,6 @@ batch dimension depend on r as well. The self-correction `noise_idx` is a per-ba
 shape.
 """
 import dataclasses
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -84,7 +83,7 @@ def batch_size_for(side: int, batch_size: int, adjust: bool) -> int:
 def degrade_batch(images: np.ndarray, schedule: ResolutionSchedule, rng: np.random.Generator,
                   degradation_prob: float, correction_training: bool = True,
                   noise_prob: float = 1.0,
-                  dynamic: Optional[DynamicResolution] = None) -> Dict[str, np.ndarray]:
+                  dynamic: DynamicResolution | None = None) -> dict[str, np.ndarray]:
   """images: [B, H, W, C] float32 in [-1, 1], square.
 
   Returns `image` (the encoder input, resized to the batch resolution when `dynamic` is given),
@@ -114,14 +113,14 @@ def degrade_batch(images: np.ndarray, schedule: ResolutionSchedule, rng: np.rand
           "noise_idx": np.int32(-1 if noise_idx is None else noise_idx)}
 
 
-def _degradable_tokens(schedule: ResolutionSchedule, max_tokens: int) -> List[int]:
+def _degradable_tokens(schedule: ResolutionSchedule, max_tokens: int) -> list[int]:
   """The t values sample_degradation can return below `max_tokens` (ceil to group multiples
   only ever lands on listed counts)."""
   return [t for t in schedule.token_list if t <= max_tokens - schedule.group_size]
 
 
 def reachable_sides(schedule: ResolutionSchedule, image_size: int,
-                    dynamic: Optional[DynamicResolution] = None) -> List[int]:
+                    dynamic: DynamicResolution | None = None) -> list[int]:
   """Every encoder-input side a configuration can produce."""
   sides = {image_size}
   if dynamic is not None and dynamic.enabled:
@@ -135,7 +134,7 @@ def reachable_sides(schedule: ResolutionSchedule, image_size: int,
 
 
 def check_config(schedule: ResolutionSchedule, image_size: int, degradation_prob: float,
-                 dynamic: Optional[DynamicResolution] = None) -> None:
+                 dynamic: DynamicResolution | None = None) -> None:
   """Fails at pipeline construction, not in a worker hours later, on sides the schedule cannot
   serve: not one of its resolutions, or too few tokens to degrade (< group_size + causal_len)."""
   if dynamic is not None and dynamic.image_size != image_size:
@@ -150,8 +149,8 @@ def check_config(schedule: ResolutionSchedule, image_size: int, degradation_prob
 
 
 def batch_shapes(schedule: ResolutionSchedule, image_size: int, degradation_prob: float,
-                 dynamic: Optional[DynamicResolution] = None,
-                 batch_size: Optional[int] = None) -> Dict[str, List[Tuple[int, ...]]]:
+                 dynamic: DynamicResolution | None = None,
+                 batch_size: int | None = None) -> dict[str, list[tuple[int, ...]]]:
   """Every shape a pipeline configuration can emit.
 
   "shapes": distinct (batch, image side, target side) array shapes (batch is None when not

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import grain
 import numpy as np
@@ -38,18 +38,18 @@ class ImagePipelineConfig:
   seed: int = 0
   train: bool = True                # random crop + flip + shuffle; else centre crop, file order
   flip: bool = True
-  num_epochs: Optional[int] = None  # None: repeat forever
+  num_epochs: int | None = None  # None: repeat forever
   drop_remainder: bool = True       # keeps every batch the same size (one shape)
   degradation_prob: float = 0.0     # needs a schedule
   correction_training: bool = False
   noise_prob: float = 1.0           # the reference perturbs every eligible batch
-  dynamic: Optional[DynamicResolution] = None
+  dynamic: DynamicResolution | None = None
   num_workers: int = 0              # mp_prefetch worker processes; 0 = in the main process
   worker_buffer_size: int = 2       # batches each worker hands over ahead of use
   read_threads: int = 2             # batches built concurrently per process (PIL, BLAS free the GIL)
   read_buffer: int = 4              # batches built ahead per process
-  shard_index: Optional[int] = None  # None: jax.process_index()
-  shard_count: Optional[int] = None  # None: jax.process_count()
+  shard_index: int | None = None  # None: jax.process_index()
+  shard_count: int | None = None  # None: jax.process_count()
   max_substitutions: int = 20       # replacements tried for one bad image before giving up
 
   @property
@@ -57,7 +57,7 @@ class ImagePipelineConfig:
     return self.dynamic.crop_size if self.dynamic is not None else self.image_size
 
 
-def resolve_shard(shard_index: Optional[int], shard_count: Optional[int]) -> Tuple[int, int]:
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   """Explicit shard arguments, or this JAX process's index and the process count."""
   if shard_index is None or shard_count is None:
     import jax
@@ -76,7 +76,7 @@ class _LoadImage(grain.transforms.RandomMap):
   def __init__(self, source, cfg: ImagePipelineConfig):
     self.source, self.cfg = source, cfg
 
-  def _try(self, index: int, rng: np.random.Generator) -> Optional[Dict[str, Any]]:
+  def _try(self, index: int, rng: np.random.Generator) -> dict[str, Any] | None:
     try:
       record = self.source[index]
     except Exception as e:  # A source's own decoding (TFDS) can fail on one record.
@@ -142,7 +142,7 @@ class _Degrade(grain.transforms.RandomMap):
     return out
 
 
-def _epochs(num_records: int, seed: int, shuffle: bool, num_epochs: Optional[int]) -> grain.MapDataset:
+def _epochs(num_records: int, seed: int, shuffle: bool, num_epochs: int | None) -> grain.MapDataset:
   if num_records == 0:
     raise ValueError("the source is empty")
   ds = grain.MapDataset.range(num_records)
@@ -152,7 +152,7 @@ def _epochs(num_records: int, seed: int, shuffle: bool, num_epochs: Optional[int
 
 
 def image_dataset(source, cfg: ImagePipelineConfig,
-                  schedule: Optional[ResolutionSchedule] = None) -> grain.MapDataset:
+                  schedule: ResolutionSchedule | None = None) -> grain.MapDataset:
   """Batches {"image" [B,H,W,3], "label" [B], "skipped"}; with a schedule also "target", "t",
   "decode_res", "target_res", "max_tokens", "noise_idx" (see degradation.degrade_batch)."""
   if (cfg.degradation_prob or (cfg.dynamic is not None and cfg.dynamic.enabled)) and schedule is None:
@@ -193,8 +193,8 @@ class _PickView(grain.transforms.RandomMap):
 
 
 def token_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                  random_view: bool = True, num_epochs: Optional[int] = None,
-                  shard_index: Optional[int] = None, shard_count: Optional[int] = None,
+                  random_view: bool = True, num_epochs: int | None = None,
+                  shard_index: int | None = None, shard_count: int | None = None,
                   drop_remainder: bool = True) -> grain.MapDataset:
   """Batches {"tokens": [B, T] or [B, T, 3] int32, "labels": [B] int32} for AR training."""
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
@@ -250,7 +250,7 @@ class Progress(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-def image_iterator(source, cfg: ImagePipelineConfig, schedule: Optional[ResolutionSchedule] = None,
+def image_iterator(source, cfg: ImagePipelineConfig, schedule: ResolutionSchedule | None = None,
                    log_every: int = 100) -> Progress:
   """The whole image pipeline as a checkpointable iterator with cfg.num_workers workers."""
   ds = image_dataset(source, cfg, schedule)
@@ -258,12 +258,13 @@ def image_iterator(source, cfg: ImagePipelineConfig, schedule: Optional[Resoluti
   return Progress(it, log_every, name=str(source))
 
 
-def global_batch(local: Dict[str, Any], mesh) -> Dict[str, Any]:
+def global_batch(local: dict[str, Any], mesh) -> dict[str, Any]:
   """Assembles every process's local batch into global jax.Arrays sharded over the mesh's batch
   axes (jax.make_array_from_process_local_data). Per-batch scalars (t, decode_res, noise_idx…)
   are equal on all processes by construction and stay host numpy values: they select programs."""
   # Local: data/ stays importable without jax, so Grain's worker processes do not load it.
   import jax
+
   from .. import sharding
   out = {}
   for key, value in local.items():

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import pathlib
-from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -30,7 +29,7 @@ class ImageFolderSource:
   """`<root>/<split>/<wnid>/*.JPEG` with labels = index of the wnid in sorted order (as
   torchvision's ImageFolder). The file index is built once and cached as JSON."""
 
-  def __init__(self, root, split: Optional[str] = "train", cache_dir=None):
+  def __init__(self, root, split: str | None = "train", cache_dir=None):
     self.root = pathlib.Path(root)
     if not self.root.is_dir():
       raise FileNotFoundError(f"dataset root does not exist: {self.root}")
@@ -52,16 +51,16 @@ class ImageFolderSource:
           tmp.write_text(json.dumps(index))
       except OSError as e:  # A read-only cache is no reason to fail.
         log.warning("could not cache the file index at %s: %s", self.index_path, e)
-    self.classes: List[str] = index["classes"]
-    self.files: List[str] = index["files"]
+    self.classes: list[str] = index["classes"]
+    self.files: list[str] = index["files"]
     self.labels = np.asarray(index["labels"], np.int32)
     if not self.files:
       raise FileNotFoundError(f"no images under {self.split_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
 
-  def _signature(self) -> Dict[str, float]:
+  def _signature(self) -> dict[str, float]:
     return {d.name: d.stat().st_mtime for d in sorted(self.split_dir.iterdir()) if d.is_dir()}
 
-  def _load_cached_index(self) -> Optional[dict]:
+  def _load_cached_index(self) -> dict | None:
     if not self.index_path.is_file():
       return None
     try:
@@ -83,7 +82,7 @@ class ImageFolderSource:
     log.info("indexed %d images in %d classes under %s", len(files), len(classes), self.split_dir)
     return {"classes": classes, "files": files, "labels": labels, "signature": self._signature()}
 
-  def _list_class(self, wnid: str) -> List[str]:
+  def _list_class(self, wnid: str) -> list[str]:
     """Image paths relative to the split folder, in torchvision ImageFolder's order (sorted
     os.walk following links, names sorted), so index i is ImageFolder's sample i."""
     def on_error(e):  # An unreadable folder keeps its label but adds no images.

@@ -8,7 +8,6 @@ import io
 import logging
 import math
 import warnings
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -16,7 +15,7 @@ from PIL import Image
 log = logging.getLogger("detailflow_jax")
 
 
-def decode_image(data, name: str = "?") -> Optional[Image.Image]:
+def decode_image(data, name: str = "?") -> Image.Image | None:
   """Encoded bytes (or an HWC uint8 array) -> RGB PIL image, or None with a warning naming
   the file when it cannot be read."""
   if isinstance(data, np.ndarray):  # already decoded (TFDS, procedural): only fix channels

@@ -7,7 +7,8 @@
   images only. The demo asks it what shape and colour its reconstructions and class-conditional
   samples show, and compares with what each class is.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,8 @@ from flax import nnx
 from ..ops.resize import resize_images
 
 
-def coarse_to_fine_errors(tokenizer, images, counts: Optional[Sequence[int]] = None,
-                          batch_size: int = 64) -> List[Dict[str, float]]:
+def coarse_to_fine_errors(tokenizer, images, counts: Sequence[int] | None = None,
+                          batch_size: int = 64) -> list[dict[str, float]]:
   """For each token count t: the MSE of decode(first t tokens) against
   resize(resize(image, token2res[t]), decode_res) (`mse_degraded`) and against the
   full-resolution image brought to decode_res (`mse_full`).
@@ -81,8 +82,8 @@ class ShapeColourJudge(nnx.Module):
 class Judge(NamedTuple):
   """A trained ShapeColourJudge and the SHAPES / COLOURS indices its heads stand for."""
   model: ShapeColourJudge
-  shapes: Tuple[int, ...]
-  colours: Tuple[int, ...]
+  shapes: tuple[int, ...]
+  colours: tuple[int, ...]
 
 
 def clean_shape_images(shapes: Sequence[int], colours: Sequence[int], size: int, count: int,

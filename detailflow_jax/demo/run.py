@@ -26,18 +26,17 @@ import time
 import jax
 import numpy as np
 
+from ..configs import demo as demo_settings
 from ..data.sources import COLOURS, SHAPES, ProceduralShapes, class_shape_colour_index
-from .judge import coarse_to_fine_errors, judge_images, train_judge
 from ..inference.images import coarse_to_fine_counts, coarse_to_fine_strips, enlarge_nearest, save_grid
-from ..inference.tokenizer import TokenizerFns
 from ..inference.plots import read_metrics, save_curves
-from ..weights.load import load_gpt, load_tokenizer
 from ..inference.sampler import Sampler, SamplingOptions
+from ..inference.tokenizer import TokenizerFns
 from ..train import ar as ar_recipe
 from ..train import tokenizer as tokenizer_recipe
 from ..train.extract import extract
-
-from ..configs import demo as demo_settings
+from ..weights.load import load_gpt, load_tokenizer
+from .judge import coarse_to_fine_errors, judge_images, train_judge
 
 
 def load_demo_config(variant: str = ""):

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import zipfile
-from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def write_json_atomically(path, obj) -> None:
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
-def _first_difference(a, b, prefix: str = "") -> Optional[str]:
+def _first_difference(a, b, prefix: str = "") -> str | None:
   if isinstance(a, dict) and isinstance(b, dict):
     for k in sorted(set(a) | set(b)):
       d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
@@ -58,7 +58,7 @@ class ChunkStore:
   """Chunks of `num_rows` rows of the named arrays (`arrays`: name -> (row shape, dtype))."""
 
   def __init__(self, directory, protocol: Mapping, num_rows: int, chunk_size: int,
-               arrays: Mapping[str, Tuple[Sequence[int], str]], writer: bool = True):
+               arrays: Mapping[str, tuple[Sequence[int], str]], writer: bool = True):
     if num_rows < 1 or chunk_size < 1:
       raise ValueError(f"num_rows ({num_rows}) and chunk_size ({chunk_size}) must be positive")
     self.directory = paths.run_path(directory)
@@ -88,7 +88,7 @@ class ChunkStore:
   def num_chunks(self) -> int:
     return -(-self.num_rows // self.chunk_size)
 
-  def rows(self, k: int) -> Tuple[int, int]:
+  def rows(self, k: int) -> tuple[int, int]:
     start = k * self.chunk_size
     return start, min(start + self.chunk_size, self.num_rows)
 
@@ -100,15 +100,16 @@ class ChunkStore:
     p = self.path(k)
     return bool(entry) and p.is_file() and paths.file_size(p) == entry["size"]
 
-  def pending(self) -> List[int]:
+  def pending(self) -> list[int]:
     return [k for k in range(self.num_chunks) if not self.is_done(k)]
 
   def fill(self, make_chunk: Callable[[int, int], Mapping[str, np.ndarray]], name: str,
            log_every_s: float = 10.0,
-           after_chunk: Optional[Callable[[int, Mapping[str, np.ndarray]], None]] = None):
+           after_chunk: Callable[[int, Mapping[str, np.ndarray]], None] | None = None):
     """Makes and writes every pending chunk: `make_chunk(start, stop)` -> its arrays (every
     process calls it: the work is sharded; only the writer writes), with `after_chunk(start,
-    arrays)` (e.g. PNGs) run before the chunk is recorded, so a resumed run never skips it. Logs rate, chunks done and ETA. Returns (rows made, seconds)."""
+    arrays)` (e.g. PNGs) run before the chunk is recorded, so a resumed run never skips it. Logs
+    rate, chunks done and ETA. Returns (rows made, seconds)."""
     pending = self.pending()
     todo = sum(self.rows(k)[1] - self.rows(k)[0] for k in pending)
     t0, made, last = time.time(), 0, 0.0

@@ -1,7 +1,6 @@
 """What both evaluation jobs do on the devices: cast weights, feed each process its rows of a
 global batch, decode tokens, bring results back to every host."""
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ class GlobalBatch:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "image_size", "policy", "out_size"))
 def decode_tokens(graphdef, state, tokens, *, num_tokens: int, image_size: int,
-                  policy: Optional[Precision] = None, out_size: Optional[int] = None):
+                  policy: Precision | None = None, out_size: int | None = None):
   """Tokenizer decode of the first `num_tokens` of `tokens` [B, T] at `image_size` -> pixels
   [B, S, S, 3] in about [-1, 1] (unclipped), S = out_size or image_size, under `policy` (None:
   native): float32, or bfloat16 out of a bf16-autocast decode as the reference's decode_code.

@@ -4,7 +4,6 @@ with the SHA-256 of every input. The CLI is `python -m detailflow_jax.evaluate`;
 job scores its samples through the same function."""
 import logging
 import pathlib
-from typing import Dict
 
 import numpy as np
 
@@ -13,16 +12,16 @@ from ..weights.model_dir import read_model_config
 from . import scores
 from .features import extract_features
 from .inception import load_inception
-from .reference import EvalInputError, HASH_KEY, batch_statistics, load_batch, save_npz_atomically
+from .reference import HASH_KEY, EvalInputError, batch_statistics, load_batch, save_npz_atomically
 
 log = logging.getLogger("detailflow_jax")
 
 
-def _features(model, batch, batch_size: int, name: str) -> Dict[str, np.ndarray]:
+def _features(model, batch, batch_size: int, name: str) -> dict[str, np.ndarray]:
   return extract_features(model, batch.images.batches(batch_size), len(batch.images), batch_size, name=name)
 
 
-def evaluate(reference, samples, inception_dir, batch_size: int = 256, save_features=None) -> Dict:
+def evaluate(reference, samples, inception_dir, batch_size: int = 256, save_features=None) -> dict:
   """The five ADM numbers and the inputs' hashes."""
   if not (pathlib.Path(inception_dir) / "config.json").is_file():
     raise EvalInputError(f"{inception_dir} is not a converted Inception directory; make one with "

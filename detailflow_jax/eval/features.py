@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 import time
-from typing import Dict, Iterable
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ def global_batch_size(batch_size: int) -> int:
 
 def extract_features(model: InceptionV3, batches: Iterable[np.ndarray], total: int,
                      batch_size: int = 256, name: str = "images",
-                     log_every_s: float = 10.0) -> Dict[str, np.ndarray]:
+                     log_every_s: float = 10.0) -> dict[str, np.ndarray]:
   """{'pool' [N, 2048], 'spatial' [N, 2023], 'logits' [N, 1008]} (float32) of the uint8 NHWC
   `batches` (each at most `batch_size` images; `total` of them in all)."""
   gbs = global_batch_size(batch_size)

@@ -22,22 +22,20 @@ devices.
 """
 import dataclasses
 import logging
-from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import paths, sharding
+from ..data import protocol
 from ..inference.images import to_uint8
 from ..inference.sampler import Sampler, SamplingOptions, check_weights_dtype
 from ..models.precision import Precision
-from .. import paths, sharding
-
-from ..data import protocol
 from .chunks import ChunkStore, write_json_atomically, write_npz_streaming
-from .evaluator import evaluate
 from .device import cast_floating, check_precision, decode_tokens, to_host
+from .evaluator import evaluate
 
 log = logging.getLogger("detailflow_jax")
 PARAM_LAYOUTS = ("replicated", "fsdp")
@@ -89,7 +87,7 @@ class GenerationSettings:
                            top_k=self.top_k, top_p=self.top_p, gradual_cfg=bool(self.gradual_cfg),
                            cfg_interval=int(self.cfg_interval))
 
-  def protocol(self) -> Dict:
+  def protocol(self) -> dict:
     d = dataclasses.asdict(self)
     d.pop("per_device_batch")  # the images do not depend on it
     if d["weights_dtype"] == "float32":
@@ -103,7 +101,7 @@ CFG_INTERVAL_NOTE = (
     "generate_group_par ignores it, so only -1 (the default) reproduces the reference.")
 
 
-def precision_record(precision: str, weights_dtype: str = "float32") -> Dict:
+def precision_record(precision: str, weights_dtype: str = "float32") -> dict:
   """What `precision` (and the GPT's `weights_dtype`) mean in this job, for the output metadata."""
   if precision == "float32" and weights_dtype == "bfloat16":
     return {"name": "float32", "weights_dtype": "bfloat16",
@@ -126,7 +124,7 @@ def precision_record(precision: str, weights_dtype: str = "float32") -> Dict:
                    "bfloat16, op by op, as torch runs them on the bf16 decode"}
 
 
-def decode_plan(tokenizer_config, schedule, block_size: int, image_size: int = 0) -> Dict[str, int]:
+def decode_plan(tokenizer_config, schedule, block_size: int, image_size: int = 0) -> dict[str, int]:
   """{'image_size', 'num_tokens', 'table_tokens'} of a decode: the side (0: the tokenizer's
   image_size) checked as sample_c2i_ddp.py asserts it, and the tokens decoded,
   min(block_size, decres2besttoken[side])."""
@@ -209,8 +207,8 @@ class GenerationJob:
     s = self.settings
     return protocol.labels_for(s.seed, start, stop, self.gpt_config.num_classes, s.label_mode)
 
-  def run(self, workdir, out, protocol_extra: Optional[Dict] = None, png_dir=None,
-          log_every_s: float = 10.0) -> Dict:
+  def run(self, workdir, out, protocol_extra: dict | None = None, png_dir=None,
+          log_every_s: float = 10.0) -> dict:
     """Writes the chunks under `workdir` (skipping finished ones) and assembles `out`.
     Returns a summary (images/s, chunks made / reused, seconds)."""
     s = self.settings
@@ -255,7 +253,7 @@ def _write_pngs(directory, start: int, images: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------- run + results.json --
 
-def package_versions() -> Dict[str, str]:
+def package_versions() -> dict[str, str]:
   import importlib.metadata
   import platform
   out = {"python": platform.python_version()}
@@ -267,10 +265,11 @@ def package_versions() -> Dict[str, str]:
   return out
 
 
-def model_record(directory, kind: str) -> Dict:
+def model_record(directory, kind: str) -> dict:
   """A converted model directory and the hash of its weights (over its files' SHA-256s)."""
   import hashlib
   import json
+
   from ..weights.model_dir import verify_model_dir
   meta = verify_model_dir(directory, kind)
   files = meta.get("files") or {}
@@ -279,7 +278,7 @@ def model_record(directory, kind: str) -> Dict:
           "param_dtype": meta.get("param_dtype", "float32"), "source": meta.get("source")}
 
 
-def resolve_models(tokenizer_src, gpt_src, gpt_weights: Optional[str], tokenizer_weights: Optional[str] = None):
+def resolve_models(tokenizer_src, gpt_src, gpt_weights: str | None, tokenizer_weights: str | None = None):
   """(tokenizer dir, gpt dir): converted directories, released runs or Hub ids resolved; the
   weight choice ('ema' / 'model') applies to released checkpoints only (a converted directory
   holds one set, recorded at conversion)."""
@@ -301,9 +300,9 @@ def _mean_std(values):
 
 
 def run_generation(tokenizer_src, gpt_src, settings: GenerationSettings, *, seeds=None,
-                   workdir, out, reference=None, inception=None, gpt_weights: Optional[str] = "ema",
-                   vq_weights: Optional[str] = "model", png_dir=None, mesh=None,
-                   inception_batch: int = 256, results_path=None) -> Dict:
+                   workdir, out, reference=None, inception=None, gpt_weights: str | None = "ema",
+                   vq_weights: str | None = "model", png_dir=None, mesh=None,
+                   inception_batch: int = 256, results_path=None) -> dict:
   """The whole generation job for one or more seeds: samples (resumable, per seed
   `out` with `{seed}` filled in, or OUT-seedS.npz for several seeds), scores with
   `reference` + `inception`, and results.json (protocol, hashes, scores, mean +- std).

@@ -17,7 +17,7 @@ Mixed_5b.branch1x1, ..., fc) so the converter maps `.pth` keys one to one. Every
 runs at full float32 precision (TPUs default to bf16 passes, GPUs to TF32). The model computes
 in its parameters' dtype; cast them to float64 (with jax x64) for a float64 run.
 """
-from typing import Dict, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,10 @@ SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 NUM_LOGITS = 1008
 HIGHEST = jax.lax.Precision.HIGHEST
 
-Size = Union[int, Tuple[int, int]]
+Size = int | tuple[int, int]
 
 
-def _pair(x: Size) -> Tuple[int, int]:
+def _pair(x: Size) -> tuple[int, int]:
   return (x, x) if isinstance(x, int) else tuple(x)
 
 
@@ -128,7 +128,7 @@ class InceptionC(nnx.Module):
     self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3), rngs=rngs)
     self.branch_pool = BasicConv2d(cin, 192, 1, rngs=rngs)
 
-  def branches(self, x) -> Tuple[jax.Array, jax.Array]:
+  def branches(self, x) -> tuple[jax.Array, jax.Array]:
     """(block output, the 1x1 branch): the second is `mixed_N/conv`."""
     b1 = self.branch1x1(x)
     out = jnp.concatenate([
@@ -223,7 +223,7 @@ class InceptionV3(nnx.Module):
   def preprocess(self, images) -> jax.Array:
     return preprocess(images, self.dtype)
 
-  def from_preprocessed(self, x: jax.Array) -> Dict[str, jax.Array]:
+  def from_preprocessed(self, x: jax.Array) -> dict[str, jax.Array]:
     """[N, 299, 299, 3] normalised images -> {'pool', 'spatial', 'logits'}."""
     if x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
       raise ValueError(f"expected [N, {INPUT_SIZE}, {INPUT_SIZE}, 3] after preprocessing, got {x.shape}")
@@ -239,7 +239,7 @@ class InceptionV3(nnx.Module):
     logits = jnp.matmul(pool, self.fc.kernel.get_value(), precision=HIGHEST)
     return {"pool": pool, "spatial": spatial, "logits": logits}
 
-  def __call__(self, images) -> Dict[str, jax.Array]:
+  def __call__(self, images) -> dict[str, jax.Array]:
     return self.from_preprocessed(self.preprocess(images))
 
 

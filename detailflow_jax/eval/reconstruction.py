@@ -32,7 +32,7 @@ import dataclasses
 import io
 import json
 import logging
-from typing import Dict, Iterable, Tuple
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -40,20 +40,20 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from .. import paths, sharding
+from ..data import protocol
 from ..data.transforms import center_crop_arr
 from ..inference.images import to_uint8
-from ..ops.resize import resize_bicubic, resize_images
-from .. import paths, sharding
-from . import scores
-from ..data import protocol
-from .scores import RunningStatistics
-from .chunks import ChunkStore, write_json_atomically
 from ..models.precision import Precision, set_precision
+from ..ops.resize import resize_bicubic, resize_images
+from . import scores
+from .chunks import ChunkStore, write_json_atomically
 from .device import GlobalBatch, cast_floating, check_precision, decode_tokens, to_host
 from .features import extract_features
 from .inception import POOL_DIM
 from .pixel_metrics import psnr, ssim
 from .reference import HASH_KEY, save_npz_atomically
+from .scores import RunningStatistics
 
 log = logging.getLogger("detailflow_jax")
 SOURCES = ("imagefolder", "tfds")
@@ -69,7 +69,7 @@ class ReconstructionSettings:
   seed: int = 0                 # noisy-eval draws
   noisy_eval: bool = True
   noise_top_k: int = 50         # the reference's quantize(h, top_k=50)
-  curve_tokens: Tuple[int, ...] = ()  # token budgets of the curve; () = every schedule entry
+  curve_tokens: tuple[int, ...] = ()  # token budgets of the curve; () = every schedule entry
   curve: bool = True
   precision: str = "float32"
   image_size: int = 0           # crop / decode side; 0: the tokenizer's image_size
@@ -91,7 +91,7 @@ class ReconstructionSettings:
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be positive (0: the default), got {getattr(self, name)}")
 
-  def protocol(self) -> Dict:
+  def protocol(self) -> dict:
     d = dataclasses.asdict(self)
     for k in ("per_device_batch", "inception_batch"):
       d.pop(k)
@@ -121,7 +121,7 @@ def normalize(crops: np.ndarray) -> np.ndarray:
   return (x - np.float32(0.5)) / np.float32(0.5)
 
 
-def streamed_statistics(blocks: Iterable[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+def streamed_statistics(blocks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   stats = RunningStatistics(POOL_DIM)
   for b in blocks:
     stats.add(b)
@@ -200,7 +200,7 @@ class ReconstructionJob:
 
   # -- one chunk -------------------------------------------------------------------------------
 
-  def _arrays(self) -> Dict:
+  def _arrays(self) -> dict:
     out = {"real_pool": ((POOL_DIM,), "float32")}
     for p in self.passes:
       n = _pass_name(p)
@@ -223,7 +223,7 @@ class ReconstructionJob:
     finally:
       log.setLevel(level)
 
-  def chunk(self, start: int, stop: int) -> Dict[str, np.ndarray]:
+  def chunk(self, start: int, stop: int) -> dict[str, np.ndarray]:
     crops = np.stack([crop_record(self.source[i], self.size) for i in range(start, stop)])
     x = normalize(crops)
     # reconstruct_vq.py: rgb_gts = bicubic(x) to the eval side when it differs, then (x + 1) / 2
@@ -271,7 +271,7 @@ class ReconstructionJob:
 
   # -- the run ---------------------------------------------------------------------------------
 
-  def run(self, workdir, log_every_s: float = 10.0) -> Dict:
+  def run(self, workdir, log_every_s: float = 10.0) -> dict:
     """Chunks under `workdir` (finished ones kept), then results.json and curve.json / .png."""
     s = self.settings
     workdir = paths.run_path(workdir)  # local or gs://
@@ -306,7 +306,7 @@ class ReconstructionJob:
                           **{HASH_KEY: np.array(self.inception_sha256)})
     return mu, sigma
 
-  def summarize(self, store: ChunkStore, workdir: paths.AnyPath, writer: bool) -> Dict:
+  def summarize(self, store: ChunkStore, workdir: paths.AnyPath, writer: bool) -> dict:
     def mean(key):
       return float(np.mean(np.concatenate(list(store.blocks(key)))))
 
@@ -347,11 +347,11 @@ class ReconstructionJob:
     return results
 
 
-def run_tokenizer_eval(e, workdir, mesh=None) -> Dict:
+def run_tokenizer_eval(e, workdir, mesh=None) -> dict:
   """The tokenizer job from a config's `eval` section (detailflow_jax/configs/eval_common.py)."""
   from ..weights.hub import resolve_model_dir
-  from ..weights.model_dir import is_model_dir
   from ..weights.load import load_model_dir
+  from ..weights.model_dir import is_model_dir
   from .inception import load_inception
   if not e.tokenizer:
     raise ValueError("eval.tokenizer is empty: give --config.eval.tokenizer=DIR (converted dir, run dir or Hub id)")

@@ -22,12 +22,12 @@ import logging
 import pathlib
 import sys
 import zipfile
-from typing import Dict, Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
-from ..cli import command
 from .. import paths
+from ..cli import command
 from .inception import POOL_DIM, SPATIAL_DIM, load_inception
 from .scores import ScoreError, check_statistics, statistics
 
@@ -129,9 +129,9 @@ class BatchFile:
   """A reference or sample batch: its images and what it carries besides."""
   path: paths.AnyPath
   images: NpzImages
-  stats: Optional[Dict[str, np.ndarray]]  # mu, sigma, mu_s, sigma_s (float64) or None
-  pool: Optional[np.ndarray]  # cached pool_3 features of `images` (our files only)
-  weights_sha256: Optional[str]
+  stats: dict[str, np.ndarray] | None  # mu, sigma, mu_s, sigma_s (float64) or None
+  pool: np.ndarray | None  # cached pool_3 features of `images` (our files only)
+  weights_sha256: str | None
 
 
 def load_batch(path, weights_sha256: str, min_images: int = 2) -> BatchFile:
@@ -174,7 +174,7 @@ def load_batch(path, weights_sha256: str, min_images: int = 2) -> BatchFile:
   return BatchFile(path, images, stats, pool, stored_hash)
 
 
-def batch_statistics(batch: BatchFile, features: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def batch_statistics(batch: BatchFile, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The file's own statistics where it has them (as ADM's read_statistics), else computed."""
   if batch.stats is not None:
     return batch.stats
@@ -198,7 +198,7 @@ class ImageSet:
   images (sorted, recursive; ADM's centre crop to `size`), an npz's arr_0 (used as it is), or a
   TFDS split (`tfds=NAME`, source = its data_dir; ADM's centre crop)."""
 
-  def __init__(self, source, size: int, tfds: Optional[str] = None, split: str = "validation"):
+  def __init__(self, source, size: int, tfds: str | None = None, split: str = "validation"):
     self.size, self.name = size, str(source)
     self._npz = self._files = self._tfds = None
     if tfds:
@@ -230,8 +230,9 @@ class ImageSet:
       yield np.stack([self._image(i) for i in range(start, stop)])
 
   def _image(self, i: int) -> np.ndarray:
-    from ..data.transforms import center_crop_arr
     from PIL import Image
+
+    from ..data.transforms import center_crop_arr
     if self._tfds is not None:
       img = Image.fromarray(np.asarray(self._tfds[i]["image"]))
       return np.asarray(center_crop_arr(img.convert("RGB"), self.size), np.uint8)
@@ -254,6 +255,7 @@ def write_reference(path, images: ImageSet, model, weights_sha256: str, batch_si
   spooled to a local temporary file, so memory holds one block of images plus O(D^2), for any
   N. `path` may be local or remote (gs://: uploaded when complete)."""
   import tempfile
+
   from .chunks import write_npz_streaming
   from .features import extract_features
   from .scores import RunningStatistics

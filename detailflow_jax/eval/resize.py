@@ -9,13 +9,12 @@ hi = min(ceil(src), in - 1), and the interpolation is TF's
 This is not `jax.image.resize` (half-pixel centres), nor `detailflow_jax.ops.resize`, which
 implements torch `F.interpolate` for the data pipeline.
 """
-from typing import Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
 
-def tf1_source_coords(in_size: int, out_size: int, dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def tf1_source_coords(in_size: int, out_size: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(lo, hi, lerp) for every output index: int32 [out], int32 [out], `dtype` [out]."""
   if in_size < 1 or out_size < 1:
     raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")

@@ -19,7 +19,6 @@
 """
 import functools
 import warnings
-from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ class ScoreError(ValueError):
 
 # ------------------------------------------------------------------------------ FID / sFID ----
 
-def statistics(features, name: str = "features") -> Tuple[np.ndarray, np.ndarray]:
+def statistics(features, name: str = "features") -> tuple[np.ndarray, np.ndarray]:
   """(mu [D], sigma [D, D]) in float64 from [N, D] features (N >= 2)."""
   x = np.asarray(features, dtype=np.float64)
   if x.ndim != 2:
@@ -77,7 +76,7 @@ class RunningStatistics:
     self.sum += x.sum(0)
     self.outer += x.T @ x
 
-  def result(self) -> Tuple[np.ndarray, np.ndarray]:
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
     if self.n < 2:
       raise ScoreError(f"a covariance needs at least 2 samples, got {self.n}")
     mean = self.sum / self.n
@@ -85,7 +84,7 @@ class RunningStatistics:
     return self.shift + mean, sigma
 
 
-def check_statistics(mu, sigma, name: str) -> Tuple[np.ndarray, np.ndarray]:
+def check_statistics(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
   """float64 (mu, sigma) with shapes [D] and [D, D] and finite values, or a ScoreError."""
   mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
@@ -195,7 +194,7 @@ def _less_thans(u, radii_u, v, radii_v):
 
 
 def precision_recall(ref_features, sample_features, k: int = PR_NEIGHBOURHOOD,
-                     block_size: int = PR_BLOCK_SIZE) -> Tuple[float, float]:
+                     block_size: int = PR_BLOCK_SIZE) -> tuple[float, float]:
   """ADM's compute_prec_recall: (precision, recall) of samples against the reference."""
   ref = np.asarray(ref_features, np.float32)
   samples = np.asarray(sample_features, np.float32)

@@ -1,7 +1,7 @@
 """Image I/O helpers: [-1, 1] float arrays <-> uint8 PNGs, grids of images, and the one
 coarse-to-fine strip drawer (samples, reconstructions, the trainers' periodic PNGs, the demo)."""
 import pathlib
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -91,7 +91,7 @@ def enlarge_nearest(image: np.ndarray, size: int) -> np.ndarray:
   return image[rows][:, cols]
 
 
-def coarse_to_fine_counts(token_list: Sequence[int], num_tokens: int) -> List[int]:
+def coarse_to_fine_counts(token_list: Sequence[int], num_tokens: int) -> list[int]:
   """Token counts a strip shows: every boundary of the schedule (1 .. causal_len one by one,
   then each group) up to `num_tokens`, and `num_tokens` itself."""
   counts = [t for t in token_list if t <= num_tokens]
@@ -101,7 +101,7 @@ def coarse_to_fine_counts(token_list: Sequence[int], num_tokens: int) -> List[in
 
 
 def coarse_to_fine_strips(decode: Callable[[int], np.ndarray], counts: Sequence[int], size: int,
-                          inputs: Optional[np.ndarray] = None) -> List[List[np.ndarray]]:
+                          inputs: np.ndarray | None = None) -> list[list[np.ndarray]]:
   """One row per image: (its input, then) the decode of its first t tokens for every t in
   `counts`, each decoded at the resolution t stands for and enlarged (nearest) to size x size,
   so the coarse decodes' pixels stay visible. `decode(t)` decodes the whole batch at once:

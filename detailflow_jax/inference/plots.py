@@ -2,7 +2,7 @@
 import json
 import math
 import pathlib
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -12,7 +12,7 @@ from .. import paths
 PANEL_W, PANEL_H, MARGIN = 360, 220, 44
 
 
-def read_metrics(path, key: str) -> Tuple[np.ndarray, np.ndarray]:
+def read_metrics(path, key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of `key` from a run's metrics.jsonl (rows without the key are skipped)."""
   path = pathlib.Path(path)
   if not path.is_file():
@@ -61,12 +61,12 @@ def _panel(title: str, steps: Sequence[int], values: Sequence[float], x_label: s
   return img
 
 
-def save_curves(path, curves: Dict[str, Tuple[Sequence[int], Sequence[float]]],
+def save_curves(path, curves: dict[str, tuple[Sequence[int], Sequence[float]]],
                 columns: int = 3, x_label: str = "steps") -> pathlib.Path:
   """One panel per named curve (title -> (steps, values)), `columns` panels per row."""
   if not curves:
     raise ValueError("save_curves needs at least one curve")
-  panels: List[Image.Image] = [_panel(t, s, v, x_label) for t, (s, v) in curves.items()]
+  panels: list[Image.Image] = [_panel(t, s, v, x_label) for t, (s, v) in curves.items()]
   rows = -(-len(panels) // columns)
   cols = min(columns, len(panels))
   sheet = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")

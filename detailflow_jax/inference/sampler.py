@@ -38,7 +38,6 @@ the tokens and the KV cache from segment to segment.
 """
 import math
 from collections.abc import Iterator
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +95,7 @@ def weight_bytes_per_step(params) -> int:
   return int(total)
 
 
-def default_cache_attention(platform: Optional[str] = None) -> str:
+def default_cache_attention(platform: str | None = None) -> str:
   """The cache-attention variant for `platform` (default: the default JAX backend)."""
   return CACHE_ATTENTION_DEFAULTS.get(platform or jax.default_backend(), "chunked")
 
@@ -152,7 +151,7 @@ class SamplingState:
   """
   tokens: jax.Array
   caches: KVCache
-  logits: Optional[jax.Array] = None
+  logits: jax.Array | None = None
 
   def write(self, start, chosen: jax.Array, logits: jax.Array) -> "SamplingState":
     """Stores tokens [B, n] (and their logits [B, n, V]) at positions start .. start+n-1."""
@@ -315,8 +314,8 @@ class Sampler:
     are replicated onto it). Outputs come back as batch-sharded jax.Arrays.
   """
 
-  def __init__(self, gpt_or_graphdef, *, cache_attention: Optional[str] = None,
-               mesh: Optional[Mesh] = None, weights_dtype: str = "float32"):
+  def __init__(self, gpt_or_graphdef, *, cache_attention: str | None = None,
+               mesh: Mesh | None = None, weights_dtype: str = "float32"):
     cache_attention = cache_attention or default_cache_attention()
     if cache_attention not in CACHE_ATTENTION_VARIANTS:
       raise ValueError(f"cache_attention must be one of {CACHE_ATTENTION_VARIANTS}, "
@@ -468,7 +467,7 @@ class Sampler:
                self.config.block_size, None, return_logits, lower=True)
 
   def sample(self, params, labels, key: jax.Array, options: SamplingOptions = SamplingOptions(),
-             *, num_tokens: Optional[int] = None, return_logits: bool = False):
+             *, num_tokens: int | None = None, return_logits: bool = False):
     """int32 tokens [B, num_tokens] for class `labels` [B] (default: all block_size tokens).
 
     `key`: one PRNG key for the whole batch, or keys [B] (row b draws only from key[b], so its

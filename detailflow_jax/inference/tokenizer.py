@@ -1,6 +1,5 @@
 """Jitted, compile-once entry points around a tokenizer for scripts and demos."""
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +32,11 @@ class TokenizerFns:
   def _decode(self, state, indices, num_tokens, image_size):
     return nnx.merge(self._graphdef, state).decode_indices(indices, num_tokens, image_size)
 
-  def encode(self, images, num_tokens: Optional[int] = None):
+  def encode(self, images, num_tokens: int | None = None):
     """NHWC [-1, 1] images -> (int32 indices [B, T], code vectors [B, T, D])."""
     return self._encode(self._state, jnp.asarray(images), num_tokens)
 
-  def decode(self, indices, num_tokens: Optional[int] = None, image_size: Optional[int] = None):
+  def decode(self, indices, num_tokens: int | None = None, image_size: int | None = None):
     """Indices [B, >= t] -> NHWC pixels (unclipped) from the first t tokens at `image_size`
     (default: the resolution t tokens stand for)."""
     t = indices.shape[1] if num_tokens is None else int(num_tokens)

@@ -4,7 +4,6 @@ Both models reduce to the same math once q/k/v exist: softmax(q k^T / sqrt(d) ma
 modules differ only in how they make q/k/v (separate biased projections vs. one kernel grouped
 by kv head, with RoPE), so this function is the one place the attention itself lives.
 """
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ def _weighted_values(probs, v, preferred_element_type):
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                          mask: Optional[jax.Array] = None) -> jax.Array:
+                          mask: jax.Array | None = None) -> jax.Array:
   """Multi-head attention core.
 
   Args:

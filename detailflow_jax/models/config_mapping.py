@@ -3,7 +3,8 @@
 A key the dataclass does not have is an error naming it: no config field is silently ignored.
 """
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Type, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from .gpt import PRESETS, GPTConfig
 
@@ -15,8 +16,8 @@ def _plain(value: Any) -> Any:
   return value.to_dict() if hasattr(value, "to_dict") and not dataclasses.is_dataclass(value) else value
 
 
-def dataclass_from_mapping(cls: Type[T], mapping: Mapping[str, Any], *, where: str = "model",
-                           nested: Optional[Dict[str, type]] = None) -> T:
+def dataclass_from_mapping(cls: type[T], mapping: Mapping[str, Any], *, where: str = "model",
+                           nested: dict[str, type] | None = None) -> T:
   """cls(**mapping), where the fields named in `nested` (field -> dataclass) are themselves
   built from mappings (None stays None). `where` names the section in error messages."""
   mapping = dict(_plain(mapping))

@@ -26,15 +26,14 @@ vectors and batch-norm statistics are nnx.BatchStat side state.
 """
 import dataclasses
 import math
-from typing import List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..ops.resize import resize_area, resize_bicubic
-from .frozen import freeze
 from .disc_layers import BatchNorm, BatchNormLocal, Conv1d, ensure_channels_last, leaky_relu
+from .frozen import freeze
 from .vit import EncoderLayer, ViTConfig, dense, patchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,11 +50,11 @@ class DinoConfig:
   depth: int = 12
   patch_size: int = 16
   image_size: int = 224
-  key_depths: Tuple[int, ...] = (2, 5, 8, 11)
+  key_depths: tuple[int, ...] = (2, 5, 8, 11)
   layer_norm_eps: float = 1e-6
 
   @property
-  def readout_depths(self) -> Tuple[int, ...]:
+  def readout_depths(self) -> tuple[int, ...]:
     return tuple(sorted(d for d in set(self.key_depths) if d < self.depth))
 
   @property
@@ -83,7 +82,7 @@ class DinoBackbone(nnx.Module):
     self.layers = nnx.List([EncoderLayer(vit, rngs=rngs) for _ in range(cfg.depth)])
     freeze(self)  # pretrained DINO: never trained
 
-  def prepare(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
+  def prepare(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """[-1, 1] NHWC -> ImageNet-normalised [B, S, S, 3] with S = image_size (float32)."""
     s = self.cfg.image_size
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
@@ -101,7 +100,7 @@ class DinoBackbone(nnx.Module):
     crop = jax.lax.dynamic_slice(x, (0, top, left, 0), (x.shape[0], s, s, x.shape[3]))
     return jnp.where(jax.random.uniform(k_coin) <= 0.5, crop, resized)
 
-  def __call__(self, images: jax.Array, key: Optional[jax.Array] = None) -> List[jax.Array]:
+  def __call__(self, images: jax.Array, key: jax.Array | None = None) -> list[jax.Array]:
     """images [B, H, W, 3] in [-1, 1] -> readouts [B, grid^2, C] (patch tokens + cls token):
     after the embedding and after each block in readout_depths."""
     cfg = self.cfg
@@ -157,7 +156,7 @@ class DinoDiscriminator(nnx.Module):
 
   def __init__(self, cfg: DinoConfig = DinoConfig(), *, kernel_size: int = 9,
                norm_type: str = "sbn", norm_eps: float = 1e-6, virtual_bs: int = 8,
-               spectral_norm: bool = True, backbone: Optional[DinoBackbone] = None, rngs=None):
+               spectral_norm: bool = True, backbone: DinoBackbone | None = None, rngs=None):
     """`backbone`: an already loaded DinoBackbone of `cfg` (the converter passes one, so the
     frozen weights are not randomly initialised first)."""
     rngs = nnx.Rngs(0) if rngs is None else (nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
@@ -169,7 +168,7 @@ class DinoDiscriminator(nnx.Module):
                  norm_eps=norm_eps, virtual_bs=virtual_bs, spectral_norm=spectral_norm, rngs=rngs)
         for _ in range(len(cfg.readout_depths) + 1)])
 
-  def __call__(self, images: jax.Array, key: Optional[jax.Array] = None,
+  def __call__(self, images: jax.Array, key: jax.Array | None = None,
                train: bool = True) -> jax.Array:
     """images [B, H, W, 3] in [-1, 1]; `key` drives the random crop (None: never crop);
     `train` runs batch statistics and a power iteration (updating the side state)."""

@@ -10,7 +10,7 @@ it is neither optimised nor part of the trainable parameters, and the trainer th
 through steps as "extras" (`nnx.state(disc, nnx.Not(nnx.Param))`).
 """
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

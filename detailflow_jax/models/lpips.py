@@ -15,7 +15,7 @@ relative change of the value), so the distance is float32.
 Frozen: every weight is a `Frozen` variable (models/frozen.py); the trainer only differentiates
 with respect to the images. Nothing here is trained.
 """
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ class VGG16Features(nnx.Module):
         cin = width
     self.convs = nnx.List(convs)
 
-  def __call__(self, x: jax.Array) -> List[jax.Array]:
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
     """[B, H, W, 3] -> the five stage outputs (after each stage's last ReLU)."""
     taps, i = [], 0
     for stage, count in enumerate(VGG16_CONVS_PER_STAGE):
@@ -79,7 +79,7 @@ class LPIPS(nnx.Module):
     self.lins = nnx.List([Linear(w, 1, use_bias=False, rngs=rngs) for w in widths])
     freeze(self)
 
-  def tap_shapes(self, batch: int, height: int, width: int) -> List[tuple]:
+  def tap_shapes(self, batch: int, height: int, width: int) -> list[tuple]:
     """Shapes [B, h, w, C] of the five squared feature differences the heads read (what a
     dropout keep-mask covers)."""
     shapes = []
@@ -89,7 +89,7 @@ class LPIPS(nnx.Module):
       shapes.append((batch, height, width, w))
     return shapes
 
-  def __call__(self, x: jax.Array, y: jax.Array, dropout_keep: Optional[Sequence[jax.Array]] = None,
+  def __call__(self, x: jax.Array, y: jax.Array, dropout_keep: Sequence[jax.Array] | None = None,
                dropout_rate: float = 0.0) -> jax.Array:
     """x, y: [B, H, W, 3] images in [-1, 1] -> float32 distances [B] (the reference returns
     [B, 1, 1, 1]; its loss takes the mean, as `jnp.mean` of this does). Differentiable with

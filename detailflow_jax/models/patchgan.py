@@ -9,7 +9,6 @@ autocast policy (models/precision.py) the convs are bf16 products with float32 a
 the batch norms keep their bf16 dtype (disc_layers.BatchNorm), as under torch's autocast; the
 logits come back float32.
 """
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,7 @@ class PatchGANDiscriminator(nnx.Module):
     # side // 2^n_layers - 2 >= 1 logit per row.
     self.min_input_size = 3 * 2 ** n_layers
 
-  def __call__(self, images: jax.Array, key: Optional[jax.Array] = None,
+  def __call__(self, images: jax.Array, key: jax.Array | None = None,
                train: bool = True) -> jax.Array:
     """images [B, H, W, C] in [-1, 1] -> patch logits [B, H', W', 1] (float32; the reference's
     [B, 1, H', W'] in NHWC). `key` is unused: the signature matches DinoDiscriminator's."""

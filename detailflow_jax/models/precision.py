@@ -40,7 +40,7 @@ they merge inside the loss, which is autocast's `with` block around the forward)
 """
 import dataclasses
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,10 +86,10 @@ _float32_accumulated.defvjp(_float32_accumulated_forward, _float32_accumulated_b
 class Precision:
   """compute_dtype: dtype of matmul inputs (None: native, no casts). Accumulation, norms,
   softmax, losses and the residual stream are float32 whenever the parameters are."""
-  compute_dtype: Optional[str] = None
+  compute_dtype: str | None = None
   # dtype of a product's result; None: the compute dtype (autocast). "float32": only the
   # product's inputs are rounded (weight-only low precision at inference).
-  output_dtype: Optional[str] = None
+  output_dtype: str | None = None
 
   def __post_init__(self):
     if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:

@@ -1,5 +1,5 @@
 """l2-normalised vector quantizer (the reference's VectorQuantizer)."""
-from typing import Dict, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ class VectorQuantizer(nnx.Module):
     quant = z + jax.lax.stop_gradient(codes - z)
     return QuantizerOutput(quant, indices, d, z)
 
-  def losses(self, out: QuantizerOutput, noise_end=0) -> Dict[str, jax.Array]:
+  def losses(self, out: QuantizerOutput, noise_end=0) -> dict[str, jax.Array]:
     """Codebook, commitment (x beta) and entropy losses; the first two averaged over positions
     >= noise_end (axis 1). noise_end (a scalar or per image [B]) may be traced (a mask, not a
     slice), so self-correction batches with different noise positions share one compiled step.

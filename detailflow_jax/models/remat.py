@@ -11,12 +11,13 @@ Blocks that support it (the GPT's TransformerBlock, the ViT's EncoderLayer) carr
 `remat_policy` name; `set_remat` sets it on every such block of a model or sub-module.
 """
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
+from flax import nnx
+
 # jax.ad_checkpoint.print_saved_residuals' structured form (it only prints).
 from jax._src.ad_checkpoint import saved_residuals
-from flax import nnx
 
 POLICIES = {
     "none": None,

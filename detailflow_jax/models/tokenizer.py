@@ -6,7 +6,8 @@ causal prefix), so every prefix of the sequence is a self-contained code of the 
 decoder renders an image of any side `image_size` from the first `num_tokens` codes.
 """
 import dataclasses
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from .frozen import freeze
 from .keys import InitKeys
 from .masks import patch_latent_mask
 from .quantizer import VectorQuantizer, l2_normalize
-from .vit import ViTConfig, VisionTower, dense, unpatchify
+from .vit import VisionTower, ViTConfig, dense, unpatchify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class TokenizerConfig:
   min_image_size: int = 256
   num_latent_tokens: int = 128
   group_size: int = 8
-  causal_num: Optional[int] = None
+  causal_num: int | None = None
   codebook_size: int = 8192
   codebook_embed_dim: int = 8
   codebook_l2_norm: bool = True
@@ -49,7 +50,7 @@ class TokenizerConfig:
   repa_proj_dim: int = 1024
   repa_layer_indices: int = 1
   repa_loss_weight: float = 0.5
-  teacher: Optional[ViTConfig] = None  # frozen SigLIP2 tower for REPA / global-token alignment
+  teacher: ViTConfig | None = None  # frozen SigLIP2 tower for REPA / global-token alignment
 
   def __post_init__(self):
     if self.num_latent_tokens % self.group_size:
@@ -74,7 +75,7 @@ class TokenizerConfig:
   def causal_len(self) -> int:
     return causal_length(self.group_size, self.causal_num)
 
-  def to_dict(self) -> Dict[str, Any]:
+  def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
@@ -107,7 +108,7 @@ class SelfCorrection(NamedTuple):
 class GeneratorOutput(NamedTuple):
   recon: jax.Array     # [B or 2B, s, s, 3] float32: clean (and self-correction) reconstructions
   target: jax.Array    # the matching degraded targets
-  losses: Dict[str, jax.Array]
+  losses: dict[str, jax.Array]
   indices: jax.Array   # clean indices [B, m]
 
 
@@ -140,8 +141,8 @@ class Encoder(nnx.Module):
     self.refined_tokens = _tokens_param(rngs, shape, (None, "embed"))
     self.latent_pos_embed = _tokens_param(rngs, shape, (None, "embed"))
 
-  def __call__(self, images: jax.Array, num_tokens: Optional[int] = None,
-               prefix_tokens: Optional[jax.Array] = None, prefix_len: Optional[jax.Array] = None):
+  def __call__(self, images: jax.Array, num_tokens: int | None = None,
+               prefix_tokens: jax.Array | None = None, prefix_len: jax.Array | None = None):
     """Returns (latent outputs [B, num_tokens, H], patch outputs [B, n, H]).
 
     With `prefix_tokens` [B, k, H] (refine_conv of a quantized prefix, k <= num_tokens), latent
@@ -186,7 +187,7 @@ class Decoder(nnx.Module):
     self.to_pixel = dense(rngs, vit.hidden_size, vit.num_channels * vit.patch_size ** 2,
                             ("embed", None))
 
-  def __call__(self, z: jax.Array, image_size: int, capture_layer: Optional[int] = None):
+  def __call__(self, z: jax.Array, image_size: int, capture_layer: int | None = None):
     """z: [B, t, H] decoder-space latents (all of them are used). Returns NHWC pixels of side
     `image_size` (and the hidden states after `capture_layer` when asked, for REPA)."""
     cfg, vit = self.cfg, self.cfg.decoder
@@ -290,12 +291,12 @@ class Tokenizer(nnx.Module):
     q = self.quantize(h)
     return EncodeOutput(q.quant, q.indices, h, q.distances, q.normalized_input)
 
-  def encode(self, images: jax.Array, num_tokens: Optional[int] = None) -> EncodeOutput:
+  def encode(self, images: jax.Array, num_tokens: int | None = None) -> EncodeOutput:
     """images: NHWC in [-1, 1]. Encodes the first `num_tokens` tokens (default: all)."""
     return self._encode(images, num_tokens)
 
-  def refine(self, images: jax.Array, prefix_quant: jax.Array, num_tokens: Optional[int] = None,
-             prefix_len: Optional[jax.Array] = None) -> EncodeOutput:
+  def refine(self, images: jax.Array, prefix_quant: jax.Array, num_tokens: int | None = None,
+             prefix_len: jax.Array | None = None) -> EncodeOutput:
     """Self-correction encode: the first prefix_len (default k; traced, scalar or [B]) positions
     are seeded with refine_conv(prefix_quant) ([B, k, D], a possibly perturbed quantized
     prefix); returns codes for all num_tokens positions (callers keep positions >= prefix_len,
@@ -305,9 +306,9 @@ class Tokenizer(nnx.Module):
     return self._encode(images, num_tokens, self.refine_conv(prefix_quant.astype(self.param_dtype)),
                         prefix_len)
 
-  def self_correct(self, images: jax.Array, noise_idx: jax.Array, key: Optional[jax.Array],
-                   num_tokens: Optional[int] = None, top_k: int = 50,
-                   topk_ranks: Optional[jax.Array] = None) -> SelfCorrection:
+  def self_correct(self, images: jax.Array, noise_idx: jax.Array, key: jax.Array | None,
+                   num_tokens: int | None = None, top_k: int = 50,
+                   topk_ranks: jax.Array | None = None) -> SelfCorrection:
     """Perturbs tokens [noise_idx, noise_end) with random top-k codes and re-encodes the rest
     conditioned on that prefix. noise_idx: int32, a scalar or per image [B], may be traced
     (one compiled program for every noise index); the span is 1 token inside the causal
@@ -334,8 +335,8 @@ class Tokenizer(nnx.Module):
 
   # --- decoding -------------------------------------------------------------------------
 
-  def decode(self, quant: jax.Array, num_tokens: Optional[int] = None,
-             image_size: Optional[int] = None, capture_layer: Optional[int] = None):
+  def decode(self, quant: jax.Array, num_tokens: int | None = None,
+             image_size: int | None = None, capture_layer: int | None = None):
     """Renders NHWC pixels (not clipped) of side `image_size` from the first `num_tokens` codes
     (and the decoder's hidden states after `capture_layer` when asked, for REPA).
 
@@ -349,12 +350,12 @@ class Tokenizer(nnx.Module):
     z = self.post_quant_conv(quant[:, :t].astype(self.param_dtype))
     return self.decoder(z, image_size, capture_layer)
 
-  def decode_indices(self, indices: jax.Array, num_tokens: Optional[int] = None,
-                     image_size: Optional[int] = None) -> jax.Array:
+  def decode_indices(self, indices: jax.Array, num_tokens: int | None = None,
+                     image_size: int | None = None) -> jax.Array:
     return self.decode(self.quantize.lookup(indices), num_tokens, image_size)
 
-  def __call__(self, images: jax.Array, num_tokens: Optional[int] = None,
-               image_size: Optional[int] = None) -> jax.Array:
+  def __call__(self, images: jax.Array, num_tokens: int | None = None,
+               image_size: int | None = None) -> jax.Array:
     """Reconstruction: encode then decode with the same tokens at `image_size` (default: input)."""
     enc = self.encode(images, num_tokens)
     return self.decode(enc.quant, None, image_size or images.shape[1])
@@ -362,11 +363,11 @@ class Tokenizer(nnx.Module):
 
   # --- training -------------------------------------------------------------------------
 
-  def train_forward(self, images: jax.Array, target: jax.Array, key: Optional[jax.Array], *,
+  def train_forward(self, images: jax.Array, target: jax.Array, key: jax.Array | None, *,
                     num_tokens: int, max_tokens: int, decode_res: int,
-                    noise_idx: Optional[jax.Array] = None, top_k: int = 50,
+                    noise_idx: jax.Array | None = None, top_k: int = 50,
                     decoder_finetune: bool = False,
-                    topk_ranks: Optional[jax.Array] = None) -> GeneratorOutput:
+                    topk_ranks: jax.Array | None = None) -> GeneratorOutput:
     """The reference VQModel.forward in training mode: encode `max_tokens` tokens; with a
     (traced, scalar) noise_idx also the self-correction half (batch doubled, targets repeated);
     decode the first `num_tokens` at `decode_res`; VQ terms and alignment losses. Updates the

@@ -4,16 +4,14 @@ Parameter names follow the HF SigLIP2 module tree (embeddings / layers / post_la
 self_attn.{q,k,v,out}_proj, mlp.fc1/fc2, layer_norm1/2) so conversion is a plain rename.
 """
 import dataclasses
-from typing import Optional
 
 import jax
 from flax import nnx
 
-from ..sharding import logical_axes
-
 from ..ops.resize import resize_grid_bilinear_aa
-from .attention import dot_product_attention
+from ..sharding import logical_axes
 from . import remat
+from .attention import dot_product_attention
 from .precision import Linear
 
 
@@ -75,8 +73,8 @@ class SelfAttention(nnx.Module):
     self.v_proj = dense(rngs, dim, dim, ("embed", "heads"))
     self.out_proj = dense(rngs, dim, dim, ("heads", "embed"))
 
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array],
-               num_queries: Optional[int] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None,
+               num_queries: int | None = None) -> jax.Array:
     """x [B, n, d] -> [B, m, d]: the first m = num_queries (default n) positions attend over
     all n (mask rows beyond m are dropped)."""
     b, n, d = x.shape
@@ -108,7 +106,7 @@ class EncoderLayer(nnx.Module):
     self.mlp = MLP(cfg.hidden_size, cfg.mlp_dim, rngs=rngs)
     self.remat_policy = "none"  # see models/remat.py; set with remat.set_remat
 
-  def __call__(self, x, mask=None, num_queries: Optional[int] = None):
+  def __call__(self, x, mask=None, num_queries: int | None = None):
     """Outputs for the first num_queries positions (default all); every position still
     supplies keys and values."""
     if self.remat_policy != "none":
@@ -116,7 +114,7 @@ class EncoderLayer(nnx.Module):
       return remat.checkpointed(forward, self.remat_policy)(self, x)
     return self._forward(x, mask, num_queries)
 
-  def _forward(self, x, mask, num_queries: Optional[int]):
+  def _forward(self, x, mask, num_queries: int | None):
     x = x[:, :num_queries] + self.self_attn(self.layer_norm1(x), mask, num_queries)
     return x + self.mlp(self.layer_norm2(x))
 
@@ -157,8 +155,8 @@ class VisionTower(nnx.Module):
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.post_layernorm = _layer_norm(rngs, cfg.hidden_size, cfg.layer_norm_eps)
 
-  def run_layers(self, x: jax.Array, mask=None, capture_layer: Optional[int] = None,
-                 num_outputs: Optional[int] = None):
+  def run_layers(self, x: jax.Array, mask=None, capture_layer: int | None = None,
+                 num_outputs: int | None = None):
     """Applies all layers then post_layernorm; optionally also returns the hidden states after
     layer `capture_layer` (REPA alignment reads an intermediate decoder layer).
 

@@ -17,7 +17,7 @@ except ImportError:  # Data workers may run without jax.
   jnp = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def area_matrix(in_size: int, out_size: int) -> np.ndarray:
   """torch 'area' = adaptive average pooling: window [floor(i*in/out), ceil((i+1)*in/out))."""
   w = np.zeros((out_size, in_size), dtype=np.float64)
@@ -41,7 +41,7 @@ def _cubic_coeffs(t, a=np.float32(-0.75)):
   return far(t + one), near(t), near(one - t), far(t.dtype.type(2) - t)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   """torch 'bicubic', align_corners=False: Keys a=-0.75, no antialias, indices clamped.
 
@@ -62,7 +62,7 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bilinear_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
   """torch 'bilinear', align_corners=False, antialias=True (a triangle filter widened by the
   downscale factor, weights renormalised at the borders; plain bilinear when upsampling)."""

@@ -9,7 +9,7 @@ log, moved aside to DIR/damaged-STEP, and the newest intact step is restored ins
 import logging
 import signal
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -43,11 +43,11 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   @property
-  def all_steps(self) -> List[int]:
+  def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   @property
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator=None, *, force: bool = False) -> bool:
@@ -57,7 +57,7 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, abstract_state: Any, data_iterator=None, step: Optional[int] = None) -> Tuple[int, Any]:
+  def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> tuple[int, Any]:
     """Restores `step` (default: the newest intact one) into the structure/shardings of
     `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding); the data iterator is
     restored in place. Without `step`, a step that fails to read is logged and moved aside and
@@ -108,7 +108,7 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-  def _move_aside(self, steps: List[int]) -> None:
+  def _move_aside(self, steps: list[int]) -> None:
     """Damaged steps go to DIR/damaged-STEP (kept for a post-mortem, out of Orbax's listing) so
     the resumed run can save those steps again."""
     if jax.process_index() == 0:

@@ -16,7 +16,8 @@ import dataclasses
 import logging
 import os
 import signal
-from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,10 +25,9 @@ import numpy as np
 from clu import parameter_overview
 from flax import nnx
 
-from .. import paths
-from ..weights.saved_steps import TASK_KINDS
+from .. import paths, sharding
 from ..weights.model_dir import save_model_dir
-from .. import sharding
+from ..weights.saved_steps import TASK_KINDS
 from . import init_from as init_from_lib
 from .checkpoint import Checkpointer, abstract_with_shardings
 from .loop import run_training
@@ -72,7 +72,7 @@ class Hook:
 
 
 # (kind, model config dict, nnx module) of what goes to workdir/export, from the final state.
-ExportFn = Callable[[Any], Tuple[str, Dict[str, Any], nnx.Module]]
+ExportFn = Callable[[Any], tuple[str, dict[str, Any], nnx.Module]]
 
 
 def gather_to_host(tree: Any, mesh) -> Any:
@@ -88,7 +88,7 @@ def _identity(tree):
   return tree
 
 
-def export_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Module, mesh) -> None:
+def export_model_dir(directory, kind: str, config: dict[str, Any], model: nnx.Module, mesh) -> None:
   """The multi-host export policy: gather on every process, process 0 writes into a temporary
   directory renamed to DIRECTORY when complete, then a barrier (no process goes on before the
   directory is whole)."""

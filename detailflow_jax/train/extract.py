@@ -37,14 +37,13 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from .. import paths, sharding
-from ..data import sources
+from ..cli import progress_bar
+from ..data import protocol, sources
 from ..data.pipeline import global_batch
 from ..data.sources import TokenRecordWriter
 from ..data.transforms import center_crop_arr, decode_image, to_float
-from ..data import protocol
 from ..models.precision import Precision, set_precision
 from ..weights.load import load_tokenizer
-from ..cli import progress_bar
 
 log = logging.getLogger("detailflow_jax")
 

@@ -9,8 +9,12 @@ import logging
 
 import ml_collections
 
-from ..convert.frozen import (dino_discriminator_from_torch, init_encoder_from_siglip2,
-                              load_teacher_from_siglip2, lpips_from_torch)
+from ..convert.frozen import (
+  dino_discriminator_from_torch,
+  init_encoder_from_siglip2,
+  load_teacher_from_siglip2,
+  lpips_from_torch,
+)
 from ..models.dino import DinoConfig, DinoDiscriminator
 from ..models.lpips import LPIPS, VGG16_WIDTHS
 from ..models.patchgan import PatchGANDiscriminator

@@ -3,12 +3,11 @@
 All functions are pure and jittable; randomness comes from explicit keys or draws. Images are NHWC in
 [-1, 1] (the reference works in NCHW; every axis below is translated accordingly).
 """
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-
 
 # --- discriminator / generator losses ----------------------------------------------------------
 
@@ -35,9 +34,9 @@ def non_saturating_gen_loss(logits_fake: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.softplus(-logits_fake))
 
 
-D_LOSSES: Dict[str, Callable] = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss,
+D_LOSSES: dict[str, Callable] = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss,
                                  "non-saturating": non_saturating_d_loss}
-G_LOSSES: Dict[str, Callable] = {"hinge": hinge_gen_loss, "non-saturating": non_saturating_gen_loss}
+G_LOSSES: dict[str, Callable] = {"hinge": hinge_gen_loss, "non-saturating": non_saturating_gen_loss}
 
 
 def lecam_update(ema: jax.Array, logits_real: jax.Array, logits_fake: jax.Array,
@@ -219,7 +218,7 @@ def diff_augment(x: jax.Array, key: jax.Array, policy: str = "color,translation,
 
 def discriminator_losses(logits_real: jax.Array, logits_fake: jax.Array, lecam_ema: jax.Array, *,
                          d_loss: str, disc_weight: jax.Array, lecam_weight: float,
-                         lecam_decay: float = 0.999) -> Tuple[jax.Array, jax.Array, Dict]:
+                         lecam_decay: float = 0.999) -> tuple[jax.Array, jax.Array, dict]:
   """The discriminator objective (without consistency regularisation): returns
   (loss, new LeCam EMA, metrics)."""
   base = D_LOSSES[d_loss](logits_real, logits_fake)

@@ -22,18 +22,18 @@ tokenizer step's discriminator is loaded too (the reference loads checkpoint["di
 import dataclasses
 import json
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from ..weights import saved_steps
 from .. import paths
 from ..convert.common import ConversionError
+from ..weights import saved_steps
 from ..weights.hub import resolve_model_dir
-from ..weights.model_dir import is_model_dir
 from ..weights.load import load_model_dir
+from ..weights.model_dir import is_model_dir
 
 log = logging.getLogger("detailflow_jax")
 
@@ -41,15 +41,15 @@ MODES = ("strict", "partial")
 # How many names a log line / error lists before "... and N more".
 MAX_LISTED = 40
 
-Flat = Dict[str, np.ndarray]  # "a/b/0/kernel" -> array
+Flat = dict[str, np.ndarray]  # "a/b/0/kernel" -> array
 
 
 @dataclasses.dataclass
 class InitSource:
   """Flat host arrays of the weights to start from, by group of the train state."""
   model: Flat                  # parameters and buffers
-  ema: Optional[Flat]          # the source's own EMA, when it has one
-  disc: Optional[Flat]         # discriminator parameters and buffers (Orbax tokenizer steps)
+  ema: Flat | None          # the source's own EMA, when it has one
+  disc: Flat | None         # discriminator parameters and buffers (Orbax tokenizer steps)
   origin: str
 
 
@@ -57,12 +57,12 @@ class InitSource:
 class InitReport:
   """What one group's load did: names (and shapes) loaded, not loaded, not used."""
   group: str
-  loaded: List[str]
-  missing: List[Tuple[str, tuple]]                   # in the run, absent from the source
-  mismatched: List[Tuple[str, tuple, tuple]]         # (name, run's shape, source's shape)
-  unused: List[Tuple[str, tuple]]                    # in the source, not in the run
+  loaded: list[str]
+  missing: list[tuple[str, tuple]]                   # in the run, absent from the source
+  mismatched: list[tuple[str, tuple, tuple]]         # (name, run's shape, source's shape)
+  unused: list[tuple[str, tuple]]                    # in the source, not in the run
 
-  def lines(self) -> List[str]:
+  def lines(self) -> list[str]:
     out = [f"{self.group}: loaded {len(self.loaded)} arrays"]
     for title, rows in (("not loaded (absent from the source; partial keeps the fresh init)",
                          [f"{n} {list(s)}" for n, s in self.missing]),
@@ -136,7 +136,7 @@ def read_source(spec: str, kind: str, step: int = -1) -> InitSource:
   return InitSource(model, ema, None, str(spec))
 
 
-def match(target: nnx.State, source: Flat, group: str) -> Tuple[Dict[str, np.ndarray], InitReport]:
+def match(target: nnx.State, source: Flat, group: str) -> tuple[dict[str, np.ndarray], InitReport]:
   """The source arrays that fit `target` by name and shape (cast to the target's dtype), and
   the report of the rest."""
   loaded, missing, mismatched = {}, [], []
@@ -161,7 +161,7 @@ def _placed(value: np.ndarray, like: jax.Array) -> jax.Array:
   return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
 
 
-def _replace(target: nnx.State, values: Dict[str, np.ndarray]) -> nnx.State:
+def _replace(target: nnx.State, values: dict[str, np.ndarray]) -> nnx.State:
   flat = []
   for path, var in nnx.to_flat_state(target):
     name = _key(path)
@@ -169,7 +169,7 @@ def _replace(target: nnx.State, values: Dict[str, np.ndarray]) -> nnx.State:
   return nnx.from_flat_state(flat)
 
 
-def initialize(state: Any, spec: str, kind: str, mode: str = "strict", step: int = -1) -> Tuple[Any, List[InitReport]]:
+def initialize(state: Any, spec: str, kind: str, mode: str = "strict", step: int = -1) -> tuple[Any, list[InitReport]]:
   """`state` (a freshly initialised TrainState / TokenizerTrainState, sharded) with the weights
   of `spec` in params / extras / ema_params (and disc_params / disc_extras when the source has
   a discriminator). Step, optimizer state and rng stay fresh. Returns (state, reports)."""

@@ -2,7 +2,8 @@
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -18,10 +19,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def run_training(state: Any, step_fn: Callable, batches: Iterator, *, num_steps: int,
-                 checkpointer: Optional[Checkpointer] = None, data_iterator=None, writer=None,
-                 log_every: int = 50, every_n_steps: Optional[Callable[[int, Any], None]] = None,
-                 callback_every: int = 0, guard: Optional[PreemptionGuard] = None,
-                 loss_history: Optional[list] = None) -> Any:
+                 checkpointer: Checkpointer | None = None, data_iterator=None, writer=None,
+                 log_every: int = 50, every_n_steps: Callable[[int, Any], None] | None = None,
+                 callback_every: int = 0, guard: PreemptionGuard | None = None,
+                 loss_history: list | None = None) -> Any:
   """Runs `step_fn` from `state.step` to `num_steps`.
 
   - Every step's loss is checked: NaN/inf stops the run (NonFiniteLossError naming the step)

@@ -14,7 +14,8 @@ import logging
 import pathlib
 import tempfile
 import uuid
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from clu import metrics as clu_metrics
@@ -29,8 +30,8 @@ def _scalar(v) -> float:
   return float(np.asarray(v))
 
 
-@functools.lru_cache(maxsize=None)
-def _collection(names: Tuple[str, ...]):
+@functools.cache
+def _collection(names: tuple[str, ...]):
   """A clu Collection class averaging the metrics `names` (each read from its own output)."""
   return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
 
@@ -52,7 +53,7 @@ class MetricWindow:
       self._acc, update = self._widen(self._acc, union), self._widen(update, union)
     self._acc = update if self._acc is None else self._acc.merge(update)
 
-  def compute(self) -> Dict[str, float]:
+  def compute(self) -> dict[str, float]:
     """Means since the last compute (empty if nothing was added); starts a new window."""
     if self._acc is None:
       return {}

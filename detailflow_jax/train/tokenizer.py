@@ -17,7 +17,8 @@ outside the optimized state and are not checkpointed: they come from weight file
 """
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -27,12 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..inference import images as image_io
 from .. import sharding
-from ..inference import tokenizer as inference
 from ..data import sources
 from ..data.degradation import DynamicResolution
 from ..data.pipeline import ImagePipelineConfig, global_batch, image_dataset, image_iterator
+from ..inference import images as image_io
+from ..inference import tokenizer as inference
 from ..models import remat
 from ..models.frozen import TRAINABLE, Frozen
 from ..models.precision import Precision, set_precision
@@ -74,13 +75,13 @@ class TokenizerDraws:
   reference draws them, so the rules turning a draw into a decision stay in the step.
   The batch's degradation (t, decode resolution) and noise index are drawn by the data
   pipeline (data/degradation.py) before the step: they choose its shapes."""
-  topk_ranks: Optional[jax.Array]                # [B, max_tokens] int32 rank in the top-50 (self-correction)
-  gen_fake: Optional[gan.AugmentDraws]           # DiffAugment on the reconstructions (generator step)
-  disc_real: Optional[gan.AugmentDraws]          # discriminator step: the target
-  disc_fake: Optional[gan.AugmentDraws]          # discriminator step: the reconstructions
-  cr_real: Optional[gan.AugmentDraws]            # consistency regularisation: the target
-  cr_fake: Optional[gan.AugmentDraws]            # consistency regularisation: the reconstructions
-  lpips_keep: Optional[Tuple[jax.Array, ...]]    # LPIPS heads' dropout keep-masks (LPIPS.tap_shapes)
+  topk_ranks: jax.Array | None                # [B, max_tokens] int32 rank in the top-50 (self-correction)
+  gen_fake: gan.AugmentDraws | None           # DiffAugment on the reconstructions (generator step)
+  disc_real: gan.AugmentDraws | None          # discriminator step: the target
+  disc_fake: gan.AugmentDraws | None          # discriminator step: the reconstructions
+  cr_real: gan.AugmentDraws | None            # consistency regularisation: the target
+  cr_fake: gan.AugmentDraws | None            # consistency regularisation: the reconstructions
+  lpips_keep: tuple[jax.Array, ...] | None    # LPIPS heads' dropout keep-masks (LPIPS.tap_shapes)
   disc_keys: jax.Array                           # [4] keys of the DINO random 224 crop (real, fake, cr_real, cr_fake)
 
 
@@ -143,9 +144,9 @@ class TokenizerTrainer:
   jitted generator + discriminator update (compiled once per StepPrograms)."""
 
   def __init__(self, tokenizer: Tokenizer, losses: LossConfig, tx: optax.GradientTransformation,
-               mesh, *, perceptual: Optional[nnx.Module] = None,
-               discriminator: Optional[nnx.Module] = None,
-               disc_tx: Optional[optax.GradientTransformation] = None, seed: int = 0,
+               mesh, *, perceptual: nnx.Module | None = None,
+               discriminator: nnx.Module | None = None,
+               disc_tx: optax.GradientTransformation | None = None, seed: int = 0,
                rules=sharding.DEFAULT_RULES, precision: Precision = Precision(),
                encoder_remat: str = "none", decoder_remat: str = "none",
                finetune_decoder: bool = False):
@@ -185,7 +186,7 @@ class TokenizerTrainer:
     self.frozen = _place(frozen_tree, sharding.shardings_for(frozen_tree, mesh, rules), mesh)
     self._init_parts = (params, extras, disc_params, disc_extras)
     self._seed = seed
-    self._jitted: Dict[StepPrograms, Callable] = {}
+    self._jitted: dict[StepPrograms, Callable] = {}
 
   # -- state ------------------------------------------------------------------------------------
 
@@ -259,7 +260,7 @@ class TokenizerTrainer:
     return gan.adopt_weight(self.losses.disc_weight, step, self.losses.disc_start)
 
   def generator_loss(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch,
-                     draws: Optional[TokenizerDraws] = None):
+                     draws: TokenizerDraws | None = None):
     """The generator's loss as a function of the trainable parameters, params -> (loss, (metrics,
     buffers, discriminator buffers, reconstruction, target)): reconstruction, VQ, alignment,
     perceptual and adversarial terms, as the step differentiates it (benchmarks/memory_plan.py
@@ -356,7 +357,7 @@ class TokenizerTrainer:
     return disc_loss
 
   def _step(self, prog: StepPrograms, state: TokenizerTrainState, frozen, batch,
-            draws: Optional[TokenizerDraws] = None):
+            draws: TokenizerDraws | None = None):
     lc = self.losses
     if draws is None:
       draws = self.draw(prog, state, batch["image"].shape[0])
@@ -404,7 +405,7 @@ class TokenizerTrainer:
                         bool(self.config.correction_training and int(batch["noise_idx"]) >= 0),
                         bool(gan_on))
 
-  def step(self, state: TokenizerTrainState, batch: Dict[str, Any], draws: Optional[TokenizerDraws] = None):
+  def step(self, state: TokenizerTrainState, batch: dict[str, Any], draws: TokenizerDraws | None = None):
     """One update. `draws`: the step's random draws (default: drawn inside the step from
     state.rng)."""
     fn, arrays = self._program(batch, draws is not None)
@@ -413,11 +414,11 @@ class TokenizerTrainer:
         return fn(state, self.frozen, arrays, draws)
       return fn(state, self.frozen, arrays)
 
-  def compiled(self, state: TokenizerTrainState, batch: Dict[str, Any]):
+  def compiled(self, state: TokenizerTrainState, batch: dict[str, Any]):
     """The compiled executable `step` runs for this batch (for cost analysis)."""
     return self.lower(state, batch).compile()
 
-  def lower(self, state: TokenizerTrainState, batch: Dict[str, Any]):
+  def lower(self, state: TokenizerTrainState, batch: dict[str, Any]):
     """The program `step` runs for this batch, lowered ahead of time (state and images may be
     ShapeDtypeStructs, e.g. from init_state(abstract=True))."""
     fn, arrays = self._program(batch)

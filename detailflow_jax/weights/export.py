@@ -5,7 +5,7 @@ an export back to identical weights."""
 import dataclasses
 import json
 import pathlib
-from typing import Any, Dict, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,8 +32,8 @@ REFERENCE_FORMATS = {"tokenizer": tokenizer_format, "gpt": gpt_format}
 @dataclasses.dataclass
 class ExportSource:
   kind: str                    # "tokenizer" | "gpt"
-  weights: Dict[str, Any]      # "model" (and "ema") -> nnx module
-  step: Optional[int]
+  weights: dict[str, Any]      # "model" (and "ema") -> nnx module
+  step: int | None
   origin: str                  # where it came from, for the metadata
 
 
@@ -80,7 +80,7 @@ def _abstract_model(c, kind: str):
   return nnx.eval_shape(lambda: Tokenizer(cfg, rngs=0))
 
 
-def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
+def source_from_workdir(workdir, step: int | None = None) -> ExportSource:
   """The model (and EMA) weights of one saved step of a training run."""
   saved = read_saved_step(workdir, step)
   c, kind, step, path = saved.config, saved.kind, saved.step, saved.path
@@ -102,7 +102,7 @@ def source_from_workdir(workdir, step: Optional[int] = None) -> ExportSource:
   return ExportSource(kind, models, step, f"{workdir} step {step}")
 
 
-def choose_weights(source: ExportSource, weights: Optional[str]) -> str:
+def choose_weights(source: ExportSource, weights: str | None) -> str:
   if weights is not None:
     if weights not in source.weights:
       raise ValueError(f"{source.origin} has no {weights!r} weights (it has: "
@@ -112,7 +112,7 @@ def choose_weights(source: ExportSource, weights: Optional[str]) -> str:
   return default if default in source.weights else "model"
 
 
-def _torch_state(state: Dict[str, np.ndarray]):
+def _torch_state(state: dict[str, np.ndarray]):
   import torch
   out = {}
   for key, value in state.items():
@@ -123,8 +123,8 @@ def _torch_state(state: Dict[str, np.ndarray]):
   return out
 
 
-def write_reference(source: ExportSource, out, weights: Optional[str] = None,
-                    name: Optional[str] = None) -> pathlib.Path:
+def write_reference(source: ExportSource, out, weights: str | None = None,
+                    name: str | None = None) -> pathlib.Path:
   """RUN/config.json, RUN/config.yaml, RUN/checkpoints/NAME.{pt,safetensors} (see above)."""
   import torch  # Only needed to write .pt files.
   from safetensors.torch import save as safetensors_bytes
@@ -157,6 +157,6 @@ def write_reference(source: ExportSource, out, weights: Optional[str] = None,
   return write_atomically(out, write)
 
 
-def write_model_dir(source: ExportSource, out, weights: Optional[str] = None) -> pathlib.Path:
+def write_model_dir(source: ExportSource, out, weights: str | None = None) -> pathlib.Path:
   model = source.weights[choose_weights(source, weights)]
   return write_atomically(out, lambda tmp: save_model_dir(tmp, source.kind, model.config.to_dict(), model))

@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 import uuid
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from collections.abc import Callable, Iterable
 
 from .. import __version__, paths
 from ..convert.common import find_run_dir, weight_sets
@@ -72,15 +72,15 @@ class HubError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class HubId:
   repo: str
-  revision: Optional[str] = None   # branch, tag or commit; None: the default branch
-  filename: Optional[str] = None   # path of the checkpoint inside the repo; None: pick by layout
+  revision: str | None = None   # branch, tag or commit; None: the default branch
+  filename: str | None = None   # path of the checkpoint inside the repo; None: pick by layout
 
   def __str__(self) -> str:
     return (self.repo + (f"@{self.revision}" if self.revision else "")
             + (f":{self.filename}" if self.filename else ""))
 
 
-def parse_hub_id(text: str) -> Optional[HubId]:
+def parse_hub_id(text: str) -> HubId | None:
   """`org/name[@revision][:path/in/repo]` -> HubId; None when `text` is not of that form."""
   m = _HUB_ID.fullmatch(str(text).strip())
   if m is None or ".." in m["repo"]:
@@ -131,7 +131,7 @@ def _offline_hint(hub: HubId) -> str:
           f"check the network (or set HF_ENDPOINT), or pass a local directory")
 
 
-def download(hub: HubId) -> Tuple[pathlib.Path, str, str]:
+def download(hub: HubId) -> tuple[pathlib.Path, str, str]:
   """Fetches the run's config files and its one checkpoint; returns (checkpoint path in the
   snapshot, commit hash, checkpoint path in the repo)."""
   from huggingface_hub import errors, get_cached_repo_tree, hf_hub_download, snapshot_download
@@ -161,7 +161,7 @@ def download(hub: HubId) -> Tuple[pathlib.Path, str, str]:
   return checkpoint, commit, filename
 
 
-def _source_hashes(checkpoint: pathlib.Path, run_dir: pathlib.Path, checkpoint_sha: str) -> Dict[str, str]:
+def _source_hashes(checkpoint: pathlib.Path, run_dir: pathlib.Path, checkpoint_sha: str) -> dict[str, str]:
   hashes = {"checkpoint": checkpoint_sha}
   for name in ("config.json", "config.yaml"):
     if (run_dir / name).is_file():
@@ -169,7 +169,7 @@ def _source_hashes(checkpoint: pathlib.Path, run_dir: pathlib.Path, checkpoint_s
   return hashes
 
 
-def _cache_problem(directory: pathlib.Path, kind: str, sources: Dict[str, str]) -> Optional[str]:
+def _cache_problem(directory: pathlib.Path, kind: str, sources: dict[str, str]) -> str | None:
   """None when `directory` is a complete conversion of exactly `sources`, else why not."""
   try:
     record = json.loads((directory / SOURCE_FILE).read_text())
@@ -201,8 +201,8 @@ def _safe(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
 
 
-def convert_cached(kind: str, checkpoint, label: str, cache_key: Tuple[str, ...],
-                   weights: Optional[str] = None) -> pathlib.Path:
+def convert_cached(kind: str, checkpoint, label: str, cache_key: tuple[str, ...],
+                   weights: str | None = None) -> pathlib.Path:
   """The converted model directory of a released checkpoint, converting it on first use."""
   checkpoint = pathlib.Path(checkpoint)
   if weights not in (None, "model", "ema"):
@@ -257,7 +257,7 @@ def _local_checkpoint(path: pathlib.Path) -> pathlib.Path:
   return path / pick_checkpoint(files, str(path))
 
 
-def resolve_model_dir(spec, kind: str, weights: Optional[str] = None) -> paths.AnyPath:
+def resolve_model_dir(spec, kind: str, weights: str | None = None) -> paths.AnyPath:
   """A converted model directory for `spec` (see the module docstring for what it may be)."""
   if paths.is_remote(spec) and not is_model_dir(spec):  # gs://...: read where it is, not converted
     raise FileNotFoundError(f"{spec} is not a converted model directory (config.json with a model "

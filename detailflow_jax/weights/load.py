@@ -4,10 +4,10 @@ SRC is a converted directory, a released run directory / checkpoint file, or a H
 (`org/name[@revision][:path/in/repo.pt]`); see `hub.resolve_model_dir`, the one resolver.
 """
 
-from .hub import resolve_model_dir
-from .model_dir import restore_model_dir
 from ..models.gpt import GPT, GPTConfig
 from ..models.tokenizer import Tokenizer, TokenizerConfig
+from .hub import resolve_model_dir
+from .model_dir import restore_model_dir
 
 
 def build_tokenizer(config):

@@ -9,7 +9,8 @@ is closed" tracebacks), and `verify_model_dir(..., checksums=True)` also catches
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ class DamagedModelError(ValueError):
   """A converted model directory whose files are missing, truncated or changed."""
 
 
-def _params_files(directory) -> Dict[str, Dict[str, Any]]:
+def _params_files(directory) -> dict[str, dict[str, Any]]:
   root = directory / PARAMS_DIR
   return {f"{PARAMS_DIR}/{os.fspath(p)[len(os.fspath(root)) + 1:]}":
           {"size": paths.file_size(p), "sha256": paths.file_sha256(p)} for p in paths.files_under(root)}
@@ -46,7 +47,7 @@ def _checkpointer(process_local: bool = False):
       primary_host=me, active_processes={me}))
 
 
-def save_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Module) -> None:
+def save_model_dir(directory, kind: str, config: dict[str, Any], model: nnx.Module) -> None:
   """Writes `model`'s state (params and buffers) and its config into an existing directory,
   from the calling process alone: the arrays must be addressable here (e.g. host copies)."""
   directory = paths.run_path(directory)
@@ -64,7 +65,7 @@ def save_model_dir(directory, kind: str, config: Dict[str, Any], model: nnx.Modu
       indent=2))
 
 
-def read_model_config(directory, kind: str) -> Dict[str, Any]:
+def read_model_config(directory, kind: str) -> dict[str, Any]:
   return _read_meta(directory, kind)["config"]
 
 
@@ -85,7 +86,7 @@ def _redo_hint(directory) -> str:
           f"{directory}, or pass the Hub id / run directory it came from)")
 
 
-def _read_meta(directory, kind: str) -> Dict[str, Any]:
+def _read_meta(directory, kind: str) -> dict[str, Any]:
   directory = paths.run_path(directory)
   path = directory / CONFIG_FILE
   if not path.is_file():
@@ -105,7 +106,7 @@ def _read_meta(directory, kind: str) -> Dict[str, Any]:
   return meta
 
 
-def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str, Any]:
+def verify_model_dir(directory, kind: str, checksums: bool = False) -> dict[str, Any]:
   """Checks every listed array file exists with its recorded size (and SHA-256 with
   `checksums`); returns the metadata. Directories written before the listing existed are
   checked for the params directory only."""
@@ -127,8 +128,8 @@ def verify_model_dir(directory, kind: str, checksums: bool = False) -> Dict[str,
   return meta
 
 
-def restore_model_dir(directory, kind: str, build: Callable[[Dict[str, Any]], nnx.Module],
-                      dtype=None) -> Tuple[nnx.Module, Dict[str, Any]]:
+def restore_model_dir(directory, kind: str, build: Callable[[dict[str, Any]], nnx.Module],
+                      dtype=None) -> tuple[nnx.Module, dict[str, Any]]:
   """Builds the model from its saved config and fills it with the saved state.
 
   The model is built abstractly first (no random init of full-size weights), then the restored

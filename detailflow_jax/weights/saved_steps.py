@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import jax
 import ml_collections
@@ -19,7 +19,7 @@ from ..convert.common import ConversionError
 TASK_KINDS = {"ar": "gpt", "tokenizer": "tokenizer"}
 
 
-def workdir_steps(workdir) -> List[int]:
+def workdir_steps(workdir) -> list[int]:
   """Steps with a finished Orbax checkpoint in workdir/checkpoints, oldest first. (On gs://
   Orbax writes a step in place and marks it finished last, with commit_success.txt: a step
   directory alone may be one still being written, or one a crash cut short.)"""
@@ -58,9 +58,9 @@ class SavedStep:
   kind: str                    # "tokenizer" | "gpt"
   step: int
   path: pathlib.Path           # .../checkpoints/STEP/state
-  arrays: Dict[str, Any]       # the saved subset of params / extras / ema_params / disc_params / disc_extras
+  arrays: dict[str, Any]       # the saved subset of params / extras / ema_params / disc_params / disc_extras
 
-  def weights(self, group: str = "params") -> Optional[dict]:
+  def weights(self, group: str = "params") -> dict | None:
     """One module's weights as nested dicts of arrays (string keys): `group` (params,
     ema_params or disc_params) with its buffers (extras / disc_extras) merged in, Variable
     wrappers removed. None when the run did not save `group` (no EMA, no discriminator)."""
@@ -70,8 +70,8 @@ class SavedStep:
                         _unwrapped(self.arrays[group]))
 
 
-def read_saved_step(workdir, step: Optional[int] = None,
-                    groups: Tuple[str, ...] = ("params", "extras", "ema_params")) -> SavedStep:
+def read_saved_step(workdir, step: int | None = None,
+                    groups: tuple[str, ...] = ("params", "extras", "ema_params")) -> SavedStep:
   """The `groups` of the train state saved at `step` (default: the newest) of a training run,
   on the host's CPU device; groups the run did not save are absent."""
   workdir = paths.run_path(workdir)

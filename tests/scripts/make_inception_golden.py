@@ -17,8 +17,13 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from inception_helpers import (GOLDEN_SEED, golden_inputs, random_inception_state_dict,  # noqa: E402
-                               torch_fidelity_model, torch_fidelity_outputs)
+from inception_helpers import (  # noqa: E402
+  GOLDEN_SEED,
+  golden_inputs,
+  random_inception_state_dict,
+  torch_fidelity_model,
+  torch_fidelity_outputs,
+)
 
 SIZES = (64, 128, 256, 299, 512)
 BATCHES = (1, 3)
@@ -28,6 +33,7 @@ OUT = ROOT / "tests" / "fixtures" / "inception_golden.npz"
 
 def main():
   import importlib.metadata
+
   import torch
   torch.set_num_threads(2)
   state = random_inception_state_dict(GOLDEN_SEED)

@@ -17,9 +17,10 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 import json
 
+from generation_settings import SETTINGS
+
 from detailflow_jax.eval.generation import GenerationJob
 from detailflow_jax.weights.load import load_gpt, load_tokenizer
-from generation_settings import SETTINGS
 
 job = GenerationJob(load_gpt(gpt_dir), load_tokenizer(tokenizer_dir), SETTINGS)
 summary = job.run(workdir, out)

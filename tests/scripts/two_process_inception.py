@@ -18,8 +18,8 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 import json
 
 import numpy as np
-
 from inception_helpers import golden_inputs
+
 from detailflow_jax.eval.features import extract_features
 from detailflow_jax.eval.inception import load_inception
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.detailflow16_gpt_l import get_config
-from detailflow_jax.models.gpt import GPT
 from detailflow_jax import sharding as mesh_lib
+from detailflow_jax.models.gpt import GPT
 from detailflow_jax.train import ar
 from detailflow_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from detailflow_jax.train.optim import make_optimizer
