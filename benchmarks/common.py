@@ -48,3 +48,14 @@ def time_call(fn, *args, repeats: int = 3) -> float:
     jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def add_side_by_side_flags(parser) -> None:
+  """The flags of a benchmark run side by side with the PyTorch reference (its own process,
+  imported from a source tree at run time): --quick, --reference-dir, --reference-python, --rounds."""
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--reference-dir", default=None,
+                      help="ByteFlow-AI/DetailFlow source tree (commit c5f06cd)")
+  parser.add_argument("--reference-python", default=None,
+                      help="python with torch, transformers, timm, einops, pyyaml, safetensors")
+  parser.add_argument("--rounds", type=int, default=None)

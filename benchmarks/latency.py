@@ -47,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import add_side_by_side_flags  # noqa: E402
 from benchmarks.vs_reference import Worker, checkpoint_in  # noqa: E402
 from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
 from detailflow_jax.convert.common import load_state_dict  # noqa: E402
@@ -154,12 +155,7 @@ def model_config(name: str) -> GPTConfig:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--reference-dir", default=None,
-                      help="ByteFlow-AI/DetailFlow source tree (commit c5f06cd)")
-  parser.add_argument("--reference-python", default=None,
-                      help="python with torch, transformers, timm, einops, pyyaml, safetensors")
-  parser.add_argument("--rounds", type=int, default=None)
+  add_side_by_side_flags(parser)
   parser.add_argument("--models", default=None, help="comma-separated GPT presets "
                       "(default: GPT-B with --quick, else GPT-B,GPT-L)")
   parser.add_argument("--batches", default=None, help="comma-separated (default 1; full: 1,2,4)")

@@ -34,7 +34,7 @@ import jax  # noqa: E402  (after the path insert)
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import matmul_flops_per_s  # noqa: E402
+from benchmarks.common import add_side_by_side_flags, matmul_flops_per_s  # noqa: E402
 from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
 from detailflow_jax.convert import tokenizer as tok_convert  # noqa: E402
 from detailflow_jax.convert.common import load_state_dict  # noqa: E402
@@ -207,12 +207,7 @@ def skip(reason: str) -> int:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--reference-dir", default=None,
-                      help="ByteFlow-AI/DetailFlow source tree (commit c5f06cd)")
-  parser.add_argument("--reference-python", default=None,
-                      help="python with torch, transformers, timm, einops, pyyaml, safetensors")
-  parser.add_argument("--rounds", type=int, default=None)
+  add_side_by_side_flags(parser)
   parser.add_argument("--only", choices=["sampler", "decode"], default=None,
                       help="time one workload (both are built either way)")
   parser.add_argument("--serve-ours", default=None, help=argparse.SUPPRESS)
