@@ -59,7 +59,7 @@ from detailflow_jax.data.degradation import resize_images
 from detailflow_jax.models import disc_layers
 from detailflow_jax.models.gpt import GPT, GPTConfig
 from detailflow_jax.models.keys import InitKeys
-from detailflow_jax.models.tokenizer import TokenizerConfig
+from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.train import ar, frozen_nets, gan
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.driver import total_steps
@@ -115,15 +115,15 @@ def _check_tensor(name, ours, theirs, kind, zero_below=0.0):
 
 # --- building the run from the directory -----------------------------------------------------------
 
-def _yaml():
-  return yaml.safe_load((GOLDEN_DIR / "tokenizer" / "config.yaml").read_text())
+def _yaml(directory=None):
+  return yaml.safe_load(((directory or GOLDEN_DIR) / "tokenizer" / "config.yaml").read_text())
 
 
-def _run_config():
+def _run_config(directory=None):
   """Our run config from the YAML through the package's converter; the fixture-only block
   (tiny builder sizes, LPIPS / DINO sizes, updates per epoch) is mapped here."""
-  directory = GOLDEN_DIR
-  raw = _yaml()
+  directory = directory or GOLDEN_DIR
+  raw = _yaml(directory)
   fixture = raw.pop("fixture_builder", None)
   siglip = None
   if fixture is not None:
@@ -420,6 +420,56 @@ def test_learning_rate_schedule(run, golden):
   _check_scalar("lr_used", ours[0], golden["lr_used"], "lr")
   if "d_lr_used" in golden:
     _check_scalar("d_lr_used", ours[0], golden["d_lr_used"], "lr")
+
+
+# --- from-scratch initialisation ----------------------------------------------------------------
+
+TOKENIZER_INIT_STATS = FIXTURES / "detailflow_tiny_a" / "tokenizer_init_stats.json"
+
+
+def _moments(sums, name, x):
+  s = sums.setdefault(name, [0, 0.0, 0.0, 0.0, 0.0])
+  s[0] += x.size
+  for k in range(1, 5):
+    s[k] += float(np.sum(x ** k))
+
+
+def test_tokenizer_from_scratch_init_statistics_match_the_reference():
+  """Mean / std / kurtosis per tensor family of a fresh tokenizer, pooled over layers and seeds,
+  against the reference VQModel's own init (tests/scripts/make_tokenizer_init_stats.py on the
+  same run directory and number of seeds). Families the reference loads from the SigLIP2 file
+  (the pretrained encoder tower, the teacher) are not initialisation and are skipped. Constant
+  families must be exact; the others agree within 5 standard errors (kurtosis: 5 sqrt(24 / n),
+  the normal's, wider than the uniform's), which tells HF's xavier-uniform attention / MLP from
+  lecun-normal of the same std, torch's default Linear (uniform 1/sqrt(fan_in)) from lecun-normal
+  and the position table's N(0, 1/sqrt(width)) from N(0, 0.02)."""
+  ref = json.loads(TOKENIZER_INIT_STATS.read_text())
+  c, _ = _run_config(FIXTURES.parent.parent / pathlib.Path(ref["run"]).parent)
+  cfg = TokenizerConfig.from_dict(c.model)
+  init = jax.jit(lambda seed: nnx.state(Tokenizer(cfg, rngs=InitKeys(seed))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Tokenizer(cfg, rngs=0)))
+  sums = {}
+  for seed in range(ref["seeds"]):
+    for name, value in state_dict_from_model(nnx.merge(graphdef, init(seed)), MAPPING).items():
+      _moments(sums, re.sub(r"\.layers\.\d+\.", ".layers.*.", name), np.asarray(value, np.float64).ravel())
+  assert set(sums) == set(ref["families"])
+  for name, want in ref["families"].items():
+    if want["from_file"]:
+      continue
+    n, s1, s2, s3, s4 = sums[name]
+    assert n == want["count"], name
+    mean = s1 / n
+    var = max(s2 / n - mean * mean, 0.0)
+    std = var ** 0.5
+    kurtosis = (s4 / n - 4 * mean * s3 / n + 6 * mean ** 2 * s2 / n - 3 * mean ** 4) / var ** 2 if var else 0.0
+    where = (f"{name}: std ours {std:.5g} ref {want['std']:.5g}, mean ours {mean:+.5g} ref {want['mean']:+.5g}, "
+             f"kurtosis ours {kurtosis:.3f} ref {want['kurtosis']:.3f}")
+    if want["std"] == 0:
+      assert std == 0 and mean == want["mean"], where
+      continue
+    assert abs(mean - want["mean"]) <= 5 * want["std"] * (2 / n) ** 0.5, where
+    assert abs(std / want["std"] - 1) <= 5 / n ** 0.5, where
+    assert abs(kurtosis - want["kurtosis"]) <= 5 * (24 / n) ** 0.5, where
 
 
 # --- the discriminator step -----------------------------------------------------------------------
