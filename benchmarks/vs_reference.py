@@ -80,7 +80,7 @@ class OurSide:
     tok = tok_convert.convert_state_dict(tok_cfg, load_state_dict(tok_ckpt), str(tok_ckpt))
 
     self.sampler = Sampler(gpt)
-    self.params = nnx.state(gpt)
+    self.params = self.sampler.prepare_weights(gpt)  # what sample / generate run: cast and laid out once
     self.labels = jax.numpy.arange(s["batch"]) % gpt_cfg.num_classes
     self.options = SamplingOptions(cfg_scale=s["cfg_scale"], temperature=1.0, top_k=0, top_p=1.0)
     self.tokens = min(s["tokens"], gpt_cfg.block_size)
