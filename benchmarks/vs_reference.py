@@ -32,7 +32,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 import jax  # noqa: E402  (after the path insert)
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import add_side_by_side_flags, matmul_flops_per_s  # noqa: E402
 from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
