@@ -12,7 +12,7 @@ tree (ByteFlow-AI/DetailFlow) and a Python with torch, transformers and timm (on
 weight_init is imported).
 
   /work/refvenv/bin/python tests/scripts/make_tokenizer_init_stats.py --ref /work/ref \
-      --run tests/fixtures/detailflow_tiny_a/training/tokenizer --seeds 8 \
+      --run tests/fixtures/detailflow_tiny_a/training/tokenizer --seeds 4 \
       --out tests/fixtures/detailflow_tiny_a/tokenizer_init_stats.json
 """
 import argparse
@@ -36,7 +36,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--ref", required=True, help="reference tree (ByteFlow-AI/DetailFlow)")
   p.add_argument("--run", required=True, help="tokenizer run directory with config.json / config.yaml")
-  p.add_argument("--seeds", type=int, default=8)
+  p.add_argument("--seeds", type=int, default=4)
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
   run = pathlib.Path(a.run).resolve()
