@@ -166,3 +166,54 @@ def test_extraction_takes_the_ema_weights_when_asked(tmp_path, monkeypatch):
     records(ema_dir, "ema", "again")
   with pytest.raises(ValueError, match="extract.tokenizer_weights='best'"):
     records(ema_dir, "best", "bad")
+
+
+# --- constants of the recipe pinned to the reference (the mutation audit, docs/training.md) -----
+
+def test_entropy_loss_is_the_references_value():
+  """modelling/quantizers/vq.py: entropy_loss = entropy_loss_ratio * compute_entropy_loss(-d)
+  (temperature 0.01, sample entropy minus the mean distribution's). Expected values: the
+  reference's VectorQuantizer(16, 4, beta 0.25, entropy_loss_ratio 0.1, l2_norm) in train mode
+  on these inputs, torch 2.13 float32."""
+  from flax import nnx
+
+  from detailflow_jax.models.quantizer import VectorQuantizer
+  rng = np.random.default_rng(0)
+  table = rng.uniform(-1 / 16, 1 / 16, (16, 4)).astype(np.float32)
+  z = jnp.asarray(rng.normal(size=(2, 6, 4)).astype(np.float32))
+  q = VectorQuantizer(16, 4, beta=0.25, entropy_loss_ratio=0.1, show_usage=False, rngs=nnx.Rngs(0))
+  q.embedding.value = jnp.asarray(table)
+  losses = q.losses(q(z))
+  np.testing.assert_allclose(float(losses["entropy_loss"]), -0.20740270614624023, rtol=1e-5)
+  np.testing.assert_allclose(float(losses["vq_loss"]), 0.11080357432365417, rtol=1e-5)
+  np.testing.assert_allclose(float(losses["commit_loss"]), 0.027700893580913544, rtol=1e-5)
+  # d(entropy_loss)/dz: its norm, as torch's backward gives it.
+  grad = jax.grad(lambda z: q.losses(q(z))["entropy_loss"])(z)
+  np.testing.assert_allclose(float(jnp.linalg.norm(grad)), 0.06744889914989471, rtol=1e-4)
+
+
+def test_diff_augment_draw_ranges_are_the_references():
+  """utils/diff_aug.py: rand_translation(ratio=0.125) shifts by randint(-s, s + 1) with
+  s = int(side * 0.125 + 0.5); rand_cutout(ratio) centres by randint(0, side + (1 - c % 2)),
+  c = int(side * ratio + 0.5). The draws are made here (the goldens feed them in), so their
+  ranges are pinned here: every value of the range, and nothing outside it."""
+  from detailflow_jax.train import gan
+  for side, shift, cutout_high in ((32, 4, 32), (24, 3, 24), (20, 3, 20)):
+    d = gan.draw_augment(jax.random.key(side), "color,translation,cutout_0.2", 4096, side, side)
+    for values in (d.translation_x, d.translation_y):
+      assert set(np.unique(np.asarray(values))) == set(range(-shift, shift + 1)), side
+    for values in (d.cutout_x, d.cutout_y):  # c = 6 / 5 / 4: side + 1 / side / side + 1 values
+      c = int(side * 0.2 + 0.5)
+      assert set(np.unique(np.asarray(values))) == set(range(side + (1 - c % 2))), side
+    assert max(np.asarray(d.cutout_x)) == cutout_high - (c % 2)
+    assert d.gate_u.shape == (3,)
+  # The key-taking forms default to the reference's ratios: 0.125 translation, 0.2 cutout.
+  x = jnp.ones((512, 16, 16, 1), jnp.float32)
+  cut = np.asarray(gan.rand_cutout(x, jax.random.key(0)))
+  assert set(np.unique((cut == 0).reshape(512, -1).sum(axis=1))) >= {9}  # int(16 * 0.2 + 0.5)^2 = 3 x 3
+  assert (cut == 0).reshape(512, -1).sum(axis=1).max() == 9
+  moved = np.asarray(gan.rand_translation(x, jax.random.key(1)))
+  empty = moved[..., 0] == 0
+  # s = int(16 * 0.125 + 0.5) = 2: up to 2 rows and 2 columns uncovered, each count drawn.
+  assert set(np.unique(empty.all(axis=2).sum(axis=1))) == {0, 1, 2}
+  assert set(np.unique(empty.all(axis=1).sum(axis=1))) == {0, 1, 2}
