@@ -217,3 +217,28 @@ def test_diff_augment_draw_ranges_are_the_references():
   # s = int(16 * 0.125 + 0.5) = 2: up to 2 rows and 2 columns uncovered, each count drawn.
   assert set(np.unique(empty.all(axis=2).sum(axis=1))) == {0, 1, 2}
   assert set(np.unique(empty.all(axis=1).sum(axis=1))) == {0, 1, 2}
+
+
+def test_tokenizer_optimizers_clip_at_max_grad_norm_as_torch():
+  """train_tokenizer.py: clip_grad_norm_(params, max_grad_norm) before each Adam step (both the
+  tokenizer's and the discriminator's): every gradient times min(1, max_norm / (norm + 1e-6)).
+  The golden step cannot see the factor in the updated weights (Adam's first step is
+  g / |g| whatever g's scale), so it is read here from Adam's first moment, (1 - beta1) x the
+  clipped gradient."""
+  import optax
+
+  from configs.detailflow16_tokenizer import get_config as tokenizer_run_config
+  from detailflow_jax.train import tokenizer as recipe
+  c = tokenizer_run_config("tiny")
+  assert c.optimizer.max_grad_norm == 1.0
+  _, disc_tx = recipe.make_optimizers(c, 100)
+  for norm in (10.0, 0.5):
+    grads = {"a": jnp.full((3, 4), norm / np.sqrt(24.0), jnp.float32),
+             "b": jnp.full((12,), -norm / np.sqrt(24.0), jnp.float32)}
+    params = jax.tree.map(jnp.zeros_like, grads)
+    _, opt_state = disc_tx.update(grads, disc_tx.init(params), params)
+    mu = optax.tree_utils.tree_get(opt_state, "mu")
+    factor = min(1.0, c.optimizer.max_grad_norm / (norm + 1e-6))
+    for k in grads:
+      np.testing.assert_allclose(np.asarray(mu[k]), (1 - c.optimizer.b1) * factor * np.asarray(grads[k]),
+                                 rtol=2e-6)
