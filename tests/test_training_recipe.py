@@ -65,7 +65,7 @@ def test_drop_path_turns_residual_and_ffn_dropout_off_as_the_reference():
   model = gpt_model.GPT(cfg, rngs=0)
   # The output layer starts at 0 (as the reference's): random values make the loss see h.
   kernel = model.output.kernel
-  kernel.value = 0.05 * jax.random.normal(jax.random.key(2), kernel.value.shape)
+  kernel[...] = 0.05 * jax.random.normal(jax.random.key(2), kernel[...].shape)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, cfg.block_size)), jnp.int32)
   batch = {"tokens": tokens, "labels": jnp.arange(8, dtype=jnp.int32) % cfg.num_classes}
   draws = loss_fn.draw(jax.random.key(1), batch)
@@ -182,7 +182,7 @@ def test_entropy_loss_is_the_references_value():
   table = rng.uniform(-1 / 16, 1 / 16, (16, 4)).astype(np.float32)
   z = jnp.asarray(rng.normal(size=(2, 6, 4)).astype(np.float32))
   q = VectorQuantizer(16, 4, beta=0.25, entropy_loss_ratio=0.1, show_usage=False, rngs=nnx.Rngs(0))
-  q.embedding.value = jnp.asarray(table)
+  q.embedding[...] = jnp.asarray(table)
   losses = q.losses(q(z))
   np.testing.assert_allclose(float(losses["entropy_loss"]), -0.20740270614624023, rtol=1e-5)
   np.testing.assert_allclose(float(losses["vq_loss"]), 0.11080357432365417, rtol=1e-5)
