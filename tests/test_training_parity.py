@@ -2,10 +2,10 @@
 own goldens: every loss term, gradient, optimizer update, EMA, discriminator logit and buffer, and
 the LR schedule, with the reference's random draws fed in.
 
-The golden directories: every packaged one (tests/fixtures/detailflow_tiny_{a,b}/training:
-config A, and config B with other settings), or DETAILFLOW_TRAINING_GOLDEN=DIR alone. A directory
-may hold either half (the tokenizer tests skip without golden_tokenizer.npz, the GPT tests
-without golden_gpt.npz). Everything is driven by DIR's
+The golden directories: tests/fixtures/detailflow_tiny_a/training (config A) and
+tests/fixtures/detailflow_tiny_b/training (config B: PatchGAN, AdamW decay groups, REPA, L1,
+entropy loss, no DiffAugment, causal_num != group size; tests/scripts/make_training_golden_tokenizer.py),
+each test running once per directory, or DETAILFLOW_TRAINING_GOLDEN=DIR for that one alone. Everything is driven by DIR's
 tokenizer/config.yaml (through convert/training_yaml.py, the user-facing converter) and the keys of
 DIR/golden_tokenizer.npz (documented in DIR/README.md); the YAML's `fixture_builder` block (tiny
 sizes the reference hard-codes at full size) is mapped here, not in the package.
@@ -15,7 +15,7 @@ updated parameters, EMA and buffers 1e-5 relative in norm per tensor; discrete d
 
 The GPT recipe's step is in the second half of this file, on the same directory:
 
-Reads each `training/` golden directory (above): golden_gpt.npz (its README.md documents every key) and the
+Reads the same `training/` golden directories: golden_gpt.npz (its README.md documents every key) and the
 starting weights in ../gpt (config.json / config.yaml and checkpoints/gpt.pt: 'model', and
 'ema' = the EMA before the update), converted with our converter.
 
@@ -75,20 +75,15 @@ from detailflow_jax.train.state import (
   split_model,
 )
 
-
-def _golden_dirs() -> list[pathlib.Path]:
-  """$DETAILFLOW_TRAINING_GOLDEN alone when set; else every packaged training golden (config A,
-  and config B with other settings). A directory may hold either half: the tokenizer tests skip
-  without golden_tokenizer.npz, the GPT tests without golden_gpt.npz."""
-  env = os.environ.get("DETAILFLOW_TRAINING_GOLDEN")
-  if env:
-    return [pathlib.Path(env)]
-  return [FIXTURES / name / "training" for name in ("detailflow_tiny_a", "detailflow_tiny_b")]
-
-
-GOLDEN_DIRS = _golden_dirs()
+# Every golden directory in tests/fixtures (config A: DINO, Adam, DiffAugment; config B: PatchGAN,
+# AdamW decay groups, REPA, L1, entropy loss, causal_num != group size), or the one directory
+# $DETAILFLOW_TRAINING_GOLDEN names. The tokenizer half needs DIR/golden_tokenizer.npz, the GPT
+# half DIR/golden_gpt.npz and DIR/../gpt; either half skips (saying so) where its files are absent.
+GOLDEN_DIRS = ([pathlib.Path(os.environ["DETAILFLOW_TRAINING_GOLDEN"])] if os.environ.get("DETAILFLOW_TRAINING_GOLDEN")
+               else [FIXTURES / "detailflow_tiny_a" / "training", FIXTURES / "detailflow_tiny_b" / "training"])
 SCALAR_RTOL, SCALAR_ATOL = 1e-5, 1e-6
 TENSOR_RTOL = 1e-5
+# Per golden directory (the `golden` fixture switches them; pytest runs one directory's tests together):
 ZEROS = set()  # gradients the reference's math makes 0 (compared as noise on both sides)
 WORST = {}  # kind -> (relative error, name): the figures docs/training_parity.md quotes
 
@@ -134,6 +129,11 @@ def _check_tensor(name, ours, theirs, kind, zero_below=0.0):
 
 # --- building the run from the directory -----------------------------------------------------------
 
+@pytest.fixture(scope="module", params=GOLDEN_DIRS, ids=lambda d: d.parent.name)
+def golden_dir(request):
+  return request.param
+
+
 def _yaml(golden_dir):
   return yaml.safe_load((golden_dir / "tokenizer" / "config.yaml").read_text())
 
@@ -176,17 +176,13 @@ def _augment_draws(g, call, rows):
       cutout_x=f("cutout_x", np.int32), cutout_y=f("cutout_y", np.int32))
 
 
-@pytest.fixture(scope="module", params=GOLDEN_DIRS, ids=lambda d: d.parent.name)
-def golden_dir(request) -> pathlib.Path:
-  """One training-golden directory (the tokenizer and GPT halves below both run on each)."""
-  return request.param
-
-
 @pytest.fixture(scope="module")
 def golden(golden_dir):
   path = golden_dir / "golden_tokenizer.npz"
-  if not path.exists():
+  if not path.is_file():
     pytest.skip(f"no tokenizer golden in {golden_dir} (golden_tokenizer.npz)")
+  ZEROS.clear()
+  WORST.clear()
   with np.load(path, allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
 
@@ -196,7 +192,6 @@ def run(golden, golden_dir):
   """Builds the trainer from the directory, feeds the reference's draws and runs the pieces of
   the step (generator loss + gradients, discriminator loss + gradients) and the whole step."""
   g = golden
-  ZEROS.clear()  # per directory: the names found in another directory's run do not apply here
   c, fixture = _run_config(golden_dir)
   cfg = TokenizerConfig.from_dict(c.model)
   ckpt = golden_dir / "tokenizer" / "checkpoints" / "tokenizer.pt"
@@ -504,18 +499,18 @@ def test_recipe_defaults_are_train_c2i_defaults():
 
 
 @pytest.fixture(scope="module")
-def golden_gpt(golden_dir):
-  path = golden_dir / "golden_gpt.npz"
-  if not path.exists():
-    pytest.skip(f"no GPT golden in {golden_dir} (golden_gpt.npz)")
-  with np.load(path, allow_pickle=False) as z:
-    return {k: z[k] for k in z.files}
+def gpt_dir(golden_dir):
+  """The GPT run the step starts from (config.json / config.yaml, checkpoints/gpt.pt)."""
+  return golden_dir.parent / "gpt"
 
 
 @pytest.fixture(scope="module")
-def gpt_dir(golden_dir) -> pathlib.Path:
-  """The GPT run the step starts from: config.json, config.yaml, checkpoints/gpt.pt."""
-  return golden_dir.parent / "gpt"
+def golden_gpt(golden_dir, gpt_dir):
+  path = golden_dir / "golden_gpt.npz"
+  if not path.is_file() or not (gpt_dir / "checkpoints" / "gpt.pt").is_file():
+    pytest.skip(f"no GPT golden in {golden_dir} (golden_gpt.npz and ../gpt/checkpoints/gpt.pt)")
+  with np.load(path, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
 
 
 def recorded_train_args(gpt_dir) -> dict:
