@@ -2,8 +2,10 @@
 own goldens: every loss term, gradient, optimizer update, EMA, discriminator logit and buffer, and
 the LR schedule, with the reference's random draws fed in.
 
-The golden directory: tests/fixtures/detailflow_tiny_a/training (config A), or
-DETAILFLOW_TRAINING_GOLDEN=DIR for another one. Everything is driven by DIR's
+The golden directories: tests/fixtures/detailflow_tiny_a/training (config A) and
+tests/fixtures/detailflow_tiny_b/training (config B: PatchGAN, AdamW decay groups, REPA, L1,
+entropy loss, no DiffAugment, causal_num != group size; tests/scripts/make_training_golden_tokenizer.py),
+each test running once per directory, or DETAILFLOW_TRAINING_GOLDEN=DIR for that one alone. Everything is driven by DIR's
 tokenizer/config.yaml (through convert/training_yaml.py, the user-facing converter) and the keys of
 DIR/golden_tokenizer.npz (documented in DIR/README.md); the YAML's `fixture_builder` block (tiny
 sizes the reference hard-codes at full size) is mapped here, not in the package.
@@ -13,8 +15,7 @@ updated parameters, EMA and buffers 1e-5 relative in norm per tensor; discrete d
 
 The GPT recipe's step is in the second half of this file, on the same directory:
 
-Reads a `training/` golden directory (default tests/fixtures/detailflow_tiny_a/training, or
-$DETAILFLOW_TRAINING_GOLDEN): golden_gpt.npz (its README.md documents every key) and the
+Reads the same `training/` golden directories: golden_gpt.npz (its README.md documents every key) and the
 starting weights in ../gpt (config.json / config.yaml and checkpoints/gpt.pt: 'model', and
 'ema' = the EMA before the update), converted with our converter.
 
@@ -62,11 +63,15 @@ from detailflow_jax.models.tokenizer import TokenizerConfig
 from detailflow_jax.train import ar, frozen_nets, gan
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.driver import total_steps
-from detailflow_jax.train.optim import decay_mask, param_path
+from detailflow_jax.train.optim import decay_mask, param_path, reference_decay_mask
 from detailflow_jax.train.state import create_train_state, loss_and_grads, make_train_step, split_model
 
-GOLDEN_DIR = pathlib.Path(os.environ.get("DETAILFLOW_TRAINING_GOLDEN",
-                                         FIXTURES / "detailflow_tiny_a" / "training"))
+# Every golden directory in tests/fixtures (config A: DINO, Adam, DiffAugment; config B: PatchGAN,
+# AdamW decay groups, REPA, L1, entropy loss, causal_num != group size), or the one directory
+# $DETAILFLOW_TRAINING_GOLDEN names. The tokenizer half needs DIR/golden_tokenizer.npz, the GPT
+# half DIR/golden_gpt.npz and DIR/../gpt; either half skips (saying so) where its files are absent.
+GOLDEN_DIRS = ([pathlib.Path(os.environ["DETAILFLOW_TRAINING_GOLDEN"])] if os.environ.get("DETAILFLOW_TRAINING_GOLDEN")
+               else [FIXTURES / "detailflow_tiny_a" / "training", FIXTURES / "detailflow_tiny_b" / "training"])
 SCALAR_RTOL, SCALAR_ATOL = 1e-5, 1e-6
 TENSOR_RTOL = 1e-5
 ZEROS = set()  # gradients the reference's math makes 0 (compared as noise on both sides)
@@ -75,6 +80,15 @@ WORST = {}  # kind -> (relative error, name): the figures docs/training_parity.m
 
 def _nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def _logit_rows(x):
+  """Discriminator logits as the golden stores them, [rows, everything else] in torch's (NCHW)
+  order: a PatchGAN map is NHWC here."""
+  x = np.asarray(x)
+  if x.ndim == 4:
+    x = x.transpose(0, 3, 1, 2)
+  return x.reshape(x.shape[0], -1)
 
 
 def _check_scalar(name, ours, theirs, kind="scalar"):
@@ -114,20 +128,25 @@ def _check_tensor(name, ours, theirs, kind, zero_below=0.0):
 
 # --- building the run from the directory -----------------------------------------------------------
 
-def _yaml():
-  return yaml.safe_load((GOLDEN_DIR / "tokenizer" / "config.yaml").read_text())
+@pytest.fixture(scope="module", params=GOLDEN_DIRS, ids=lambda d: d.parent.name)
+def golden_dir(request):
+  return request.param
 
 
-def _run_config():
+def _yaml(golden_dir):
+  return yaml.safe_load((golden_dir / "tokenizer" / "config.yaml").read_text())
+
+
+def _run_config(golden_dir):
   """Our run config from the YAML through the package's converter; the fixture-only block
   (tiny builder sizes, LPIPS / DINO sizes, updates per epoch) is mapped here."""
-  raw = _yaml()
+  raw = _yaml(golden_dir)
   fixture = raw.pop("fixture_builder", None)
   siglip = None
   if fixture is not None:
-    siglip = json.loads((GOLDEN_DIR / "tokenizer" / fixture["siglip2_config"]).read_text())
-  c = tokenizer_run_config(raw, siglip=siglip, fixture_builder=fixture, run_dir=GOLDEN_DIR / "tokenizer")
-  cache = GOLDEN_DIR / "cache_data"
+    siglip = json.loads((golden_dir / "tokenizer" / fixture["siglip2_config"]).read_text())
+  c = tokenizer_run_config(raw, siglip=siglip, fixture_builder=fixture, run_dir=golden_dir / "tokenizer")
+  cache = golden_dir / "cache_data"
   c.weights.lpips = f"{cache / 'vgg16_tiny.pth'},{cache / 'vgg.pth'}" if (cache / "vgg16_tiny.pth").exists() \
       else f"{cache / 'vgg.pth'}"
   if c.disc.type == "dino":
@@ -157,19 +176,22 @@ def _augment_draws(g, call, rows):
 
 
 @pytest.fixture(scope="module")
-def golden():
-  with np.load(GOLDEN_DIR / "golden_tokenizer.npz", allow_pickle=False) as data:
+def golden(golden_dir):
+  path = golden_dir / "golden_tokenizer.npz"
+  if not path.is_file():
+    pytest.skip(f"no tokenizer golden in {golden_dir} (golden_tokenizer.npz)")
+  with np.load(path, allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
 
 
 @pytest.fixture(scope="module")
-def run(golden):
+def run(golden, golden_dir):
   """Builds the trainer from the directory, feeds the reference's draws and runs the pieces of
   the step (generator loss + gradients, discriminator loss + gradients) and the whole step."""
   g = golden
-  c, fixture = _run_config()
+  c, fixture = _run_config(golden_dir)
   cfg = TokenizerConfig.from_dict(c.model)
-  ckpt = GOLDEN_DIR / "tokenizer" / "checkpoints" / "tokenizer.pt"
+  ckpt = golden_dir / "tokenizer" / "checkpoints" / "tokenizer.pt"
   tokenizer = convert_state_dict(cfg, load_state_dict(ckpt), str(ckpt))
   disc_state = load_state_dict(ckpt, "discriminator") if c.disc.type != "none" else None
   perceptual = frozen_nets.build_perceptual(c) if c.losses.perceptual_weight else None
@@ -316,7 +338,7 @@ def test_generator_forward(run, golden):
     _check_scalar("loss_perceptual", m["perceptual_loss"], golden["loss_perceptual"])
     _check_scalar("weight_perceptual", m["perceptual_weight"], golden["weight_perceptual"])
   if "gen_logits_fake" in golden:
-    _check_tensor("gen_logits_fake", tr["gen_logits_fake"], golden["gen_logits_fake"], "logits")
+    _check_tensor("gen_logits_fake", _logit_rows(tr["gen_logits_fake"]), golden["gen_logits_fake"], "logits")
     _check_scalar("loss_gen_adv", m["generator_adv_loss"], golden["loss_gen_adv"])
     _check_scalar("weight_disc", m["disc_weight"], golden["weight_disc"])
   _check_scalar("loss_gen_total", run["loss"], golden["loss_gen_total"])
@@ -331,6 +353,11 @@ def test_generator_gradients_and_update(run, golden):
   norm = np.sqrt(sum(np.sum(np.square(o.astype(np.float64))) for o, _ in grads.values()))
   _check_scalar("grad_norm", norm, g["grad_norm"])
   _check_scalar("grad_norm (step metric)", run["step_metrics"]["grad_norm"], g["grad_norm"])
+  if "param_weight_decay" in g:  # the reference's AdamW groups (param_groups_weight_decay), where recorded
+    mask = _flat(reference_decay_mask(MAPPING)(run["state0"].params))
+    ours = {MAPPING.name(path): bool(v) for path, v in mask.items()}
+    want = {str(n): bool(d) for n, d in zip(g["param_names"], g["param_weight_decay"])}
+    assert {n: ours.get(n) for n in want} == want
   c = run["c"]
   clip = min(1.0, c.optimizer.max_grad_norm / (float(g["grad_norm"]) + 1e-6)) if c.optimizer.max_grad_norm else 1.0
   _check_scalar("grad_clip_coef", clip, g["grad_clip_coef"])
@@ -373,7 +400,7 @@ def test_discriminator_step(run, golden):
   _needs_gan(run)
   g = golden
   for call, logits in run["d_logits"].items():
-    _check_tensor(f"d_logits_{call}", logits, g[f"d_logits_{call}"], "logits")
+    _check_tensor(f"d_logits_{call}", _logit_rows(logits), g[f"d_logits_{call}"], "logits")
   m = run["d_metrics"]
   _check_scalar("d_loss_hinge", m["d_base_loss"], g["d_loss_hinge"])
   _check_scalar("lecam_ema_after", run["lecam_ema"], g["lecam_ema_after"])
@@ -449,7 +476,6 @@ def test_zz_report_worst():
 # ----------------------------------------------------------------------------------------------------
 # The GPT recipe (train_c2i.py): golden_gpt.npz
 # ----------------------------------------------------------------------------------------------------
-GPT_DIR = GOLDEN_DIR.parent / "gpt"
 CASES = ("nodrop", "tokdrop")
 REL = 1e-5      # relative tolerance (elementwise for losses / logits / LR, in norm per tensor)
 ABS = 1e-6      # absolute floor near 0
@@ -470,14 +496,23 @@ def test_recipe_defaults_are_train_c2i_defaults():
 
 
 @pytest.fixture(scope="module")
-def golden_gpt():
-  with np.load(GOLDEN_DIR / "golden_gpt.npz", allow_pickle=False) as z:
+def gpt_dir(golden_dir):
+  """The GPT run the step starts from (config.json / config.yaml, checkpoints/gpt.pt)."""
+  return golden_dir.parent / "gpt"
+
+
+@pytest.fixture(scope="module")
+def golden_gpt(golden_dir, gpt_dir):
+  path = golden_dir / "golden_gpt.npz"
+  if not path.is_file() or not (gpt_dir / "checkpoints" / "gpt.pt").is_file():
+    pytest.skip(f"no GPT golden in {golden_dir} (golden_gpt.npz and ../gpt/checkpoints/gpt.pt)")
+  with np.load(path, allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
 
 
-def recipe_config(golden_gpt, case: str):
+def recipe_config(golden_gpt, case: str, gpt_dir):
   """The recipe's config (configs/gpt_common.py defaults) with the golden directory's settings."""
-  ref = gpt_convert.load_reference_config(GPT_DIR)
+  ref = gpt_convert.load_reference_config(gpt_dir)
   c = gpt_config(tokens=ref.block_size)
   c.model.update(preset="", **dataclasses.asdict(ref))
   # The goldens turn residual / FFN dropout off (their masks are not recorded) and token dropout
@@ -505,9 +540,9 @@ def golden_batch(golden_gpt):
           "labels": jnp.asarray(golden_gpt["gpt_labels"], jnp.int32)}
 
 
-def converted(cfg, weights: str):
+def converted(cfg, weights: str, gpt_dir):
   """Our GPT with the golden run's starting weights ('model' or 'ema'), via the converter."""
-  path = GPT_DIR / "checkpoints" / "gpt.pt"
+  path = gpt_dir / "checkpoints" / "gpt.pt"
   return gpt_convert.convert_state_dict(cfg, load_state_dict(path, weights), source=f"{path}:{weights}")
 
 
@@ -534,17 +569,17 @@ def check_tensors(what: str, ours, golden_gpt, prefix: str, names, tol=REL):
 class Step:
   """Everything one case needs: config, models, state, the step and its draws."""
 
-  def __init__(self, golden_gpt, case):
+  def __init__(self, golden_gpt, case, gpt_dir):
     self.case = case
-    self.c = recipe_config(golden_gpt, case)
+    self.c = recipe_config(golden_gpt, case, gpt_dir)
     self.cfg = ar.gpt_config_from(self.c)
     self.loss_fn = ar.make_loss(self.cfg, self.c.correction_prob, jnp.dtype(self.c.compute_dtype), self.c.remat)
     self.tx = ar.make_tx(self.c)
     self.mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     graphdef, state, shardings = create_train_state(lambda: GPT(self.cfg, rngs=0), self.tx, self.mesh)
     self.graphdef, self.shardings = graphdef, shardings
-    _, params, extras = split_model(converted(self.cfg, "model"))
-    _, ema, _ = split_model(converted(self.cfg, "ema"))
+    _, params, extras = split_model(converted(self.cfg, "model", gpt_dir))
+    _, ema, _ = split_model(converted(self.cfg, "ema", gpt_dir))
     put = lambda tree, s: jax.device_put(tree, s)
     self.state = state.replace(params=put(params, shardings.params), extras=put(extras, shardings.extras),
                                ema_params=put(ema, shardings.ema_params),
@@ -556,8 +591,8 @@ class Step:
 
 
 @pytest.fixture(scope="module", params=CASES)
-def step(request, golden_gpt):
-  return Step(golden_gpt, request.param)
+def step(request, golden_gpt, gpt_dir):
+  return Step(golden_gpt, request.param, gpt_dir)
 
 
 def test_draws_become_the_reference_decisions(step, golden_gpt):
@@ -608,8 +643,8 @@ def test_decay_groups_follow_the_reference(step, golden_gpt):
   assert ours == {k: bool(v) for k, v in want.items()}
 
 
-def test_learning_rate_curve(golden_gpt):
-  c = recipe_config(golden_gpt, "nodrop")
+def test_learning_rate_curve(golden_gpt, gpt_dir):
+  c = recipe_config(golden_gpt, "nodrop", gpt_dir)
   sched = ar.lr_schedule(c)
   want = golden_gpt["sched_gpt_lr"]
   got = np.asarray([float(sched(t)) for t in range(len(want))])
