@@ -74,6 +74,7 @@ GOLDEN_DIRS = ([pathlib.Path(os.environ["DETAILFLOW_TRAINING_GOLDEN"])] if os.en
                else [FIXTURES / "detailflow_tiny_a" / "training", FIXTURES / "detailflow_tiny_b" / "training"])
 SCALAR_RTOL, SCALAR_ATOL = 1e-5, 1e-6
 TENSOR_RTOL = 1e-5
+# Per golden directory (the `golden` fixture switches them; pytest runs one directory's tests together):
 ZEROS = set()  # gradients the reference's math makes 0 (compared as noise on both sides)
 WORST = {}  # kind -> (relative error, name): the figures docs/training_parity.md quotes
 
@@ -180,6 +181,8 @@ def golden(golden_dir):
   path = golden_dir / "golden_tokenizer.npz"
   if not path.is_file():
     pytest.skip(f"no tokenizer golden in {golden_dir} (golden_tokenizer.npz)")
+  ZEROS.clear()
+  WORST.clear()
   with np.load(path, allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
 
@@ -466,8 +469,9 @@ def test_diff_augment_outputs(run, golden):
     assert str(golden["aug_policies"][run["calls"].index(call)]) == policy, call
 
 
-def test_zz_report_worst():
-  """Prints the worst figure of each kind (run with -s to see them)."""
+def test_zz_report_worst(golden_dir, golden):
+  """Prints the worst figure of each kind for this directory (run with -s to see them)."""
+  print(f"\n{golden_dir}:")
   for kind, (rel, name) in sorted(WORST.items()):
     print(f"worst {kind}: {rel:.3g} ({name})")
   print(f"gradients 0 in the reference's math (noise on both sides): {sorted(ZEROS)}")
