@@ -336,6 +336,9 @@ def test_generator_forward(run, golden):
   _check_scalar("metric_fea_cosine_sim", m["fea_cosine_sim"], golden["metric_fea_cosine_sim"])
   if "global_token_loss" in m:
     _check_scalar("loss_global_token", m["global_token_loss"], golden["loss_global_token"])
+  if "loss_repa" in golden:  # REPA before its weight (config B)
+    assert "repa_loss" in m, "the reference ran REPA, this run did not"
+    _check_scalar("loss_repa", m["repa_loss"], golden["loss_repa"])
   if "lpips_per_image" in golden and run["c"].losses.perceptual_weight:
     _check_scalar("lpips_per_image", tr["lpips_per_image"], golden["lpips_per_image"])
     _check_scalar("loss_perceptual", m["perceptual_loss"], golden["loss_perceptual"])
