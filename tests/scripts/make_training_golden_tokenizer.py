@@ -82,7 +82,7 @@ TRAIN_ARGS = {
     "disc_weight": 0.3, "disc_start": 1, "disc_loss": "hinge", "gen_loss": "hinge",
     "lecam_loss_weight": 0.01, "disc_cr_loss_weight": 0.0, "use_diff_aug": False,
     "disc_adaptive_weight": False, "optimizer": "adamw", "lr": 0.0512, "global_batch_size": 2,
-    "beta1": 0.85, "beta2": 0.99, "weight_decay": 0.05, "max_grad_norm": 0.5, "lr_scheduler": "cosine",
+    "beta1": 0.85, "beta2": 0.99, "weight_decay": 0.3, "max_grad_norm": 0.5, "lr_scheduler": "cosine",
     "epochs": 3, "lr_warmup_epochs": 0, "mixed_precision": "none", "ema": True, "dropout_p": 0.0,
 }
 LECAM_BEFORE = (0.21, -0.33)  # LeCAM_EMA state as if mid-training (a plain Python pair in the reference)
@@ -671,7 +671,7 @@ def write_readme(out, g, margins, draw_seed, weight_seed, checks):
            "## What differs from config A", "",
            "- discriminator PatchGAN (disc_type patchgan, disc_dim 8, 3 layers, BatchNorm, no spectral norm); "
            "its BatchNorm running statistics random as if mid-training (num_batches_tracked 5)",
-           "- optimizer AdamW on train_tokenizer.py's param_groups_weight_decay (weight_decay 0.05 on params "
+           "- optimizer AdamW on train_tokenizer.py's param_groups_weight_decay (weight_decay 0.3, large enough that the decay of one step at the full LR (1.2e-4 of a weight) stands well above the 1e-5 tolerance, on params "
            "with ndim >= 2 that are not '.bias', torch shapes: decoder.mask_token [1, 1, D] decays): "
            "`param_weight_decay` / `d_param_weight_decay` (new keys) record the groups",
            "- REPA on (repa_loss_weight 0.4, repa_proj_dim 24, repa_layer_indices 1): `loss_repa` (new key, "
