@@ -66,7 +66,7 @@ from detailflow_jax.models.tokenizer import Tokenizer, TokenizerConfig
 from detailflow_jax.train import ar, frozen_nets, gan
 from detailflow_jax.train import tokenizer as recipe
 from detailflow_jax.train.driver import total_steps
-from detailflow_jax.train.optim import decay_mask, param_path
+from detailflow_jax.train.optim import decay_mask, param_path, reference_decay_mask
 from detailflow_jax.train.state import (
   apply_gradients,
   create_train_state,
@@ -91,6 +91,15 @@ WORST = {}  # kind -> (relative error, name): the figures docs/training_parity.m
 
 def _nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def _logit_rows(x):
+  """Discriminator logits as the golden stores them, [rows, everything else] in torch's (NCHW)
+  order: a PatchGAN map is NHWC here."""
+  x = np.asarray(x)
+  if x.ndim == 4:
+    x = x.transpose(0, 3, 1, 2)
+  return x.reshape(x.shape[0], -1)
 
 
 def _check_scalar(name, ours, theirs, kind="scalar"):
@@ -395,12 +404,15 @@ def test_generator_forward(run, golden):
   _check_scalar("metric_fea_cosine_sim", m["fea_cosine_sim"], golden["metric_fea_cosine_sim"])
   if "global_token_loss" in m:
     _check_scalar("loss_global_token", m["global_token_loss"], golden["loss_global_token"])
+  if "loss_repa" in golden:  # REPA before its weight (config B)
+    assert "repa_loss" in m, "the reference ran REPA, this run did not"
+    _check_scalar("loss_repa", m["repa_loss"], golden["loss_repa"])
   if "lpips_per_image" in golden and run["c"].losses.perceptual_weight:
     _check_scalar("lpips_per_image", tr["lpips_per_image"], golden["lpips_per_image"])
     _check_scalar("loss_perceptual", m["perceptual_loss"], golden["loss_perceptual"])
     _check_scalar("weight_perceptual", m["perceptual_weight"], golden["weight_perceptual"])
   if "gen_logits_fake" in golden:
-    _check_tensor("gen_logits_fake", tr["gen_logits_fake"], golden["gen_logits_fake"], "logits")
+    _check_tensor("gen_logits_fake", _logit_rows(tr["gen_logits_fake"]), golden["gen_logits_fake"], "logits")
     _check_scalar("loss_gen_adv", m["generator_adv_loss"], golden["loss_gen_adv"])
     _check_scalar("weight_disc", m["disc_weight"], golden["weight_disc"])
   _check_scalar("loss_gen_total", run["loss"], golden["loss_gen_total"])
@@ -415,6 +427,11 @@ def test_generator_gradients_and_update(run, golden):
   norm = np.sqrt(sum(np.sum(np.square(o.astype(np.float64))) for o, _ in grads.values()))
   _check_scalar("grad_norm", norm, g["grad_norm"])
   _check_scalar("grad_norm (step metric)", run["step_metrics"]["grad_norm"], g["grad_norm"])
+  if "param_weight_decay" in g:  # the reference's AdamW groups (param_groups_weight_decay), where recorded
+    mask = _flat(reference_decay_mask(MAPPING)(run["state0"].params))
+    ours = {MAPPING.name(path): bool(v) for path, v in mask.items()}
+    want = {str(n): bool(d) for n, d in zip(g["param_names"], g["param_weight_decay"])}
+    assert {n: ours.get(n) for n in want} == want
   c = run["c"]
   clip = min(1.0, c.optimizer.max_grad_norm / (float(g["grad_norm"]) + 1e-6)) if c.optimizer.max_grad_norm else 1.0
   _check_scalar("grad_clip_coef", clip, g["grad_clip_coef"])
@@ -542,7 +559,7 @@ def test_discriminator_step(run, golden):
   _needs_gan(run)
   g = golden
   for call, logits in run["d_logits"].items():
-    _check_tensor(f"d_logits_{call}", logits, g[f"d_logits_{call}"], "logits")
+    _check_tensor(f"d_logits_{call}", _logit_rows(logits), g[f"d_logits_{call}"], "logits")
   m = run["d_metrics"]
   _check_scalar("d_loss_hinge", m["d_base_loss"], g["d_loss_hinge"])
   _check_scalar("lecam_ema_after", run["lecam_ema"], g["lecam_ema_after"])
@@ -599,8 +616,9 @@ def test_diff_augment_outputs(run, golden):
     assert str(golden["aug_policies"][run["calls"].index(call)]) == policy, call
 
 
-def test_zz_report_worst():
-  """Prints the worst figure of each kind (run with -s to see them)."""
+def test_zz_report_worst(golden_dir, golden):
+  """Prints the worst figure of each kind for this directory (run with -s to see them)."""
+  print(f"\n{golden_dir}:")
   for kind, (rel, name) in sorted(WORST.items()):
     print(f"worst {kind}: {rel:.3g} ({name})")
   print(f"gradients 0 in the reference's math (noise on both sides): {sorted(ZEROS)}")

@@ -404,7 +404,8 @@ class Tokenizer(nnx.Module):
       recon, hidden = self.decode(quant, num_tokens, decode_res, capture_layer=cfg.repa_layer_indices)
       teacher = jax.lax.stop_gradient(self.repa_model(target.astype(self.param_dtype)))
       pred = l2_normalize(self.projection(hidden).astype(jnp.float32))
-      align += cfg.repa_loss_weight * jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
+      losses["repa_loss"] = jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
+      align += cfg.repa_loss_weight * losses["repa_loss"]
     else:
       recon = self.decode(quant, num_tokens, decode_res)
     if cfg.global_token_loss_weight and not decoder_finetune:
