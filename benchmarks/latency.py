@@ -51,7 +51,14 @@ from benchmarks.common import add_side_by_side_flags  # noqa: E402
 from benchmarks.vs_reference import Worker, checkpoint_in  # noqa: E402
 from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
 from detailflow_jax.convert.common import load_state_dict  # noqa: E402
-from detailflow_jax.inference.sampler import WEIGHTS_DTYPES, Sampler, SamplingOptions, weight_bytes_per_step  # noqa: E402
+from detailflow_jax.inference.sampler import (  # noqa: E402
+    KERNEL_LAYOUTS,
+    WEIGHTS_DTYPES,
+    Sampler,
+    SamplingOptions,
+    default_kernel_layout,
+    weight_bytes_per_step,
+)
 from detailflow_jax.models.gpt import GPTConfig  # noqa: E402
 from detailflow_jax.models.keys import InitKeys  # noqa: E402
 
@@ -106,29 +113,33 @@ def random_reference_like_gpt(cfg: GPTConfig, seed: int):
 
 
 class OurModel:
-  """One GPT, a sampler per weights dtype, precompiled per batch."""
+  """One GPT, a sampler per weights dtype (the backend's default kernel layout; with
+  `layouts`, one per (dtype, layout) too), precompiled per batch."""
 
-  def __init__(self, name: str, gpt, batches, dtypes):
+  def __init__(self, name: str, gpt, batches, dtypes, layouts=()):
     self.name, self.cfg = name, gpt.config
     self.labels = {b: np.arange(b) % self.cfg.num_classes for b in batches}
     self.options = SamplingOptions(cfg_scale=COMMON["cfg_scale"])
     self.samplers, self.params, self.compile_s = {}, {}, {}
     params = nnx.state(gpt)
-    for dtype in dtypes:
-      sampler = Sampler(gpt, weights_dtype=dtype)
-      self.samplers[dtype] = sampler
-      self.params[dtype] = jax.block_until_ready(sampler.cast_weights(params))
+    variants = [(dtype, None) for dtype in dtypes] + [(d, k) for d in dtypes for k in layouts]
+    for dtype, layout in variants:
+      sampler = Sampler(gpt, weights_dtype=dtype, kernel_layout=layout)
+      key = dtype if layout is None else (dtype, layout)
+      self.samplers[key] = sampler
+      self.params[key] = jax.block_until_ready(sampler.prepare_weights(params))
       for b in batches:
         start = time.perf_counter()
-        sampler.precompile(self.params[dtype], self.labels[b], self.options)
-        self.compile_s[(dtype, b)] = time.perf_counter() - start
-        self.call(dtype, b, 0)  # untimed: first-call allocations are not the rate
+        sampler.precompile(self.params[key], self.labels[b], self.options)
+        self.compile_s[(key, b)] = time.perf_counter() - start
+        self.call(key, b, 0)  # untimed: first-call allocations are not the rate
     self.steps = steps_per_call(self.cfg, COMMON["tokens"])
 
-  def call(self, dtype: str, batch: int, round_: int) -> float:
+  def call(self, key, batch: int, round_: int) -> float:
+    """Seconds of one call of the sampler `key` (a weights dtype, or (dtype, kernel layout))."""
     start = time.perf_counter()
-    jax.block_until_ready(self.samplers[dtype].sample(
-        self.params[dtype], self.labels[batch], jax.random.key(round_), self.options,
+    jax.block_until_ready(self.samplers[key].sample(
+        self.params[key], self.labels[batch], jax.random.key(round_), self.options,
         num_tokens=COMMON["tokens"]))
     return time.perf_counter() - start
 
@@ -159,6 +170,9 @@ def main(argv=None) -> int:
   parser.add_argument("--models", default=None, help="comma-separated GPT presets "
                       "(default: GPT-B with --quick, else GPT-B,GPT-L)")
   parser.add_argument("--batches", default=None, help="comma-separated (default 1; full: 1,2,4)")
+  parser.add_argument("--compare-kernel-layouts", action="store_true",
+                      help="also time every kernel layout (KERNEL_LAYOUTS) per dtype and batch in the same "
+                           "rounds: `kernel_layouts` in the output (the evidence for KERNEL_LAYOUT_DEFAULTS)")
   args = parser.parse_args(argv)
 
   models = (args.models or ("GPT-B" if args.quick else "GPT-B,GPT-L")).split(",")
@@ -198,10 +212,11 @@ def main(argv=None) -> int:
         gpt = random_reference_like_gpt(cfg, COMMON["seed"])
       try:
         log(f"compiling ours ({name}, batches {batches})")
-        ours = OurModel(name, gpt, batches, dtypes)
+        layouts = KERNEL_LAYOUTS if args.compare_kernel_layouts else ()
+        ours = OurModel(name, gpt, batches, dtypes, layouts)
         del gpt
-        for key, seconds in ours.compile_s.items():
-          compile_s[f"{name}/{key[0]}/batch{key[1]}"] = seconds
+        for (key, b), seconds in ours.compile_s.items():
+          compile_s[f"{name}/{'/'.join(key) if isinstance(key, tuple) else key}/batch{b}"] = seconds
         for dtype in dtypes:
           weight_bytes[(name, dtype)] = weight_bytes_per_step(ours.params[dtype])
         if ref is not None:
@@ -213,9 +228,9 @@ def main(argv=None) -> int:
             if side == "reference" and ref is not None:
               times.setdefault((name, "reference"), []).append(ref.ask("sampler")["seconds"])
             elif side == "ours":
-              for dtype in dtypes:
+              for key in ours.samplers:
                 for b in batches:
-                  times.setdefault((name, dtype, b), []).append(ours.call(dtype, b, r + 1))
+                  times.setdefault((name, key, b), []).append(ours.call(key, b, r + 1))
           bandwidth.append(read_bandwidth())
           loads.append(os.getloadavg())
           log(f"{name} round {r + 1}/{rounds} done")
@@ -252,11 +267,19 @@ def main(argv=None) -> int:
     return out
 
   runs = [summary(name, dtype, b) for name in models for dtype in dtypes for b in batches]
+  kernel_layouts = [
+      {"model": name, "weights_dtype": dtype, "batch": b,
+       **{f"{layout}_seconds_per_image": statistics.median(times[(name, (dtype, layout), b)]) / b
+          for layout in KERNEL_LAYOUTS},
+       "contracted_last_speedup": statistics.median(times[(name, (dtype, "as_stored"), b)])
+       / statistics.median(times[(name, (dtype, "contracted_last"), b)])}
+      for name in models for dtype in dtypes for b in batches if (name, (dtype, "as_stored"), b) in times]
   head = models[0]
   result = summary(head, "float32", 1)
   result["bfloat16"] = summary(head, "bfloat16", 1)
   result.update(
-      runs=runs, quality=quality, rounds=rounds, quick=args.quick, targets=TARGETS,
+      runs=runs, kernel_layout=default_kernel_layout(), kernel_layouts=kernel_layouts or None,
+      quality=quality, rounds=rounds, quick=args.quick, targets=TARGETS,
       meets_targets=None if result["speedup"] is None else {
           "speedup_float32": result["speedup"] >= TARGETS["speedup_float32"],
           "speedup_bfloat16": result["bfloat16"]["speedup"] >= TARGETS["speedup_bfloat16"],

@@ -32,7 +32,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 import jax  # noqa: E402  (after the path insert)
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import add_side_by_side_flags, matmul_flops_per_s  # noqa: E402
 from detailflow_jax.convert import gpt as gpt_convert  # noqa: E402
@@ -80,7 +79,7 @@ class OurSide:
     tok = tok_convert.convert_state_dict(tok_cfg, load_state_dict(tok_ckpt), str(tok_ckpt))
 
     self.sampler = Sampler(gpt)
-    self.params = nnx.state(gpt)
+    self.params = self.sampler.prepare_weights(gpt)  # what sample / generate run: cast and laid out once
     self.labels = jax.numpy.arange(s["batch"]) % gpt_cfg.num_classes
     self.options = SamplingOptions(cfg_scale=s["cfg_scale"], temperature=1.0, top_k=0, top_p=1.0)
     self.tokens = min(s["tokens"], gpt_cfg.block_size)

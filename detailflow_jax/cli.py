@@ -124,8 +124,9 @@ def use_compile_cache(args, package_cache_dir) -> str | None:
   add_compile_cache_flags) say: --compile-cache DIR, else $JAX_COMPILATION_CACHE_DIR, else
   `package_cache_dir`/xla_compilation_cache; off with --no-compile-cache. Returns the directory
   in use (None: off). Call before the first jit compiles: a cached executable is the one the
-  compile would give (results do not change), only compile time is saved. Programs that compile
-  in under a second are not stored (JAX's threshold: reading them back would not pay)."""
+  compile would give (results do not change), only compile time is saved. Every program is
+  stored, however fast it compiled: JAX's default threshold (1 s) leaves out the dozens of small
+  programs (weight conversion, decode, eager ops) whose compiles add up to seconds of a start."""
   import jax
   if args.no_compile_cache:
     jax.config.update("jax_enable_compilation_cache", False)
@@ -139,4 +140,5 @@ def use_compile_cache(args, package_cache_dir) -> str | None:
     raise ValueError(f"--compile-cache {directory}: cannot create it ({e})") from None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return directory

@@ -84,7 +84,7 @@ def main(argv=None):
         f"{cfg.group_size}) and tokenizer in {time.time() - start:.1f}s", flush=True)
 
   sampler = Sampler(gpt, weights_dtype=args.weights_dtype)
-  params = sampler.cast_weights(gpt)
+  params = sampler.prepare_weights(gpt)
   start = time.time()
   key = jax.random.key(args.seed)
   if args.row_keys:

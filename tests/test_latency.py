@@ -84,7 +84,7 @@ def test_bfloat16_weights_on_the_fixture_gpt(tmp_path_factory, golden):
   opts = SamplingOptions(cfg_scale=1.5, greedy=True)
   s32 = fixture_sampler(tmp_path_factory)
   s16 = Sampler(gpt, weights_dtype="bfloat16")
-  params = s16.cast_weights(gpt)
+  params = s16.prepare_weights(gpt)
   tokens, logits = s16.sample(params, labels, jax.random.key(0), opts, return_logits=True)
   assert s16.trace_count == 1
   # float32 kernels are cast inside the call: the same program result
@@ -170,9 +170,52 @@ def test_generation_settings_weights_dtype():
 def test_bfloat16_weights_stream_like_sample():
   gpt = random_gpt()
   sampler = Sampler(gpt, weights_dtype="bfloat16")
-  params = sampler.cast_weights(gpt)
+  params = sampler.prepare_weights(gpt)
   labels, key, opts = np.array([1, 3]), jax.random.key(5), SamplingOptions(cfg_scale=1.5)
   whole = np.asarray(sampler.sample(params, labels, key, opts))
   prefixes = [np.asarray(p) for p in sampler.sample_stream(params, labels, key, opts)]
   np.testing.assert_array_equal(prefixes[-1], whole)
   np.testing.assert_array_equal(whole, np.asarray(sampler.sample(gpt, labels, key, opts)))
+
+
+def test_contracted_last_kernels_compute_the_same_products():
+  """A kernel stored with its contracted axes last ([out, in]) gives the stored layout's product:
+  Linear, and an Einsum with several free kernel axes and a bias (the 2-D product path)."""
+  from detailflow_jax.models.precision import Einsum
+  x = jax.random.normal(jax.random.key(1), (2, 3, 8))
+  for layer in (Linear(8, 5, rngs=nnx.Rngs(0)),
+                Einsum("bnd,dkh->bnkh", (8, 2, 3), (2, 3), rngs=nnx.Rngs(0)),
+                Einsum("bnd,kdh->bnkh", (2, 8, 3), (2, 3), rngs=nnx.Rngs(0))):  # the generic einsum path
+    if layer.bias is not None:
+      layer.bias.set_value(jax.random.normal(jax.random.key(2), layer.bias.shape))
+    expected = layer(x)
+    kernel = layer.kernel[...]
+    layer.kernel.set_value(jnp.transpose(kernel, layer.contracted_last_permutation()))
+    assert layer.kernel.shape[-1] == 8  # the contracted axis is last
+    layer.mixed_precision = Precision(kernels_contracted_last=True)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    layer.mixed_precision = Precision("bfloat16", output_dtype="float32", kernels_contracted_last=True)
+    layer.kernel.set_value(layer.kernel[...].astype(jnp.bfloat16))
+    assert layer(x).dtype == jnp.float32
+
+
+def test_contracted_last_sampler_draws_the_reference_tokens(tmp_path_factory, golden):
+  """Prepared weights in the contracted-last layout (the CPU default): every kernel stored
+  transposed once, and the greedy tokens still the reference's."""
+  gpt = loaded_gpt(tmp_path_factory)
+  labels = golden["gen_labels"]
+  opts = SamplingOptions(cfg_scale=1.5, greedy=True)
+  sampler = Sampler(gpt, kernel_layout="contracted_last")
+  params = sampler.prepare_weights(gpt)
+  assert (params.weights_dtype, params.kernel_layout) == ("float32", "contracted_last")
+  stored = {p: x.shape for p, x in nnx.to_flat_state(nnx.state(gpt)) if p[-1] == "kernel"}
+  laid = {p: x.shape for p, x in nnx.to_flat_state(params.states[0]) if p[-1] == "kernel"}
+  assert stored and stored.keys() == laid.keys()
+  assert all(laid[p][-1] == shape[0] and laid[p] != shape for p, shape in stored.items()
+             if len(set(shape)) > 1)
+  tokens = sampler.sample(params, labels, jax.random.key(0), opts)
+  np.testing.assert_array_equal(np.asarray(tokens), golden["gen_tokens_cfg1p5"])
+  with pytest.raises(ValueError, match="kernel_layout"):
+    Sampler(gpt, kernel_layout="as_stored").sample(params, labels, jax.random.key(0), opts)
+  with pytest.raises(ValueError, match="kernel_layout"):
+    Sampler(gpt, kernel_layout="columns")

@@ -185,7 +185,7 @@ class GenerationJob:
     # Labels, keys and tokens are batch-sharded over the mesh by the sampler; each device
     # always samples per_device_batch rows, whatever the device count.
     self.sampler = Sampler(self.gpt_graphdef, mesh=self.mesh, weights_dtype=settings.weights_dtype)
-    self.gpt_params = self.sampler.cast_weights(self.gpt_params)
+    self.gpt_params = self.sampler.prepare_weights(self.gpt_params)
 
   def images(self, start: int, stop: int) -> np.ndarray:
     """uint8 [stop - start, H, W, 3] of samples start .. stop-1 (every process gets them)."""

@@ -36,6 +36,7 @@ measured by benchmarks/latency.py (docs/latency.md).
 previews as the image arrives): one more compiled program, whose step range is traced, carries
 the tokens and the KV cache from segment to segment.
 """
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -46,7 +47,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from ..models.gpt import GPT, GPTConfig, KVCache, cache_chunk
-from ..models.precision import Precision, set_precision
+from ..models.precision import PolicyLayer, Precision, set_precision
 from ..sharding import batch_sharding, replicated
 
 CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
@@ -57,6 +58,13 @@ CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
 CACHE_ATTENTION_DEFAULTS = {"cpu": "chunked"}
 PREFIX_CHUNK = 16  # keys per chunk in the single-position prefix steps
 WEIGHTS_DTYPES = ("float32", "bfloat16")
+# How a call lays out the matmul kernels it streams (see `Sampler`): "as_stored" ([in, out], as
+# the GPT holds them) or "contracted_last" ([out, in], transposed once per call, before the
+# decode loop). On XLA:CPU the 16-row dots of a batch-1 group step stream a contracted-last
+# kernel 1.3x faster (GPT-B matmul skeleton, 2-core AVX2, float32: 37-40 ms vs 50-53 ms per
+# group step; 2 rows: equal); benchmarks/latency.py --kernel-layout measures it on the sampler.
+KERNEL_LAYOUTS = ("as_stored", "contracted_last")
+KERNEL_LAYOUT_DEFAULTS = {"cpu": "contracted_last"}
 
 
 def check_weights_dtype(weights_dtype: str, key: str = "weights_dtype") -> str:
@@ -93,6 +101,35 @@ def weight_bytes_per_step(params) -> int:
       continue
     total += x.size * x.dtype.itemsize
   return int(total)
+
+
+def default_kernel_layout(platform: str | None = None) -> str:
+  """The kernel layout for `platform` (default: the default JAX backend)."""
+  return KERNEL_LAYOUT_DEFAULTS.get(platform or jax.default_backend(), "as_stored")
+
+
+def kernel_permutations(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
+  """{module path: the axis order that moves its kernel's contracted axes last}, per PolicyLayer."""
+  return {tuple(path): module.contracted_last_permutation()
+          for path, module in nnx.iter_modules(model) if isinstance(module, PolicyLayer)}
+
+
+def set_kernel_layout(model: nnx.Module, kernel_layout: str) -> nnx.Module:
+  """Tells every PolicyLayer of `model` (in place) which layout its kernel is stored in."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, PolicyLayer):
+      module.mixed_precision = dataclasses.replace(
+          module.mixed_precision, kernels_contracted_last=kernel_layout == "contracted_last")
+  return model
+
+
+@struct.dataclass
+class SamplingWeights:
+  """A GPT's states as `Sampler.prepare_weights` left them: kernels cast to `weights_dtype` and
+  stored in `kernel_layout`, once, so no call re-casts or re-lays 365 MB (GPT-B) of kernels."""
+  states: tuple
+  weights_dtype: str = struct.field(pytree_node=False)
+  kernel_layout: str = struct.field(pytree_node=False)
 
 
 def default_cache_attention(platform: str | None = None) -> str:
@@ -308,15 +345,21 @@ class Sampler:
   cache_attention: "chunked" or "whole" (see the module docstring); None = the backend's default.
   weights_dtype: "float32" (default; the weights as given) or "bfloat16" (weight-only bf16, see
     the module docstring). Kernels that arrive float32 are cast inside every call; pass
-    `sampler.cast_weights(params)` once to stream the bf16 copy only.
+    `sampler.prepare_weights(params)` once to stream the bf16 copy only.
+  kernel_layout: "as_stored" or "contracted_last" (see KERNEL_LAYOUTS); None = the backend's
+    default. It applies to weights given through `prepare_weights`.
   mesh: labels, keys, caches and outputs are sharded over the mesh's batch axes (the batch must
     divide by their size); params keep the shardings they arrive with (arrays not on the mesh
     are replicated onto it). Outputs come back as batch-sharded jax.Arrays.
   """
 
   def __init__(self, gpt_or_graphdef, *, cache_attention: str | None = None,
-               mesh: Mesh | None = None, weights_dtype: str = "float32"):
+               mesh: Mesh | None = None, weights_dtype: str = "float32",
+               kernel_layout: str | None = None):
     cache_attention = cache_attention or default_cache_attention()
+    kernel_layout = kernel_layout or default_kernel_layout()
+    if kernel_layout not in KERNEL_LAYOUTS:
+      raise ValueError(f"kernel_layout must be one of {' | '.join(KERNEL_LAYOUTS)}, got {kernel_layout!r}")
     if cache_attention not in CACHE_ATTENTION_VARIANTS:
       raise ValueError(f"cache_attention must be one of {CACHE_ATTENTION_VARIANTS}, "
                        f"got {cache_attention!r}")
@@ -326,6 +369,7 @@ class Sampler:
     self.config = _config_of(self.graphdef)
     self.cache_attention = cache_attention
     self.weights_dtype = check_weights_dtype(weights_dtype)
+    self.kernel_layout = kernel_layout
     self.mesh = mesh
     self.trace_count = 0
     self._jitted = jax.jit(self._impl, static_argnames=("guidance", "record_logits", "key_impl"))
@@ -335,12 +379,22 @@ class Sampler:
 
   def _model(self, params) -> GPT:
     """The GPT of `params` (inside a trace) in this sampler's weights dtype: kernels that arrive
-    float32 are cast here, and bf16 kernels run under the weight-only policy."""
-    states = cast_kernels(params if isinstance(params, tuple) else (params,), self.weights_dtype)
+    float32 are cast here, and bf16 kernels run under the weight-only policy. Prepared weights
+    (`prepare_weights`) come cast and laid out; other params keep the stored layout (laying out
+    365 MB of kernels inside every call costs more than the faster dots win)."""
+    if isinstance(params, SamplingWeights):
+      if (params.weights_dtype, params.kernel_layout) != (self.weights_dtype, self.kernel_layout):
+        raise ValueError(f"weights prepared for weights_dtype={params.weights_dtype!r}, kernel_layout="
+                         f"{params.kernel_layout!r}; this sampler has {self.weights_dtype!r}, "
+                         f"{self.kernel_layout!r}")
+      states, kernel_layout = params.states, params.kernel_layout
+    else:
+      states = cast_kernels(params if isinstance(params, tuple) else (params,), self.weights_dtype)
+      kernel_layout = "as_stored"
     model = nnx.merge(self.graphdef, *states)
     if self.weights_dtype != "float32":
       set_precision(model, Precision(self.weights_dtype, output_dtype="float32"))
-    return model
+    return set_kernel_layout(model, kernel_layout)
 
   def _impl(self, params, labels, key_data, opts, num_tokens, forced_tokens, *, guidance,
             record_logits, key_impl):
@@ -452,11 +506,25 @@ class Sampler:
 
   # --- public API ---------------------------------------------------------------------
 
-  def cast_weights(self, params):
+  def prepare_weights(self, params) -> SamplingWeights:
     """params (a GPT, its nnx.State or a tuple of states) with the matmul kernels in this
-    sampler's weights_dtype: cast once and pass the result to every call, so a call streams
-    the low-precision copy only (float32: the states unchanged)."""
-    return cast_kernels(self._params(params), self.weights_dtype)
+    sampler's weights_dtype and kernel_layout, done once: pass the result to every call, so a
+    call streams the low-precision copy in the fast layout and prepares nothing."""
+    if isinstance(params, SamplingWeights):
+      return params
+    params = self._params(params)
+    states = cast_kernels(params if isinstance(params, tuple) else (params,), self.weights_dtype)
+    if self.kernel_layout == "contracted_last":
+      permutations = kernel_permutations(nnx.merge(self.graphdef, *states))
+
+      def lay_out(path, x):
+        names = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+        names = names[:-1] if names[-1] == "value" else names
+        return jnp.transpose(x, permutations[names[:-1]]) if names[-1] == "kernel" else x
+
+      states = [jax.tree_util.tree_map_with_path(lay_out, state) for state in states]
+    return SamplingWeights(states=tuple(states), weights_dtype=self.weights_dtype,
+                           kernel_layout=self.kernel_layout)
 
   def precompile(self, params, labels, options: SamplingOptions = SamplingOptions(),
                  return_logits: bool = False, key=None) -> None:
