@@ -97,7 +97,6 @@ class StreamingBatcher:
 
   def __init__(self, gpt, tokenizer, *, max_batch: int = 8, max_waiting: int = 16,
                window_s: float = 0.05, previews: int | None = DEFAULT_PREVIEWS):
-    from flax import nnx
 
     from .inference.sampler import Sampler
     from .inference.tokenizer import TokenizerFns
@@ -106,8 +105,8 @@ class StreamingBatcher:
     if previews is not None and (isinstance(previews, bool) or not isinstance(previews, int) or previews < 0):
       raise ValueError(f"previews must be an integer >= 0 or None (every step), got {previews!r}")
     self.config = gpt.config
-    self.params = nnx.state(gpt)
     self.sampler = Sampler(gpt)
+    self.params = self.sampler.prepare_weights(gpt)  # what the sample CLI streams: the same tokens
     self.fns = TokenizerFns(tokenizer)
     self.schedule = tokenizer.schedule
     self.image_size = tokenizer.config.image_size
