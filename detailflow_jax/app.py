@@ -97,7 +97,6 @@ class StreamingBatcher:
 
   def __init__(self, gpt, tokenizer, *, max_batch: int = 8, max_waiting: int = 16,
                window_s: float = 0.05, previews: int | None = DEFAULT_PREVIEWS):
-
     from .inference.sampler import Sampler
     from .inference.tokenizer import TokenizerFns
     if max_batch < 1:
