@@ -27,6 +27,7 @@ directory; --random-models: DetailFlow-16-sized models with random weights (GPT-
 256 px, its encoder cut to one layer as the app never encodes), built in memory.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -169,7 +170,8 @@ def over_http(app, cfg_scale: float, rounds: int) -> dict:
     rates.append(8 / (time.perf_counter() - start))
     calls.append(batcher.sampler_calls - before)
   client.close()
-  page.close()
+  with contextlib.redirect_stdout(sys.stderr):  # Gradio says it closes: stdout is the JSON alone
+    page.close()
   return {"first_preview_s": first_preview, "final_s": final, "images_per_s": round(max(rates), 3),
           "sampler_calls_per_8_clients": calls}
 
