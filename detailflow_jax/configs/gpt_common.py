@@ -32,8 +32,12 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
       num_classes=1000, class_dropout_prob=0.1, vocab_size=8192, cls_token_num=1,
       block_size=tokens, group_size=8, causal_num=placeholder(int),
       learnable_tok_embeddings=True))
+  # mix_path: the reference's ten_crop_105 code mix (dataset/imagenet.py): a second records
+  # directory of the same images in the same order, extracted from a 1.05x centre crop
+  # (--config.extract.crop_range=1.05); each example reads its codes from it with probability
+  # 0.5. "" (default): data.path alone, as the released recipe's script (no ten_crop_105 codes).
   c.data = ml_collections.ConfigDict(dict(
-      source="token_records", path="", batch_size=256, num_workers=8,
+      source="token_records", path="", mix_path="", batch_size=256, num_workers=8,
       examples_per_epoch=IMAGENET_TRAIN_IMAGES))
   c.num_epochs = 300
   c.total_steps = -1  # -1: derived from num_epochs * examples_per_epoch / batch_size
@@ -53,11 +57,14 @@ def gpt_config(*, tokens: int, preset: str = "GPT-L", variant: str = "") -> ml_c
   # launch/extract_codes.py: which images to encode, and how (the reference: ten crops of a
   # 1.1x centre crop, self-correction triples, bf16 autocast). On the config's mesh: every
   # device encodes per_device_batch images (x views) per step, whatever the device count;
-  # precision: bfloat16 (autocast, float32 parameters) | float32.
+  # precision: bfloat16 (autocast, float32 parameters) | float32. tokenizer_weights: which weights
+  # of a released tokenizer checkpoint encode (the reference's --vq-ema): "ema" | "model" | ""
+  # (the loader's default, 'model', as the reference's scripts/train_c2i_token.sh passes
+  # --vq-ema False); a converted directory holds one set and takes only "".
   c.extract = ml_collections.ConfigDict(dict(
       source="imagefolder", path="", split="train", image_size=0, ten_crop=True, crop_range=1.1,
       self_correction=True, precision="bfloat16", per_device_batch=8, chunk_size=10000, seed=0,
-      num_classes=10, shapes_size=64, shapes_style="textured", num_images=0))
+      num_classes=10, shapes_size=64, shapes_style="textured", num_images=0, tokenizer_weights=""))
 
   if variant == "tiny":
     c.model.update(preset="", dim=64, n_layer=2, n_head=4, vocab_size=64,

@@ -176,15 +176,28 @@ def _count_skipped(batch):
   return {**batch, "skipped": np.int32(batch["skipped"].sum())}
 
 
+# The reference's CustomDataset reads an example from its `ten_crop_105/` sibling directory iff
+# torch.rand(1) < 0.5 (dataset/imagenet.py).
+MIX_PROB = 0.5
+
+
 class _PickView(grain.transforms.RandomMap):
   """A token record -> one of its augmented views (uniformly, as the reference's CustomDataset
-  picks the image or its flip); [T, 1] codes become [T]."""
+  picks the image or its flip); [T, 1] codes become [T]. With a `mix` source (the same images'
+  codes extracted another way, record for record: the reference's ten_crop_105 codes), example
+  i reads mix[i] instead of source[i] iff its first draw u < MIX_PROB; the view is drawn after."""
 
-  def __init__(self, source, random_view: bool):
-    self.source, self.random_view = source, random_view
+  def __init__(self, source, random_view: bool, mix=None):
+    self.source, self.random_view, self.mix = source, random_view, mix
 
   def random_map(self, index, rng: np.random.Generator):
     record = self.source[int(index)]
+    if self.mix is not None and rng.random() < MIX_PROB:
+      mixed = self.mix[int(index)]
+      if int(mixed["label"]) != int(record["label"]):
+        raise ValueError(f"record {int(index)}: label {int(mixed['label'])} in the mixed codes, "
+                         f"{int(record['label'])} in data.path: the two must hold the same images in order")
+      record = mixed
     views = record["tokens"]
     view = int(rng.integers(views.shape[0])) if self.random_view else 0
     tokens = views[view]
@@ -195,11 +208,15 @@ class _PickView(grain.transforms.RandomMap):
 def token_dataset(source, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                   random_view: bool = True, num_epochs: int | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
-                  drop_remainder: bool = True) -> grain.MapDataset:
-  """Batches {"tokens": [B, T] or [B, T, 3] int32, "labels": [B] int32} for AR training."""
+                  drop_remainder: bool = True, mix=None) -> grain.MapDataset:
+  """Batches {"tokens": [B, T] or [B, T, 3] int32, "labels": [B] int32} for AR training.
+  mix: a second source of the same images' codes (see _PickView), or None."""
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
+  if mix is not None and len(mix) != len(source):
+    raise ValueError(f"the mixed codes hold {len(mix)} records, data.path {len(source)}: the two "
+                     "must hold the same images in order")
   ds = _epochs(len(source), seed, shuffle, num_epochs)
-  ds = ds.random_map(_PickView(source, random_view), seed=seed)
+  ds = ds.random_map(_PickView(source, random_view, mix), seed=seed)
   return ds[shard_index::shard_count].batch(batch_size, drop_remainder=drop_remainder)
 
 

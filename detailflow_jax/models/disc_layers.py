@@ -16,21 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .keys import torch_default_uniform
 from .precision import PolicyLayer
 
 
 class SpectralVector(nnx.BatchStat):
   """A power-iteration vector (torch's weight_u / weight_v) of a spectral-normalised weight."""
-
-
-def torch_default_uniform(fan_in: int):
-  """torch's default Conv/Linear init, kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), +): used
-  for weights and biases so that freshly built heads start like the reference's."""
-  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:

@@ -202,7 +202,21 @@ def _drop_path(x: jax.Array, rate: float, keys: _DropKeys) -> jax.Array:
   if not keys.active or rate == 0.0:
     return x
   keep = jax.random.bernoulli(keys(), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  # The reference's drop_path: x * (mask / keep_prob), rounded as dropout's.
+  return apply_dropout_mask(x, keep, rate)
+
+
+def drop_path_rates(rate: float, n_layer: int) -> list[float]:
+  """Layer i's drop-path rate: the reference's [x.item() for x in torch.linspace(0, rate,
+  n_layer)], to the bit: a float32 step, then (as torch's CPU kernel) start + step * i for the
+  first half and end - step * (n - 1 - i) for the second, rounded once to float32."""
+  if n_layer <= 1:
+    return [0.0] * n_layer
+  step = np.float32(rate) / np.float32(n_layer - 1)
+  i = np.arange(n_layer, dtype=np.float64)
+  wide = np.where(i < n_layer // 2, np.float64(step) * i,
+                  np.float64(np.float32(rate)) - np.float64(step) * (n_layer - 1 - i))
+  return [float(x) for x in wide.astype(np.float32)]
 
 
 def _linear(rngs, din: int, dout: int, axes, init) -> Linear:
@@ -368,8 +382,8 @@ class GPT(nnx.Module):
     self.cls_embedding = _LabelEmbedder(cfg, rngs=rngs)
     self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs,
                                     embedding_init=logical_axes(init, ("vocab", "embed")))
-    rates = np.linspace(0.0, cfg.drop_path_rate, cfg.n_layer) if cfg.n_layer else []
-    self.layers = nnx.List([TransformerBlock(cfg, float(r), rngs=rngs) for r in rates])
+    self.layers = nnx.List([TransformerBlock(cfg, r, rngs=rngs)
+                            for r in drop_path_rates(cfg.drop_path_rate, cfg.n_layer)])
     self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
     # The reference zero-initialises the output layer.
     self.output = _linear(rngs, cfg.dim, cfg.vocab_size, ("embed", "vocab"),

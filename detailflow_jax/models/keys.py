@@ -1,5 +1,8 @@
-"""A parameter-initialisation key source that is cheap to trace."""
+"""Parameter initialisation: a key source that is cheap to trace, and torch's default init."""
+import math
+
 import jax
+import jax.numpy as jnp
 
 
 class InitKeys:
@@ -20,3 +23,14 @@ class InitKeys:
     return jax.random.fold_in(self._key, self._count)
 
   __call__ = params
+
+
+def torch_default_uniform(fan_in: int):
+  """torch's default Conv/Linear init, kaiming_uniform(a=sqrt(5)) for the weight and its bias
+  rule, both U(-1/sqrt(fan_in), 1/sqrt(fan_in)): for layers the reference builds as plain
+  nn.Linear / nn.Conv (so that freshly built ones start like the reference's)."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init

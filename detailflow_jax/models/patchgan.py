@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .disc_layers import BatchNorm, ensure_channels_last, leaky_relu, torch_default_uniform
+from .disc_layers import BatchNorm, ensure_channels_last, leaky_relu
+from .keys import torch_default_uniform
 from .precision import Conv
 
 

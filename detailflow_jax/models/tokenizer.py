@@ -19,7 +19,7 @@ from .frozen import freeze
 from .keys import InitKeys
 from .masks import patch_latent_mask
 from .quantizer import VectorQuantizer, l2_normalize
-from .vit import VisionTower, ViTConfig, dense, unpatchify
+from .vit import VisionTower, ViTConfig, torch_linear, unpatchify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +184,8 @@ class Decoder(nnx.Module):
     self.latent_pos_embed = _tokens_param(rngs, (cfg.num_latent_tokens, vit.hidden_size),
                                           (None, "embed"))
     self.mask_token = _tokens_param(rngs, (vit.hidden_size,), ("embed",))
-    self.to_pixel = dense(rngs, vit.hidden_size, vit.num_channels * vit.patch_size ** 2,
-                            ("embed", None))
+    self.to_pixel = torch_linear(rngs, vit.hidden_size, vit.num_channels * vit.patch_size ** 2,
+                                 ("embed", None))
 
   def __call__(self, z: jax.Array, image_size: int, capture_layer: int | None = None,
                num_valid: jax.Array | None = None):
@@ -229,9 +229,9 @@ class ProjectionMLP(nnx.Module):
   """Linear-SiLU-Linear-SiLU-Linear (the reference's build_mlp)."""
 
   def __init__(self, din: int, hidden: int, dout: int, *, rngs: nnx.Rngs):
-    self.layers = nnx.List([dense(rngs, din, hidden, (None, "mlp")),
-                            dense(rngs, hidden, hidden, ("mlp", "mlp")),
-                            dense(rngs, hidden, dout, ("mlp", "embed"))])
+    self.layers = nnx.List([torch_linear(rngs, din, hidden, (None, "mlp")),
+                            torch_linear(rngs, hidden, hidden, ("mlp", "mlp")),
+                            torch_linear(rngs, hidden, dout, ("mlp", "embed"))])
 
   def __call__(self, x):
     x = jax.nn.silu(self.layers[0](x))
@@ -262,10 +262,11 @@ class Tokenizer(nnx.Module):
     enc_dim, dec_dim, code_dim = cfg.encoder.hidden_size, cfg.decoder.hidden_size, cfg.codebook_embed_dim
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder = Decoder(cfg, rngs=rngs)
-    self.quant_conv = dense(rngs, enc_dim, code_dim, ("embed", None))
-    self.post_quant_conv = dense(rngs, code_dim, dec_dim, (None, "embed"))
+    # Plain nn.Linear layers in the reference: torch's default init.
+    self.quant_conv = torch_linear(rngs, enc_dim, code_dim, ("embed", None))
+    self.post_quant_conv = torch_linear(rngs, code_dim, dec_dim, (None, "embed"))
     if cfg.correction_training:
-      self.refine_conv = dense(rngs, code_dim, enc_dim, (None, "embed"))
+      self.refine_conv = torch_linear(rngs, code_dim, enc_dim, (None, "embed"))
     self.quantize = VectorQuantizer(
         cfg.codebook_size, code_dim, beta=cfg.commit_loss_beta,
         entropy_loss_ratio=cfg.entropy_loss_ratio, l2_norm=cfg.codebook_l2_norm,
@@ -420,7 +421,8 @@ class Tokenizer(nnx.Module):
       recon, hidden = self.decode(quant, num_tokens, decode_res, capture_layer=cfg.repa_layer_indices)
       teacher = jax.lax.stop_gradient(self.repa_model(target.astype(self.param_dtype)))
       pred = l2_normalize(self.projection(hidden).astype(jnp.float32))
-      align += cfg.repa_loss_weight * jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
+      losses["repa_loss"] = jnp.mean(-jnp.sum(pred * l2_normalize(teacher.astype(jnp.float32)), -1))
+      align += cfg.repa_loss_weight * losses["repa_loss"]
     else:
       recon = self.decode(quant, num_tokens, decode_res)
     if cfg.global_token_loss_weight and not decoder_finetune:

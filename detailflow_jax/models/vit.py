@@ -2,6 +2,10 @@
 
 Parameter names follow the HF SigLIP2 module tree (embeddings / layers / post_layernorm;
 self_attn.{q,k,v,out}_proj, mlp.fc1/fc2, layer_norm1/2) so conversion is a plain rename.
+
+From-scratch initialisation is HF SigLIP2's `_init_weights`, what the reference's non-pretrained
+towers get: attention and MLP kernels xavier-uniform, attention biases 0, MLP biases N(0, 1e-6),
+the patch embedding lecun-normal (truncated), the position table N(0, 1/sqrt(width)), norms 1/0.
 """
 import dataclasses
 
@@ -12,6 +16,7 @@ from ..ops.resize import resize_grid_bilinear_aa
 from ..sharding import logical_axes
 from . import remat
 from .attention import dot_product_attention
+from .keys import torch_default_uniform
 from .precision import Linear
 
 
@@ -48,11 +53,23 @@ def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
   return x.reshape(b, g * patch, g * patch, channels)
 
 
-def dense(rngs, din: int, dout: int, axes) -> Linear:
-  """A biased Linear whose kernel/bias carry logical axis names `axes` = (in_axis, out_axis)."""
-  return Linear(din, dout, rngs=rngs,
-                kernel_init=logical_axes(nnx.initializers.lecun_normal(), axes),
-                bias_init=logical_axes(nnx.initializers.zeros_init(), (axes[1],)))
+def dense(rngs, din: int, dout: int, axes, kernel_init=nnx.initializers.lecun_normal(),
+          bias_init=nnx.initializers.zeros_init()) -> Linear:
+  """A biased Linear whose kernel/bias carry logical axis names `axes` = (in_axis, out_axis);
+  lecun-normal kernel and zero bias unless given (HF SigLIP2's init of a plain Linear)."""
+  return Linear(din, dout, rngs=rngs, kernel_init=logical_axes(kernel_init, axes),
+                bias_init=logical_axes(bias_init, (axes[1],)))
+
+
+def torch_linear(rngs, din: int, dout: int, axes) -> Linear:
+  """dense() initialised as torch's default nn.Linear (weight and bias U(+-1/sqrt(din))): the
+  layers the reference builds as plain nn.Linear outside any HF model."""
+  init = torch_default_uniform(din)
+  return dense(rngs, din, dout, axes, kernel_init=init, bias_init=init)
+
+
+def _xavier_dense(rngs, din, dout, axes, bias_init=nnx.initializers.zeros_init()):
+  return dense(rngs, din, dout, axes, kernel_init=nnx.initializers.xavier_uniform(), bias_init=bias_init)
 
 
 def _layer_norm(rngs, dim, eps):
@@ -68,10 +85,10 @@ class SelfAttention(nnx.Module):
     if dim % num_heads:
       raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
     self.num_heads = num_heads
-    self.q_proj = dense(rngs, dim, dim, ("embed", "heads"))
-    self.k_proj = dense(rngs, dim, dim, ("embed", "heads"))
-    self.v_proj = dense(rngs, dim, dim, ("embed", "heads"))
-    self.out_proj = dense(rngs, dim, dim, ("heads", "embed"))
+    self.q_proj = _xavier_dense(rngs, dim, dim, ("embed", "heads"))
+    self.k_proj = _xavier_dense(rngs, dim, dim, ("embed", "heads"))
+    self.v_proj = _xavier_dense(rngs, dim, dim, ("embed", "heads"))
+    self.out_proj = _xavier_dense(rngs, dim, dim, ("heads", "embed"))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None,
                num_queries: int | None = None) -> jax.Array:
@@ -89,8 +106,9 @@ class SelfAttention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.fc1 = dense(rngs, dim, hidden, ("embed", "mlp"))
-    self.fc2 = dense(rngs, hidden, dim, ("mlp", "embed"))
+    bias = nnx.initializers.normal(1e-6)
+    self.fc1 = _xavier_dense(rngs, dim, hidden, ("embed", "mlp"), bias)
+    self.fc2 = _xavier_dense(rngs, hidden, dim, ("mlp", "embed"), bias)
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -127,7 +145,7 @@ class Embeddings(nnx.Module):
     if cfg.patch_embedding:
       self.patch_embedding = dense(rngs, cfg.num_channels * cfg.patch_size ** 2,
                                     cfg.hidden_size, (None, "embed"))
-    init = nnx.initializers.normal(0.02)
+    init = nnx.initializers.normal(cfg.hidden_size ** -0.5)
     self.position_embedding = nnx.Param(
         init(rngs.params(), (cfg.position_grid ** 2, cfg.hidden_size)),
         eager_sharding=False, out_sharding=(None, "embed"))

@@ -94,6 +94,30 @@ def resolve_model_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return m
 
 
+# codes.json fields that must agree between data.path and data.mix_path (the same tokenizer,
+# token count, views and images; the crop may differ: that is the mix).
+MIX_FIELDS = ("tokenizer", "ar_image_size", "ar_token_num", "views", "self_correction", "num_images")
+
+
+def check_mix_path(c: ml_collections.ConfigDict) -> None:
+  """data.mix_path (the ten_crop_105 mix) must hold the same images' codes as data.path."""
+  mix = c.data.get("mix_path", "")
+  if not mix:
+    return
+  if not paths.run_path(mix).exists():
+    raise ValueError(f"data.mix_path={mix!r} does not exist")
+  ours, theirs = codes_json_path(c.data.path), codes_json_path(mix)
+  if ours is None or theirs is None:
+    raise ValueError(f"data.mix_path needs a codes.json beside both record sets (data.path "
+                     f"{'has' if ours else 'has none'}, data.mix_path {'has' if theirs else 'has none'}) "
+                     "to check they hold the same images' codes")
+  a, b = json.loads(ours.read_text()), json.loads(theirs.read_text())
+  differ = [k for k in MIX_FIELDS if a.get(k) != b.get(k)]
+  if differ:
+    raise ValueError(f"data.mix_path={mix!r}: its codes.json differs from data.path's in "
+                     f"{', '.join(differ)} (the mix must be the same images' codes, cropped otherwise)")
+
+
 def gpt_config_from(c: ml_collections.ConfigDict) -> GPTConfig:
   """c.model -> GPTConfig (models/config_mapping.py) after the codes' fields are taken from, or
   checked against, data.path's codes.json (`resolve_model_fields`)."""
@@ -118,6 +142,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> GPTConfig:
   if causal % m["group_size"] or causal >= m["block_size"]:
     raise ValueError(f"model.causal_num={m['causal_num']} must be a multiple of group_size below block_size")
   cfg = gpt_config_from(c)  # GPTConfig checks the rest (heads, dims, unsupported knobs)
+  check_mix_path(c)
+  if cfg.drop_path_rate > 0 and (cfg.resid_dropout_p > 0 or cfg.ffn_dropout_p > 0):
+    # train_c2i.py: `dropout_p = 0.0 if drop_path_rate > 0 else --dropout-p` for both.
+    raise ValueError(f"model.drop_path_rate={cfg.drop_path_rate} with model.resid_dropout_p="
+                     f"{cfg.resid_dropout_p}, model.ffn_dropout_p={cfg.ffn_dropout_p}: the reference's "
+                     "recipe turns residual and FFN dropout off when drop path is on; set "
+                     "--config.model.resid_dropout_p=0 --config.model.ffn_dropout_p=0")
   if not 0.0 <= c.correction_prob <= 1.0:
     raise ValueError(f"correction_prob={c.correction_prob} is not a probability")
   validate_run(c, num_devices)
@@ -262,8 +293,9 @@ def train(c: ml_collections.ConfigDict, workdir) -> Any:
   driver.log_parameter_overview("GPT", state.params)
 
   per_process = c.data.batch_size // jax.process_count()
+  mix = TokenRecordSource(c.data.mix_path) if c.data.get("mix_path", "") else None
   ds = token_dataset(TokenRecordSource(c.data.path), batch_size=per_process, seed=c.seed,
-                     shard_index=jax.process_index(), shard_count=jax.process_count())
+                     shard_index=jax.process_index(), shard_count=jax.process_count(), mix=mix)
   data_iter = to_iterator(ds, c.data.num_workers)
   batches = (global_batch(b, mesh) for b in Progress(data_iter, log_every=0, name="tokens"))
   loss_fn = make_loss(cfg, c.correction_prob, jnp.dtype(c.compute_dtype), c.remat)

@@ -167,9 +167,19 @@ def extract(c, tokenizer_dir, workdir, mesh=None) -> paths.AnyPath:
     if e[key] < 1:
       raise ValueError(f"extract.{key} must be positive, got {e[key]}")
   mesh = mesh if mesh is not None else sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  weights = e.get("tokenizer_weights", "")
+  if weights not in ("", "model", "ema"):
+    raise ValueError(f"extract.tokenizer_weights={weights!r} is not one of 'model', 'ema' or '' "
+                     "(the checkpoint's default)")
   workdir = paths.run_path(workdir)  # local or gs://... (etils.epath)
   workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = load_tokenizer(tokenizer_dir)
+  try:
+    # The reference's --vq-ema: load_vq_model takes checkpoint['ema'] instead of ['model'].
+    tokenizer = load_tokenizer(tokenizer_dir, weights=weights or None)
+  except ValueError as err:
+    if not weights:
+      raise
+    raise ValueError(f"extract.tokenizer_weights={weights!r}: {err}") from err
   size = e.image_size or tokenizer.config.image_size
   schedule = tokenizer.schedule
   if size not in schedule.decres2besttoken:
@@ -182,7 +192,9 @@ def extract(c, tokenizer_dir, workdir, mesh=None) -> paths.AnyPath:
   _write_or_check_meta(workdir, {
       "tokenizer": tokenizer.config.to_dict(), "ar_image_size": size, "ar_token_num": num_tokens,
       "views": num_views, "self_correction": correction, "num_images": len(source),
-      "precision": e.precision, "seed": e.seed, "chunk_size": e.chunk_size})
+      "precision": e.precision, "seed": e.seed, "chunk_size": e.chunk_size,
+      # Only when asked for: codes.json files written before the key existed stay valid.
+      **({"tokenizer_weights": weights} if weights else {})})
 
   proc, nproc = jax.process_index(), jax.process_count()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
