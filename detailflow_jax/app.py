@@ -8,10 +8,15 @@ a few are the layout, the rest add detail. X / Y are anything `python -m detailf
 takes (converted directories, run directories, Hub ids); with neither, the models the embedded
 demo trained (./detailflow_demo, `python -m detailflow_jax.demo`).
 
+Previews cost decodes, so by default there are three (--previews N): at the first token count
+of each of the three coarsest resolutions, then the final image; sampling runs in that many
+segments only, and each preview decode is dispatched before the next segment, its pixels pulled
+while that segment runs. --previews all decodes every step.
+
 Concurrent requests with the same sampling options and budget are batched into one sampler call
 (per-row keys, so an image depends only on its own seed and label, never on who it shared a
 batch with). Every call is padded to --max-batch rows, so the programs compiled at start-up (the
-stream's two, one preview decode per token count) serve every request: nothing compiles while
+stream's two, one decode per decode resolution) serve every request: nothing compiles while
 serving. The cost: at low load a GPU runs the padded rows too (a decode step is memory-bound
 there, so nearly free); on a CPU a lone request pays for the full batch.
 At most --max-waiting requests wait; past that a request gets a "busy" message at once.
@@ -36,6 +41,7 @@ NO_MODELS_HINT = ("no models: train the demo's with `python -m detailflow_jax.de
                   "./detailflow_demo) or pass --tokenizer X --gpt Y (directories or Hub ids, e.g. "
                   "ByteFlow-AI/DetailFlow-16 and ByteFlow-AI/DetailFlow-16-GPT-L)")
 MIN_DISPLAY = 256  # previews are enlarged (nearest) to at least this many pixels a side
+DEFAULT_PREVIEWS = 3  # the acceptance's minimum; on DetailFlow-16 they cost ~5 % of a batch (docs/app.md)
 
 
 class BusyError(RuntimeError):
@@ -83,28 +89,30 @@ class StreamingBatcher:
   budget (up to `max_batch` images), runs one `sample_stream` over all of them and sends every
   request its rows of each preview. A request therefore waits for at most the batch in flight.
 
+  previews: how many before the final image (`preview_steps`), or None for every decode step.
+
   Per request, `updates` receives ("preview", t, side, images [n, s, s, 3] in [-1, 1]) for every
   yielded prefix, then ("final", tokens [n, T]) or ("error", message).
   """
 
   def __init__(self, gpt, tokenizer, *, max_batch: int = 8, max_waiting: int = 16,
-               window_s: float = 0.05, every: int = 1):
-    from flax import nnx
-
+               window_s: float = 0.05, previews: int | None = DEFAULT_PREVIEWS):
     from .inference.sampler import Sampler
     from .inference.tokenizer import TokenizerFns
     if max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if previews is not None and (isinstance(previews, bool) or not isinstance(previews, int) or previews < 0):
+      raise ValueError(f"previews must be an integer >= 0 or None (every step), got {previews!r}")
     self.config = gpt.config
-    self.params = nnx.state(gpt)
     self.sampler = Sampler(gpt)
+    self.params = self.sampler.prepare_weights(gpt)  # what the sample CLI streams: the same tokens
     self.fns = TokenizerFns(tokenizer)
     self.schedule = tokenizer.schedule
     self.image_size = tokenizer.config.image_size
-    self.max_batch, self.max_waiting, self.window_s, self.every = max_batch, max_waiting, window_s, every
+    self.max_batch, self.max_waiting, self.window_s, self.previews = max_batch, max_waiting, window_s, previews
     self.sampler_calls = 0
     self.batch_sizes: list[int] = []   # images per sampler call (before padding)
-    self.decoded_shapes = set()        # (rows, tokens, side) of every preview decode run
+    self.decoded_shapes = set()        # (rows, padded tokens, side) of every decode run
     self._waiting: list[Request] = []
     self._cond = threading.Condition()
     self._worker = threading.Thread(target=self._loop, name="detailflow-app-batcher", daemon=True)
@@ -148,6 +156,31 @@ class StreamingBatcher:
 
   # --- one sampler call ---------------------------------------------------------------
 
+  def preview_steps(self, num_tokens: int) -> list[int]:
+    """The decode steps (counts of steps run, as Sampler.sample_stream's at_steps) after which
+    a preview is decoded for a budget of `num_tokens`: the first step of each of the `previews`
+    coarsest resolutions below the final one (1 token = a colour first), or every step but the
+    last (previews=None). The final image follows the last step in any case."""
+    counts = self.sampler.step_token_counts(num_tokens)
+    if self.previews is None:
+      return list(range(1, len(counts)))
+    final_side = self.schedule.decode_resolution(counts[-1])
+    steps, sides = [], set()
+    for step, t in enumerate(counts[:-1], start=1):
+      side = self.schedule.decode_resolution(t)
+      if len(steps) < self.previews and side < final_side and side not in sides:
+        steps.append(step)
+        sides.add(side)
+    return steps
+
+  def _decode(self, tokens: np.ndarray):
+    """Dispatches the decode of host tokens [rows, t] (one program per decode resolution) and
+    returns the device array without waiting for it."""
+    t = tokens.shape[1]
+    self.decoded_shapes.add((len(tokens), self.schedule.decode_token_bucket(t),
+                             self.schedule.decode_resolution(t)))
+    return self.fns.decode_prefix(tokens)
+
   def run_batch(self, batch: list[Request]) -> None:
     import jax
     rows = sum(len(r.labels) for r in batch)
@@ -160,24 +193,26 @@ class StreamingBatcher:
     first = batch[0]
     self.sampler_calls += 1
     self.batch_sizes.append(rows)
-    stream = self.sampler.sample_stream(self.params, labels, keys, first.options,
-                                        num_tokens=first.num_tokens, every=self.every)
+    stream = self.sampler.sample_stream(self.params, labels, keys, first.options, num_tokens=first.num_tokens,
+                                        at_steps=self.preview_steps(first.num_tokens))
     starts = np.cumsum([0] + [len(r.labels) for r in batch])
-    tokens = None
-    for tokens in stream:
+    prefix = next(stream)
+    while prefix is not None:
+      tokens = np.asarray(prefix)       # waits for this segment
+      decoding = self._decode(tokens)   # dispatched, not awaited
+      prefix = next(stream, None)       # the next segment is queued before the preview is pulled
       t = tokens.shape[1]
       side = self.schedule.decode_resolution(t)
-      self.decoded_shapes.add((padded, t, side))
-      decoded = np.clip(np.asarray(self.fns.decode(tokens, t), np.float32), -1, 1)
+      decoded = np.clip(np.asarray(decoding, np.float32), -1, 1)
       for r, lo, hi in zip(batch, starts[:-1], starts[1:]):
         r.updates.put(("preview", t, side, decoded[lo:hi]))
-    tokens = np.asarray(tokens)
     for r, lo, hi in zip(batch, starts[:-1], starts[1:]):
       r.updates.put(("final", tokens[lo:hi]))
 
-  def warm_up(self, guidance_options=None) -> None:
-    """Compiles the largest batch's stream and preview decodes (with and without guidance when
-    the GPT has a null class) before the first user arrives."""
+  def warm_up(self) -> None:
+    """Compiles, before the first user arrives, the padded batch's stream (with and without
+    guidance when the GPT has a null class) and the decode of every resolution a budget can
+    end at or preview (so no budget compiles while serving)."""
     from .inference.sampler import SamplingOptions
     variants = [SamplingOptions(cfg_scale=1.0)]
     if self.config.has_null_class:
@@ -185,6 +220,11 @@ class StreamingBatcher:
     for options in variants:
       request = Request(np.zeros(self.max_batch, np.int32), 0, options, self.config.block_size)
       self.run_batch([request])
+    done = {side for _, _, side in self.decoded_shapes}
+    for t in range(1, self.config.block_size + 1):
+      if self.schedule.decode_resolution(t) not in done:
+        done.add(self.schedule.decode_resolution(t))
+        np.asarray(self._decode(np.zeros((self.max_batch, t), np.int32)))
     self.sampler_calls, self.batch_sizes = 0, []
 
 
@@ -276,7 +316,7 @@ class App:
     except (ValueError, BusyError) as e:
       raise gr.Error(str(e), print_exception=False) from None
     start = time.time()
-    previews = {}
+    previews, shown = {}, {}  # t -> images; t -> the PNG of its preview grid already sent
     with self._lock:
       self._count += 1
       out = self.out_dir / f"result_{self._count:05d}"
@@ -301,8 +341,10 @@ class App:
       if latest is not None and tokens is None:
         t, side, images = latest
         status = f"{t} / {request.num_tokens} tokens: {side} px ({time.time() - start:.1f} s)"
-        yield status, self.png(self.preview_grid(images), out / f"preview_{t}.png"), None, None, None, None, ""
+        shown[t] = self.png(self.preview_grid(images), out / f"preview_{t}.png")
+        yield status, shown[t], None, None, None, None, ""
     final = previews[tokens.shape[1]]
+    final_preview = shown.get(tokens.shape[1]) or self.png(self.preview_grid(final), out / "preview.png")
     per_row = 8  # the sample CLI's default: the PNG is the grid it writes
     grid_rows = [list(final[i:i + per_row]) for i in range(0, len(final), per_row)]
     png = image_io.save_grid(out / "samples.png", grid_rows)
@@ -314,7 +356,7 @@ class App:
                              request.options, request.num_tokens, self.weights)
     status = (f"done: {len(tokens)} image(s), {tokens.shape[1]} tokens, {final.shape[1]} px in "
               f"{time.time() - start:.1f} s")
-    yield (status, self.png(self.preview_grid(final), out / "preview.png"), str(png),
+    yield (status, final_preview, str(png),
            self.png(strip, out / "strip.png"), str(png), str(out / "tokens.npy"), command)
 
   @staticmethod
@@ -372,7 +414,8 @@ class App:
 
 
 def build(tokenizer_src, gpt_src, *, tokenizer_weights=None, gpt_weights=None, max_batch=8,
-          max_waiting=16, every=1, shapes: bool | None = None, warm_up: bool = True,
+          max_waiting=16, previews: int | None = DEFAULT_PREVIEWS, shapes: bool | None = None,
+          warm_up: bool = True,
           all_previews: bool = False) -> App:
   """Loads the models and returns the App (raises FileNotFoundError / ValueError)."""
   from .weights.load import load_gpt, load_tokenizer
@@ -380,11 +423,12 @@ def build(tokenizer_src, gpt_src, *, tokenizer_weights=None, gpt_weights=None, m
   tokenizer = load_tokenizer(tokenizer_src, weights=tokenizer_weights)
   return build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, tokenizer_weights=tokenizer_weights,
                            gpt_weights=gpt_weights, max_batch=max_batch, max_waiting=max_waiting,
-                           every=every, shapes=shapes, warm_up=warm_up, all_previews=all_previews)
+                           previews=previews, shapes=shapes, warm_up=warm_up, all_previews=all_previews)
 
 
 def build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, *, tokenizer_weights=None,
-                      gpt_weights=None, max_batch=8, max_waiting=16, every=1,
+                      gpt_weights=None, max_batch=8, max_waiting=16,
+                      previews: int | None = DEFAULT_PREVIEWS,
                       shapes: bool | None = None, warm_up: bool = True,
                       all_previews: bool = False) -> App:
   """The App over models already loaded (the notebook's); *_src name them in command lines."""
@@ -394,12 +438,25 @@ def build_from_models(gpt, tokenizer, tokenizer_src, gpt_src, *, tokenizer_weigh
   if gpt.config.block_size > tokenizer.config.num_latent_tokens:
     raise ValueError(f"GPT block_size {gpt.config.block_size} exceeds the tokenizer's "
                      f"{tokenizer.config.num_latent_tokens} tokens")
-  batcher = StreamingBatcher(gpt, tokenizer, max_batch=max_batch, max_waiting=max_waiting, every=every)
+  batcher = StreamingBatcher(gpt, tokenizer, max_batch=max_batch, max_waiting=max_waiting, previews=previews)
   if warm_up:
     batcher.warm_up()
   names = class_names(gpt.config.num_classes, shapes=bool(shapes))
   return App(batcher, names, str(tokenizer_src), str(gpt_src),
              {"tokenizer": tokenizer_weights, "gpt": gpt_weights}, all_previews=all_previews)
+
+
+def preview_count(text: str) -> int | None:
+  """--previews: an integer >= 0, or "all" (None: every decode step)."""
+  if text == "all":
+    return None
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--previews must be an integer >= 0 or 'all', got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"--previews must be an integer >= 0 or 'all', got {text!r}")
+  return value
 
 
 def main(argv=None) -> int:
@@ -415,7 +472,9 @@ def main(argv=None) -> int:
   parser.add_argument("--max-batch", type=int, default=8,
                       help="rows of every sampler call (padded; also the per-request limit)")
   parser.add_argument("--max-waiting", type=int, default=16, help="requests that may wait; more get 'busy'")
-  parser.add_argument("--every", type=int, default=1, help="decode steps between previews")
+  parser.add_argument("--previews", type=preview_count, default=DEFAULT_PREVIEWS,
+                      help=f"previews before the final image, at the coarsest resolutions (default "
+                      f"{DEFAULT_PREVIEWS}), or 'all': every decode step (each costs a decode)")
   parser.add_argument("--all-previews", action="store_true",
                       help="send every preview, even when the page falls behind (default: the newest)")
   parser.add_argument("--class-names", choices=["auto", "shapes", "ids"], default="auto",
@@ -433,7 +492,7 @@ def main(argv=None) -> int:
   try:
     app = build(tokenizer_src, gpt_src, tokenizer_weights=args.tokenizer_weights,
                 gpt_weights=args.gpt_weights, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                every=args.every, shapes=shapes, all_previews=args.all_previews)
+                previews=args.previews, shapes=shapes, all_previews=args.all_previews)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

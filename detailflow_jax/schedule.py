@@ -129,6 +129,14 @@ class ResolutionSchedule:
     listed = [t for t in self.token_list if t <= num_tokens]
     return self.token2dec_out_res[listed[-1]]
 
+  def decode_token_bucket(self, num_tokens: int) -> int:
+    """The largest token count that decodes at the same resolution as `num_tokens` (counts
+    decoding at one resolution are contiguous, the resolution never falling as t grows): a
+    prefix padded to it decodes with one program per resolution (Tokenizer.decode_prefix)."""
+    side = self.decode_resolution(num_tokens)
+    larger = [t for t in self.token_list if t > num_tokens and self.token2dec_out_res[t] != side]
+    return larger[0] - 1 if larger else self.max_tokens
+
   def sample_degradation(self, rng: np.random.Generator, max_tokens: int | None = None) -> int:
     """Draws t as the reference's get_input_output_img does when it degrades a batch:
     uniform in [1, max_tokens - group_size], rounded up to a group multiple above causal_len."""

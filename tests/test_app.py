@@ -35,6 +35,7 @@ def served(tmp_path_factory, tokenizer_dir):
                       all_previews=True)  # every preview reaches the client (skipping: below)
   app.traces_after_warm_up = app.batcher.sampler.trace_count
   app.decodes_after_warm_up = set(app.batcher.decoded_shapes)
+  app.decode_traces_after_warm_up = app.batcher.fns.decode_prefix_traces
   port = free_port()
   page = app.launch(port=port, server_name="127.0.0.1", prevent_thread_lock=True)
   client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -57,8 +58,10 @@ def test_previews_grow_then_the_final_tokens_equal_the_sample_cli(served, tmp_pa
   assert all(previews), statuses
   sides = [int(m.group(2)) for m in previews]
   counts = [int(m.group(1)) for m in previews]
-  assert counts == app.batcher.sampler.step_token_counts(32)  # every decode step previewed
-  assert sides == sorted(sides) and len(set(sides)) >= 3, sides
+  steps = app.batcher.sampler.step_token_counts(32)
+  # the first count of each of the 3 coarsest resolutions (one token first), then the final's
+  assert counts == [1, 4, 8, 32] == [steps[s - 1] for s in app.batcher.preview_steps(32)] + [32]
+  assert sides == sorted(sides) and len(set(sides)) == 4, sides
   assert statuses[-1].startswith("done: 2 image(s), 32 tokens")
   status, preview, final, strip, png, tokens_file, command = outputs[-1]
   tokens = np.load(tokens_file)
@@ -146,9 +149,15 @@ def test_nothing_compiled_while_serving(served):
   """Runs last: every request above reused the programs the start-up compiled."""
   app, _ = served
   assert app.batcher.sampler.trace_count == app.traces_after_warm_up
-  # every preview decode had a (rows, tokens, side) the warm-up decoded (jit's cache: no compile)
+  # one decode program per decode resolution (a prefix padded to its resolution's bucket),
+  # all compiled by the warm-up: budgets 32 and 4 and every preview reused them
+  assert app.batcher.fns.decode_prefix_traces == app.decode_traces_after_warm_up
   assert app.batcher.decoded_shapes == app.decodes_after_warm_up
-  assert {rows for rows, _, _ in app.decodes_after_warm_up} == {4}
+  schedule = app.batcher.schedule
+  sides = {schedule.decode_resolution(t) for t in range(1, 33)}
+  assert app.decode_traces_after_warm_up == len(sides) == len(app.decodes_after_warm_up) == 8
+  assert app.decodes_after_warm_up == {(4, schedule.decode_token_bucket(t), schedule.decode_resolution(t))
+                                       for t in range(1, 33)}
 
 
 def test_a_page_that_falls_behind_skips_to_the_newest_preview(served, monkeypatch):

@@ -68,6 +68,24 @@ def test_stream_compiles_once_for_every_segment_call_and_option(sampler, params,
   assert sampler.trace_count == before
 
 
+def test_stream_at_chosen_steps(sampler, params, golden):
+  """at_steps: one segment per chosen step (and the last), the same tokens, no new program."""
+  labels, options = golden["gen_labels"], OPTIONS["cfg"]
+  expected = np.asarray(sampler.sample(params, labels, jax.random.key(3), options))
+  list(sampler.sample_stream(params, labels, jax.random.key(0), options, every=2))  # warm
+  before = sampler.trace_count
+  for at_steps, lengths in (([1, 4, 5], [1, 4, 8, 32]), ([11, 2], [2, 32]), ([], [32])):
+    prefixes = stream(sampler, params, labels, jax.random.key(3), options, at_steps=at_steps)
+    assert [p.shape[1] for p in prefixes] == lengths
+    np.testing.assert_array_equal(prefixes[-1], expected)
+  assert sampler.trace_count == before
+  for at_steps in ([0], [12]):
+    with pytest.raises(ValueError, match="at_steps must lie in \\[1, 11\\]"):
+      sampler.sample_stream(params, labels, jax.random.key(0), at_steps=at_steps)
+  with pytest.raises(ValueError, match="every or at_steps"):
+    sampler.sample_stream(params, labels, jax.random.key(0), every=2, at_steps=[1])
+
+
 def test_segments_read_the_carried_kv_cache(sampler, params, golden):
   """The second segment runs only its own steps: it reads the first segment's keys/values
   from the carried cache (zeroing that cache changes its tokens; the prefix stays)."""

@@ -49,6 +49,24 @@ def test_decode_resolution_and_closest():
     s.decode_resolution(0)
 
 
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_decode_token_bucket_from_the_reference_tables(name):
+  """Every count decoding at a resolution pads to one bucket: the reference's decres2maxtoken
+  (the largest listed count at that decoder resolution) up to just before the next listed
+  count, whose resolution is larger; the resolution never falls as t grows."""
+  ref, s = TABLES[name], _schedule(TABLES[name]["args"])
+  listed = ref["token_list"]
+  for res, last in ref["decres2maxtoken"].items():
+    following = [t for t in listed if t > last]
+    bucket = following[0] - 1 if following else ref["args"]["max_token_num"]
+    first = ref["decres2mintoken"][res]
+    for t in range(first, bucket + 1):
+      assert s.decode_token_bucket(t) == bucket, (res, t)
+      assert s.decode_resolution(t) == max(int(res), ref["args"]["min_dec_res"])
+  sides = [s.decode_resolution(t) for t in range(1, s.max_tokens + 1)]
+  assert sides == sorted(sides)
+
+
 def test_degradation_and_noise_draws_follow_the_rules():
   s = _schedule(TABLES["DetailFlow-16"]["args"])
   rng = np.random.default_rng(0)

@@ -67,6 +67,23 @@ def test_full_and_partial_decodes(fns, tokenizer, golden, golden_images_nhwc):
     np.testing.assert_allclose(got, want, atol=PIX_ATOL, err_msg=f"t={t}")
 
 
+def test_prefix_decodes_one_program_per_resolution(tokenizer, golden, golden_images_nhwc):
+  """decode_prefix (the prefix padded to its resolution's bucket, the padding masked) gives the
+  reference's partial decodes, and one program serves every count at a resolution."""
+  fns = TokenizerFns(tokenizer)  # its own trace counter
+  indices, _ = fns.encode(golden_images_nhwc)
+  ts = golden["tok_partial_ts"].tolist()
+  for t in ts:
+    got = fns.decode_prefix(indices, t)
+    np.testing.assert_allclose(got, _nhwc(golden[f"tok_partial_decode_t{t}"]), atol=PIX_ATOL, err_msg=f"t={t}")
+  sides = {tokenizer.schedule.decode_resolution(t) for t in ts}
+  assert fns.decode_prefix_traces == len(sides) >= 3
+  for t in (2, 5, 6):  # inside the buckets above: no new program, the direct decode's pixels
+    assert tokenizer.schedule.decode_resolution(t) in sides
+    np.testing.assert_allclose(fns.decode_prefix(indices[:, :t]), fns.decode(indices, t), atol=1e-5)
+  assert fns.decode_prefix_traces == len(sides)
+
+
 def test_shorter_encoding(fns, tokenizer, golden, golden_images_nhwc):
   m = int(golden["tok_enc_partial_max_tokens"])
   latents, _ = tokenizer.encoder(jnp.asarray(golden_images_nhwc), m)

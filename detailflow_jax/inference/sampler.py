@@ -561,10 +561,13 @@ class Sampler:
     return counts
 
   def sample_stream(self, params, labels, key: jax.Array, options: SamplingOptions = SamplingOptions(),
-                    *, num_tokens: int | None = None, every: int = 1) -> Iterator[jax.Array]:
+                    *, num_tokens: int | None = None, every: int = 1,
+                    at_steps=None) -> Iterator[jax.Array]:
     """`sample`, streamed: a generator of int32 token prefixes [B, t] after every `every` decode
     steps (step_token_counts: each causal-prefix token, then each group), the last of which is
-    exactly what `sample(params, labels, key, options, num_tokens=...)` returns.
+    exactly what `sample(params, labels, key, options, num_tokens=...)` returns. `at_steps`
+    (instead of `every`): yield after these decode steps only (counts of steps run, in
+    [1, len(step_token_counts)]), and after the last: as few segments as the caller needs.
 
     The KV cache and tokens carry from one segment to the next (donated), so no step runs
     twice; the step range is traced, so one compiled segment program (plus one for the empty
@@ -574,17 +577,26 @@ class Sampler:
     num_tokens = self._num_tokens(num_tokens)
     if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
       raise ValueError(f"every must be an integer >= 1 (decode steps per yield), got {every!r}")
+    counts = self.step_token_counts(num_tokens)
+    if at_steps is None:
+      ends = list(range(every, len(counts), every))
+    else:
+      if every != 1:
+        raise ValueError("pass every or at_steps, not both")
+      ends = sorted({int(s) for s in at_steps})
+      if ends and not 1 <= ends[0] <= ends[-1] <= len(counts):
+        raise ValueError(f"at_steps must lie in [1, {len(counts)}] (decode steps for "
+                         f"{num_tokens} tokens), got {list(at_steps)}")
+    ends = [e for e in ends if e < len(counts)] + [len(counts)]
     guidance = options.check().guidance
     labels = self._labels(labels, guidance)
     key_data, key_impl = self._key(key, labels.shape[0])
     params = self._params(params)
-    counts = self.step_token_counts(num_tokens)
     args = (options.as_arrays(), jnp.int32(num_tokens))
 
     def segments():
       state = self._stream_start(params, labels, guidance=guidance)
-      for first in range(0, len(counts), every):
-        end = min(first + every, len(counts))
+      for first, end in zip([0] + ends[:-1], ends):
         state = self._stream_segment(params, labels, key_data, *args, state, jnp.int32(first),
                                      jnp.int32(end), guidance=guidance, key_impl=key_impl)
         yield state.tokens[:, :counts[end - 1]]

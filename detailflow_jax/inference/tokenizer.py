@@ -3,16 +3,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
 class TokenizerFns:
-  """Pure jitted encode/decode over a tokenizer's state (one compile per shape/num_tokens)."""
+  """Pure jitted encode/decode over a tokenizer's state (one compile per shape/num_tokens;
+  `decode_prefix`: one per batch and decode resolution). `decode_prefix_traces` counts the
+  traces of decode_prefix's program so tests can assert reuse."""
 
   def __init__(self, model):
     self.config = model.config
     self.schedule = model.schedule
     self._graphdef, self._state = nnx.split(model)
+    self.decode_prefix_traces = 0
 
   def load_weights(self, model) -> "TokenizerFns":
     """The same compiled programs over the weights of `model`, a tokenizer of the same
@@ -32,6 +36,11 @@ class TokenizerFns:
   def _decode(self, state, indices, num_tokens, image_size):
     return nnx.merge(self._graphdef, state).decode_indices(indices, num_tokens, image_size)
 
+  @functools.partial(jax.jit, static_argnums=(0, 4))
+  def _decode_prefix(self, state, indices, num_tokens, image_size):
+    self.decode_prefix_traces += 1  # Python side effect: runs only while tracing
+    return nnx.merge(self._graphdef, state).decode_prefix(indices, num_tokens, image_size)
+
   def encode(self, images, num_tokens: int | None = None):
     """NHWC [-1, 1] images -> (int32 indices [B, T], code vectors [B, T, D])."""
     return self._encode(self._state, jnp.asarray(images), num_tokens)
@@ -42,6 +51,21 @@ class TokenizerFns:
     t = indices.shape[1] if num_tokens is None else int(num_tokens)
     size = self.schedule.decode_resolution(t) if image_size is None else int(image_size)
     return self._decode(self._state, jnp.asarray(indices, jnp.int32), t, size)
+
+  def decode_prefix(self, indices, num_tokens: int | None = None):
+    """`decode(indices, num_tokens)` (pixels of the first t tokens at the resolution they stand
+    for) through one compiled program per decode resolution instead of one per t: the prefix is
+    padded on the host to the resolution's token bucket (schedule.decode_token_bucket) and the
+    padding is masked out (Tokenizer.decode_prefix). Same pixels up to float rounding."""
+    indices = np.asarray(indices, np.int32)
+    t = indices.shape[1] if num_tokens is None else int(num_tokens)
+    if not 1 <= t <= indices.shape[1]:
+      raise ValueError(f"num_tokens={t} outside [1, {indices.shape[1]}] (the indices given)")
+    bucket = self.schedule.decode_token_bucket(t)
+    padded = np.zeros((indices.shape[0], bucket), np.int32)
+    padded[:, :t] = indices[:, :t]
+    return self._decode_prefix(self._state, jnp.asarray(padded), jnp.int32(t),
+                               self.schedule.decode_resolution(t))
 
   def __hash__(self):
     return id(self)

@@ -187,9 +187,12 @@ class Decoder(nnx.Module):
     self.to_pixel = torch_linear(rngs, vit.hidden_size, vit.num_channels * vit.patch_size ** 2,
                                  ("embed", None))
 
-  def __call__(self, z: jax.Array, image_size: int, capture_layer: int | None = None):
-    """z: [B, t, H] decoder-space latents (all of them are used). Returns NHWC pixels of side
-    `image_size` (and the hidden states after `capture_layer` when asked, for REPA)."""
+  def __call__(self, z: jax.Array, image_size: int, capture_layer: int | None = None,
+               num_valid: jax.Array | None = None):
+    """z: [B, t, H] decoder-space latents (all of them are used, or with `num_valid` (traced)
+    only the first num_valid: the rest are keys no query may attend to, so the patches come out
+    as from z[:, :num_valid]). Returns NHWC pixels of side `image_size` (and the hidden states
+    after `capture_layer` when asked, for REPA)."""
     cfg, vit = self.cfg, self.cfg.decoder
     if image_size % vit.patch_size:
       raise ValueError(f"image_size={image_size} is not a multiple of the decoder patch "
@@ -208,6 +211,11 @@ class Decoder(nnx.Module):
       mask = jnp.asarray(patch_latent_mask(
           n, t, latent_causal=True, patches_see_latents=True, latents_see_patches=False,
           group_size=cfg.group_size, causal_num=cfg.causal_len))
+    if num_valid is not None:
+      # Causal masks keep their prefix under truncation, so hiding the keys past the valid
+      # latents is all it takes; exp(min - max) underflows to an exact 0 weight.
+      keys = (jnp.arange(n + t) < n + num_valid)[None, :]
+      mask = keys if mask is None else mask & keys
     out = self.visual_model.run_layers(jnp.concatenate([x, z], axis=1), mask,
                                        capture_layer=capture_layer, num_outputs=n)
     h, captured = out if capture_layer is not None else (out, None)
@@ -354,6 +362,15 @@ class Tokenizer(nnx.Module):
   def decode_indices(self, indices: jax.Array, num_tokens: int | None = None,
                      image_size: int | None = None) -> jax.Array:
     return self.decode(self.quantize.lookup(indices), num_tokens, image_size)
+
+  def decode_prefix(self, indices: jax.Array, num_tokens: jax.Array, image_size: int) -> jax.Array:
+    """decode_indices(indices, num_tokens, image_size) with num_tokens traced: all L =
+    indices.shape[1] positions run and those at or past num_tokens are masked out, so one
+    compiled program (per L and image_size) serves every count up to L; what the positions past
+    num_tokens hold does not matter. Callers pad a prefix to its resolution's
+    `ResolutionSchedule.decode_token_bucket`: one program per decode resolution."""
+    z = self.post_quant_conv(self.quantize.lookup(indices).astype(self.param_dtype))
+    return self.decoder(z, image_size, num_valid=num_tokens)
 
   def __call__(self, images: jax.Array, num_tokens: int | None = None,
                image_size: int | None = None) -> jax.Array:
