@@ -278,7 +278,7 @@ def main(argv=None) -> int:
   result = summary(head, "float32", 1)
   result["bfloat16"] = summary(head, "bfloat16", 1)
   result.update(
-      runs=runs, kernel_layout=default_kernel_layout(), kernel_layouts=kernel_layouts or None,
+      runs=runs, kernel_layout={d: default_kernel_layout(d) for d in dtypes}, kernel_layouts=kernel_layouts or None,
       quality=quality, rounds=rounds, quick=args.quick, targets=TARGETS,
       meets_targets=None if result["speedup"] is None else {
           "speedup_float32": result["speedup"] >= TARGETS["speedup_float32"],

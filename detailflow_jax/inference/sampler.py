@@ -58,13 +58,14 @@ CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
 CACHE_ATTENTION_DEFAULTS = {"cpu": "chunked"}
 PREFIX_CHUNK = 16  # keys per chunk in the single-position prefix steps
 WEIGHTS_DTYPES = ("float32", "bfloat16")
-# How a call lays out the matmul kernels it streams (see `Sampler`): "as_stored" ([in, out], as
-# the GPT holds them) or "contracted_last" ([out, in], transposed once per call, before the
-# decode loop). On XLA:CPU the 16-row dots of a batch-1 group step stream a contracted-last
-# kernel 1.3x faster (GPT-B matmul skeleton, 2-core AVX2, float32: 37-40 ms vs 50-53 ms per
-# group step; 2 rows: equal); benchmarks/latency.py --kernel-layout measures it on the sampler.
+# How prepared weights lay out the matmul kernels (see `Sampler.prepare_weights`): "as_stored"
+# ([in, out], as the GPT holds them) or "contracted_last" ([out, in]). Defaults per (backend,
+# weights dtype), from benchmarks/latency.py --compare-kernel-layouts, GPT-B 128 tokens CFG 1.5,
+# 2-core AVX2 CPU, 2026-12-06 (as_stored / contracted_last seconds per image): float32 batch 1
+# 1.12 / 0.91 (1.24x), batch 8 0.363 / 0.332 (1.09x); bfloat16 batch 1 0.715 / 0.745 (0.96x),
+# batch 8 0.201 / 0.195 (1.03x). Elsewhere XLA assigns dot layouts itself: as stored.
 KERNEL_LAYOUTS = ("as_stored", "contracted_last")
-KERNEL_LAYOUT_DEFAULTS = {"cpu": "contracted_last"}
+KERNEL_LAYOUT_DEFAULTS = {("cpu", "float32"): "contracted_last"}
 
 
 def check_weights_dtype(weights_dtype: str, key: str = "weights_dtype") -> str:
@@ -103,9 +104,9 @@ def weight_bytes_per_step(params) -> int:
   return int(total)
 
 
-def default_kernel_layout(platform: str | None = None) -> str:
-  """The kernel layout for `platform` (default: the default JAX backend)."""
-  return KERNEL_LAYOUT_DEFAULTS.get(platform or jax.default_backend(), "as_stored")
+def default_kernel_layout(weights_dtype: str = "float32", platform: str | None = None) -> str:
+  """The kernel layout for `weights_dtype` on `platform` (default: the default JAX backend)."""
+  return KERNEL_LAYOUT_DEFAULTS.get((platform or jax.default_backend(), weights_dtype), "as_stored")
 
 
 def kernel_permutations(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
@@ -357,7 +358,7 @@ class Sampler:
                mesh: Mesh | None = None, weights_dtype: str = "float32",
                kernel_layout: str | None = None):
     cache_attention = cache_attention or default_cache_attention()
-    kernel_layout = kernel_layout or default_kernel_layout()
+    kernel_layout = kernel_layout or default_kernel_layout(check_weights_dtype(weights_dtype))
     if kernel_layout not in KERNEL_LAYOUTS:
       raise ValueError(f"kernel_layout must be one of {' | '.join(KERNEL_LAYOUTS)}, got {kernel_layout!r}")
     if cache_attention not in CACHE_ATTENTION_VARIANTS:
