@@ -197,6 +197,12 @@ def test_contracted_last_kernels_compute_the_same_products():
     layer.mixed_precision = Precision("bfloat16", output_dtype="float32", kernels_contracted_last=True)
     layer.kernel.set_value(layer.kernel[...].astype(jnp.bfloat16))
     assert layer(x).dtype == jnp.float32
+  # A convolution has no contracted-last layout: asking for one is an error, not a wrong product.
+  from detailflow_jax.models.precision import Conv
+  conv = Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+  conv.mixed_precision = Precision(kernels_contracted_last=True)
+  with pytest.raises(ValueError, match="contracted-last"):
+    conv(jnp.ones((1, 5, 5, 3)))
 
 
 def test_contracted_last_sampler_draws_the_reference_tokens(tmp_path_factory, golden):

@@ -47,7 +47,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from ..models.gpt import GPT, GPTConfig, KVCache, cache_chunk
-from ..models.precision import PolicyLayer, Precision, set_precision
+from ..models.precision import CONTRACTED_LAST_LAYERS, Precision, set_precision
 from ..sharding import batch_sharding, replicated
 
 CACHE_ATTENTION_VARIANTS = ("chunked", "whole")
@@ -75,6 +75,11 @@ def check_weights_dtype(weights_dtype: str, key: str = "weights_dtype") -> str:
   return weights_dtype
 
 
+def _leaf_names(path) -> tuple:
+  """The dict keys / attribute names along a pytree key path (an nnx.State's path)."""
+  return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+
+
 def cast_kernels(params, weights_dtype: str):
   """params (an nnx.State, a tuple of them, or any pytree of a GPT's variables) with every
   floating matmul kernel (a leaf under a `kernel` key) cast to `weights_dtype`; embeddings,
@@ -84,7 +89,7 @@ def cast_kernels(params, weights_dtype: str):
     return params
 
   def cast(path, x):
-    is_kernel = any(getattr(k, "key", getattr(k, "name", None)) == "kernel" for k in path)
+    is_kernel = "kernel" in _leaf_names(path)
     if is_kernel and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
       return x.astype(dtype)
     return x
@@ -97,7 +102,7 @@ def weight_bytes_per_step(params) -> int:
   embedding tables (token, class, special) only a few rows, so they do not count."""
   total = 0
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = _leaf_names(path)
     if "embedding" in names or "spe_tok_embeddings" in names:
       continue
     total += x.size * x.dtype.itemsize
@@ -110,15 +115,17 @@ def default_kernel_layout(weights_dtype: str = "float32", platform: str | None =
 
 
 def kernel_permutations(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
-  """{module path: the axis order that moves its kernel's contracted axes last}, per PolicyLayer."""
+  """{module path: the axis order that moves its kernel's contracted axes last}, per layer that
+  has that layout (CONTRACTED_LAST_LAYERS)."""
   return {tuple(path): module.contracted_last_permutation()
-          for path, module in nnx.iter_modules(model) if isinstance(module, PolicyLayer)}
+          for path, module in nnx.iter_modules(model) if isinstance(module, CONTRACTED_LAST_LAYERS)}
 
 
 def set_kernel_layout(model: nnx.Module, kernel_layout: str) -> nnx.Module:
-  """Tells every PolicyLayer of `model` (in place) which layout its kernel is stored in."""
+  """Tells every layer of `model` that can hold a contracted-last kernel (in place) which layout
+  its kernel is stored in; other layers keep theirs."""
   for _, module in nnx.iter_modules(model):
-    if isinstance(module, PolicyLayer):
+    if isinstance(module, CONTRACTED_LAST_LAYERS):
       module.mixed_precision = dataclasses.replace(
           module.mixed_precision, kernels_contracted_last=kernel_layout == "contracted_last")
   return model
@@ -519,9 +526,10 @@ class Sampler:
       permutations = kernel_permutations(nnx.merge(self.graphdef, *states))
 
       def lay_out(path, x):
-        names = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+        names = _leaf_names(path)
         names = names[:-1] if names[-1] == "value" else names
-        return jnp.transpose(x, permutations[names[:-1]]) if names[-1] == "kernel" else x
+        module = names[:-1]
+        return jnp.transpose(x, permutations[module]) if names[-1] == "kernel" and module in permutations else x
 
       states = [jax.tree_util.tree_map_with_path(lay_out, state) for state in states]
     return SamplingWeights(states=tuple(states), weights_dtype=self.weights_dtype,

@@ -154,11 +154,6 @@ class PolicyLayer:
       return super().__call__(x)
     return self.autocast_product(x, self.kernel[...])
 
-  def contracted_last_permutation(self) -> tuple[int, ...]:
-    """Axis order that moves this layer's kernel's contracted axes last (the stored layout
-    under `kernels_contracted_last`)."""
-    raise NotImplementedError(f"{type(self).__name__} has no contracted-last kernel layout")
-
   def autocast_product(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.mixed_precision.compute_dtype)
     y = float32_accumulated(self._product, x.astype(dtype), kernel.astype(dtype))
@@ -179,6 +174,7 @@ class Linear(PolicyLayer, nnx.Linear):
                                preferred_element_type=preferred_element_type)
 
   def contracted_last_permutation(self) -> tuple[int, ...]:
+    """Axis order that stores the kernel [din, dout] as [dout, din]."""
     return (1, 0)
 
 
@@ -187,6 +183,9 @@ class Conv(PolicyLayer, nnx.Conv):
   one batch axis, explicit or 'SAME' / 'VALID' padding, no mask."""
 
   def _product(self, x, kernel, preferred_element_type):
+    if self.mixed_precision.kernels_contracted_last:
+      raise ValueError("kernels_contracted_last: a Conv kernel has no contracted-last layout (only "
+                       "Linear and Einsum kernels do: CONTRACTED_LAST_LAYERS)")
     n = len(self.kernel_size)
     padding = canonicalize_padding(self.padding, n)
     if x.ndim != n + 2 or self.mask is not None or padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
@@ -222,6 +221,7 @@ class Einsum(PolicyLayer, nnx.Einsum):
     return jnp.einsum(f"{x_spec},{stored}->{output}", x, kernel, preferred_element_type=preferred_element_type)
 
   def contracted_last_permutation(self) -> tuple[int, ...]:
+    """Axis order that moves the kernel's contracted axes (absent from the output) last."""
     inputs, output = self.einsum_str.replace(" ", "").split("->")
     kernel_spec = inputs.split(",")[1]
     kept = [i for i, c in enumerate(kernel_spec) if c in output]
@@ -235,6 +235,11 @@ class Einsum(PolicyLayer, nnx.Einsum):
                                     kernel.dtype)
     shape = self._infer_broadcasted_bias_shape(self.einsum_str, x, kernel)
     return jnp.reshape(self.bias[...].astype(jnp.float32), shape)
+
+
+# The layers whose kernels can be stored with their contracted axes last (`Precision.
+# kernels_contracted_last`, laid out by `contracted_last_permutation()`).
+CONTRACTED_LAST_LAYERS = (Linear, Einsum)
 
 
 def set_precision(model: nnx.Module, policy: Precision) -> nnx.Module:
