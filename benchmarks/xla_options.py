@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     parser.error(f"--sets must include default and name only {', '.join(OPTION_SETS)}; got {unknown}")
   rounds = args.rounds or (2 if args.quick else 3)
   gpt = random_reference_like_gpt(model_config(args.model), COMMON["seed"])
-  params = nnx.state(gpt)
   sampler = Sampler(gpt)
+  params = sampler.prepare_weights(gpt)  # what `sample` streams: this backend's kernel layout
   options = SamplingOptions(cfg_scale=COMMON["cfg_scale"])
   result = {"model": args.model, "rounds": rounds, "compiles": {}, "workloads": {},
             "loadavg": [os.getloadavg()]}

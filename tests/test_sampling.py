@@ -347,3 +347,35 @@ def test_out_of_range_options_name_the_field(small_gpt, field, value):
   options = SamplingOptions(cfg_scale=1.0).replace(**{field: value})
   with pytest.raises(ValueError, match=f"SamplingOptions.{field} must be"):
     Sampler(small_gpt).sample(small_gpt, np.array([0]), jax.random.key(0), options)
+
+
+def test_first_argmax_is_jnp_argmax_on_ties_infinities_and_nans():
+  from detailflow_jax.inference.sampler import first_argmax
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=(5, 3, 40)), 1).astype(np.float32)  # many ties
+  x[0, 0, :] = -np.inf
+  x[0, 1, 7:] = -np.inf
+  x[1, 0, [3, 9]] = np.nan
+  x[1, 1, :] = x[1, 1, 0]
+  x[2, 2, [4, 30]] = np.inf
+  np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), -1))
+  assert first_argmax(jnp.asarray(x))[1, 0] == 3 and first_argmax(jnp.asarray(x))[2, 2] == 4
+
+
+@pytest.mark.parametrize("per_row_keys", [False, True])
+def test_choose_tokens_draws_jax_categorical(per_row_keys):
+  """The Gumbel draw equals jax.random.categorical's, key for key (tokens do not change)."""
+  from detailflow_jax.inference.sampler import choose_tokens
+  logits = jax.random.normal(jax.random.key(3), (4, 8, 512)) * 3
+  key = jax.random.split(jax.random.key(5), 4) if per_row_keys else jax.random.key(5)
+  opts = SamplingOptions(top_k=50).as_arrays()
+  filtered = filter_logits(logits, opts.temperature, opts.top_k, opts.top_p)
+  if per_row_keys:
+    want = jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(key, filtered)
+  else:
+    want = jax.random.categorical(key, filtered, axis=-1)
+  got = jax.jit(choose_tokens)(logits, key, opts)
+  np.testing.assert_array_equal(got, want)
+  greedy = SamplingOptions(top_k=50, greedy=True).as_arrays()
+  np.testing.assert_array_equal(jax.jit(choose_tokens)(logits, key, greedy),
+                                jnp.argmax(jax.nn.softmax(filtered, -1), -1))

@@ -67,6 +67,19 @@ def test_full_and_partial_decodes(fns, tokenizer, golden, golden_images_nhwc):
     np.testing.assert_allclose(got, want, atol=PIX_ATOL, err_msg=f"t={t}")
 
 
+def test_decode_in_score_tiles_matches_the_reference(monkeypatch, tokenizer, golden):
+  """The tiled attention (models/attention.SCORE_TILE_BYTES) gives the reference's pixels: a
+  budget of 16 queries' scores (4 heads x 96 keys x 4 bytes each) splits the fixture decoder's
+  attention into blocks of 16 queries of one image."""
+  import detailflow_jax.models.attention as attention
+  monkeypatch.setitem(attention.SCORE_TILE_BYTES, jax.default_backend(), 16 * 4 * 96 * 4)
+  quant = jnp.asarray(golden["tok_quant_full"])
+  decode = lambda q: tokenizer.decode(q, image_size=64)
+  assert "scan" in str(jax.make_jaxpr(decode)(quant))
+  np.testing.assert_allclose(jax.jit(decode)(quant), _nhwc(golden["tok_decode_full"]),
+                             atol=PIX_ATOL)
+
+
 def test_prefix_decodes_one_program_per_resolution(tokenizer, golden, golden_images_nhwc):
   """decode_prefix (the prefix padded to its resolution's bucket, the padding masked) gives the
   reference's partial decodes, and one program serves every count at a resolution."""

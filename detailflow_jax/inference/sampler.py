@@ -60,12 +60,13 @@ PREFIX_CHUNK = 16  # keys per chunk in the single-position prefix steps
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 # How prepared weights lay out the matmul kernels (see `Sampler.prepare_weights`): "as_stored"
 # ([in, out], as the GPT holds them) or "contracted_last" ([out, in]). Defaults per (backend,
-# weights dtype), from benchmarks/latency.py --compare-kernel-layouts, GPT-B 128 tokens CFG 1.5,
-# 2-core AVX2 CPU, 2026-12-06 (as_stored / contracted_last seconds per image): float32 batch 1
-# 1.12 / 0.91 (1.24x), batch 8 0.363 / 0.332 (1.09x); bfloat16 batch 1 0.715 / 0.745 (0.96x),
-# batch 8 0.201 / 0.195 (1.03x). Elsewhere XLA assigns dot layouts itself: as stored.
+# weights dtype), from A/B runs of GPT-B 128 tokens CFG 1.5 on a 2-core CPU (as_stored /
+# contracted_last seconds per call, rounds interleaved): float32 batch 1 1.12 / 0.91 (1.24x),
+# batch 8 0.363 / 0.332 per image (1.09x) (2026-12-06); bfloat16, once its products were 2-D
+# (models/precision.Linear), batch 1 0.652 / 0.484 (1.35x), batch 8 1.349 / 1.194 (1.13x)
+# (2026-12-07). Elsewhere XLA assigns dot layouts itself: as stored.
 KERNEL_LAYOUTS = ("as_stored", "contracted_last")
-KERNEL_LAYOUT_DEFAULTS = {("cpu", "float32"): "contracted_last"}
+KERNEL_LAYOUT_DEFAULTS = {("cpu", "float32"): "contracted_last", ("cpu", "bfloat16"): "contracted_last"}
 
 
 def check_weights_dtype(weights_dtype: str, key: str = "weights_dtype") -> str:
@@ -253,16 +254,34 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   return jax.lax.cond(use_k | use_p, apply, lambda x: x, logits)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax(x, -1) (the first maximum; the first NaN where a row has one) as a max and a
+  min over an index mask: XLA:CPU's variadic argmax reduce, fused with the Gumbel draws of
+  `choose_tokens`, took 7.3 ms on [8, 8, 8192] logits where this takes 3.2 (same tokens)."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  hit = (x == top) | jnp.isnan(x)
+  return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def choose_tokens(logits: jax.Array, key: jax.Array, opts: SamplingOptions) -> jax.Array:
   """[B, n, V] guided logits -> int32 [B, n] tokens (categorical, or argmax when greedy).
-  `key`: one key for the whole batch, or keys [B] (row b draws from key[b] only)."""
+  `key`: one key for the whole batch, or keys [B] (row b draws from key[b] only).
+  The draws are jax.random.categorical's (argmax of logits + Gumbel noise from the same key
+  and shape), token for token."""
   filtered = filter_logits(logits, opts.temperature, opts.top_k, opts.top_p)
-  greedy = jnp.argmax(jax.nn.softmax(filtered, axis=-1), axis=-1)
-  if key.ndim:
-    sampled = jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(key, filtered)
-  else:
-    sampled = jax.random.categorical(key, filtered, axis=-1)
-  return jnp.where(opts.greedy, greedy, sampled).astype(jnp.int32)
+
+  def greedy(filtered):  # the reference takes the argmax of the probabilities
+    return first_argmax(jax.nn.softmax(filtered, axis=-1))
+
+  def sampled(filtered):
+    if key.ndim:
+      noise = jax.vmap(lambda k: jax.random.gumbel(k, filtered.shape[1:], filtered.dtype))(key)
+    else:
+      noise = jax.random.gumbel(key, filtered.shape, filtered.dtype)
+    return first_argmax(noise + filtered)
+
+  return jax.lax.cond(opts.greedy, greedy, sampled, filtered).astype(jnp.int32)
 
 
 def _generate(model: GPT, labels, key, opts: SamplingOptions, num_tokens, forced_tokens, *,
