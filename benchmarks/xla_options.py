@@ -7,7 +7,8 @@ python -m benchmarks.xla_options [--quick] [--rounds N]
 
 Option sets are XLA debug options passed to `jit(...).lower(...).compile(options)`, so every
 variant lives in one process and the rounds interleave them (drifting machine load hits all
-alike). This jaxlib (0.10.2) routes dots to YNNPACK by default
+alike). The sampler streams the weights `sample` streams (`Sampler.prepare_weights`: this
+backend's kernel layout). This jaxlib (0.10.2) routes dots to YNNPACK by default
 (`xla_cpu_experimental_ynn_fusion_type`); "" turns that off (XLA's own dot emitter). The
 XNNPACK and oneDNN fusion types and `xla_cpu_use_onednn` are accepted but, in this build,
 create no fusions; `xla_cpu_enable_custom_matmul_tiling` is not an option of this jaxlib.
@@ -23,7 +24,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from benchmarks.latency import COMMON, model_config, random_reference_like_gpt
 from detailflow_jax.inference.sampler import Sampler, SamplingOptions
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
   result = {"model": args.model, "rounds": rounds, "compiles": {}, "workloads": {},
             "loadavg": [os.getloadavg()]}
   for batch in batches:
-    labels = np.arange(batch) % 1000
+    labels = np.arange(batch) % gpt.config.num_classes
     key = jax.random.key(0)
     # The arguments Sampler.sample passes its jitted program (a benchmark may reach inside).
     key_data, key_impl = sampler._key(key, batch)

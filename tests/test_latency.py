@@ -247,3 +247,23 @@ def test_contracted_last_program_never_copies_a_kernel(weights_dtype):
             if " copy(" in line and any(f"{dtype}[{','.join(map(str, s[::-1]))}]" in line
                                         or f"{dtype}[{','.join(map(str, s))}]" in line for s in kernels)]
   assert not copied, copied
+
+
+def test_xla_options_benchmark_times_each_option_set(monkeypatch, capsys):
+  """benchmarks/xla_options.py on a tiny GPT: each option set compiles the same program, draws
+  the default's tokens, and "ynn_off" really has no YNNPACK fusion left while the default has
+  some (so the A/B compares two different dot paths)."""
+  import json
+
+  from benchmarks import xla_options
+  monkeypatch.setattr(xla_options, "model_config", lambda name: random_gpt().config)
+  monkeypatch.setattr(xla_options, "random_reference_like_gpt", lambda cfg, seed: random_gpt())
+  monkeypatch.setitem(xla_options.COMMON, "tokens", 24)
+  assert xla_options.main(["--quick", "--rounds", "1", "--sets", "default,ynn_off"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  default, off = out["compiles"]["batch1/default"], out["compiles"]["batch1/ynn_off"]
+  assert default["__ynn_fusion"] > 0 and off["__ynn_fusion"] == 0
+  assert default["same_tokens_as_default"] and off["same_tokens_as_default"]
+  timing = out["workloads"]["batch1"]
+  assert set(timing) == {"default", "ynn_off"} and timing["default"]["speedup"] == 1.0
+  assert all(len(t["seconds"]) == 1 and t["median_s"] > 0 for t in timing.values())
