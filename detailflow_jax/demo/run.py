@@ -11,8 +11,9 @@ extraction and sampler the ImageNet recipe uses, then writes:
   loss_curves.png                   tokenizer and GPT losses
   metrics.json                      shape and colour accuracy, as a judge CNN trained on clean
                                     procedural images sees them, of held-out images, their
-                                    reconstructions and the samples; coarse-to-fine errors;
-                                    per-stage wall and CPU seconds
+                                    reconstructions and the samples (also drawn with bf16 GPT
+                                    weights); coarse-to-fine errors; per-stage wall and CPU
+                                    seconds
 
 A rerun with the same workdir resumes: finished stages load their exports. The settings are
 detailflow_jax/configs/demo.py (`--quick` is its reduced variant, the one the test suite runs).
@@ -124,6 +125,12 @@ def run(c, workdir: pathlib.Path) -> dict:
                             top_p=e.top_p)
   tokens = np.asarray(sampler.sample(gpt, labels, jax.random.key(c.seed), options))
   samples = np.asarray(fns.decode(tokens), np.float32)
+  # The same draws with the GPT's matmul kernels in bf16 (`--weights-dtype bfloat16`): what the
+  # weight-only low precision costs, as the judge sees it.
+  bf16_sampler = Sampler(gpt, weights_dtype="bfloat16")
+  tokens_bf16 = np.asarray(bf16_sampler.sample(bf16_sampler.prepare_weights(gpt), labels,
+                                               jax.random.key(c.seed), options))
+  samples_bf16 = np.asarray(fns.decode(tokens_bf16), np.float32)
   size = samples.shape[1]
   shown = 2 * size  # nearest-enlarged so 32 px images are visible
   counts = coarse_to_fine_counts(fns.schedule.token_list, tokens.shape[1])
@@ -147,7 +154,7 @@ def run(c, workdir: pathlib.Path) -> dict:
   idx, _ = fns.encode(held_out)
   recon = np.asarray(fns.decode(idx), np.float32)
   verdicts = {"clean": (held_out, held_labels), "reconstruction": (recon, held_labels),
-              "sample": (samples, labels)}
+              "sample": (samples, labels), "sample_bf16_weights": (samples_bf16, labels)}
   accuracy = {}
   for name, (images, truth) in verdicts.items():
     shape_pred, colour_pred = judge_images(judge, images)
@@ -177,6 +184,7 @@ def run(c, workdir: pathlib.Path) -> dict:
       "sample_shape_accuracy_per_class": per_class_shape,
       "shape_chance": 1.0 / len(set(class_shape)), "colour_chance": 1.0 / len(set(class_colour)),
       "samples_per_class": per_class, "cfg_scale": e.cfg_scale,
+      "bf16_weights_token_agreement": float(np.mean(tokens_bf16 == tokens)),
       "tokenizer_rec_loss_first": float(tok_rec[0]) if len(tok_rec) else None,
       "tokenizer_rec_loss_last": float(tok_rec[-1]) if len(tok_rec) else None,
       "coarse_to_fine": c2f,
@@ -205,7 +213,8 @@ def main(argv=None) -> int:
   print("the judge (trained on clean images only) names shape / colour correctly for:")
   for name, what in (("clean", "held-out clean images"),
                      ("reconstruction", "their full-token reconstructions"),
-                     ("sample", "class-conditional samples")):
+                     ("sample", "class-conditional samples"),
+                     ("sample_bf16_weights", "the same, bf16 GPT weights")):
     print(f"  {what:<34} {metrics[name + '_shape_accuracy']:.0%} / "
           f"{metrics[name + '_colour_accuracy']:.0%}")
   print(f"  (chance {metrics['shape_chance']:.0%} / {metrics['colour_chance']:.0%})")
