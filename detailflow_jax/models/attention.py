@@ -52,10 +52,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if num_heads % num_kv_heads:
     raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
   budget = SCORE_TILE_BYTES.get(jax.default_backend())
-  example_bytes = num_heads * q_len * kv_len * 4
-  if budget is None or batch * example_bytes <= budget:
+  query_bytes = num_heads * kv_len * 4  # one query's float32 scores
+  if budget is None or batch * q_len * query_bytes <= budget:
     return _attention(query, key, value, mask)
-  examples, queries = score_tiles(batch, q_len, example_bytes // q_len, budget)
+  examples, queries = score_tiles(batch, q_len, query_bytes, budget)
   if mask is not None:
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))

@@ -165,6 +165,20 @@ class PolicyLayer:
     return self.bias[...].astype(jnp.float32)
 
 
+def contracted_last_product(x: jax.Array, kernel: jax.Array, contracted: int,
+                            preferred_element_type) -> jax.Array:
+  """x [*free, *c] times a contracted-last kernel [*out, *c] (c: the last `contracted` axes of
+  both) -> [*free, *out], as one 2-D product [rows, in] x [out, in]. With more axes on either
+  side XLA:CPU copied the kernel back to [in, out] in every call: a q/k/v einsum with several
+  free kernel axes in float32, and any bf16 Linear fed [B, n, in] (GPT-B's matmuls in a 23-step
+  loop, 16 rows: 26.3 ms per step with [2, 8, in] inputs, 14.9 ms with [16, in])."""
+  free, out = x.shape[:x.ndim - contracted], kernel.shape[:kernel.ndim - contracted]
+  rows = x.reshape(-1, math.prod(x.shape[x.ndim - contracted:]))
+  y = jax.lax.dot_general(rows, kernel.reshape(-1, rows.shape[-1]), (((1,), (1,)), ((), ())),
+                          preferred_element_type=preferred_element_type)
+  return y.reshape(free + out)
+
+
 class Linear(PolicyLayer, nnx.Linear):
   """nnx.Linear under a `Precision` policy: [..., din] x [din, dout] -> [..., dout]."""
 
@@ -172,13 +186,7 @@ class Linear(PolicyLayer, nnx.Linear):
     if not self.mixed_precision.kernels_contracted_last:
       return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                  preferred_element_type=preferred_element_type)
-    # One 2-D product [rows, in] x [out, in]: with more leading axes on x, XLA:CPU copied a
-    # bf16 kernel back to [in, out] in every call (GPT-B's matmuls in a 23-step loop, 16 rows:
-    # 26.3 ms per step with [2, 8, in] inputs, 14.9 ms with [16, in]).
-    rows = x.reshape(-1, x.shape[-1])
-    y = jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())),
-                            preferred_element_type=preferred_element_type)
-    return y.reshape(*x.shape[:-1], kernel.shape[0])
+    return contracted_last_product(x, kernel, 1, preferred_element_type)
 
   def contracted_last_permutation(self) -> tuple[int, ...]:
     """Axis order that stores the kernel [din, dout] as [dout, din]."""
@@ -219,12 +227,7 @@ class Einsum(PolicyLayer, nnx.Einsum):
     contracted = stored[len(kept):]
     x_free = x_spec[:len(x_spec) - len(contracted)]
     if x_spec.endswith(contracted) and output == x_free + kept:
-      # One 2-D product [rows, in] x [out, in]: an einsum with several free kernel axes would
-      # be canonicalised by a per-step copy of the kernel back to [in, out].
-      rows = x.reshape(-1, math.prod(x.shape[len(x_free):]))
-      y = jax.lax.dot_general(rows, kernel.reshape(-1, rows.shape[-1]), (((1,), (1,)), ((), ())),
-                              preferred_element_type=preferred_element_type)
-      return y.reshape(x.shape[:len(x_free)] + kernel.shape[:len(kept)])
+      return contracted_last_product(x, kernel, len(contracted), preferred_element_type)
     return jnp.einsum(f"{x_spec},{stored}->{output}", x, kernel, preferred_element_type=preferred_element_type)
 
   def contracted_last_permutation(self) -> tuple[int, ...]:
