@@ -63,7 +63,7 @@ WEIGHTS_DTYPES = ("float32", "bfloat16")
 # weights dtype), from A/B runs of GPT-B 128 tokens CFG 1.5 on a 2-core CPU (as_stored /
 # contracted_last seconds per call, rounds interleaved): float32 batch 1 1.12 / 0.91 (1.24x),
 # batch 8 0.363 / 0.332 per image (1.09x) (2026-12-06); bfloat16, once its products were 2-D
-# (models/precision.Linear), batch 1 0.652 / 0.484 (1.35x), batch 8 1.349 / 1.194 (1.13x)
+# (models/precision.contracted_last_product), batch 1 0.652 / 0.484 (1.35x), batch 8 1.349 / 1.194 (1.13x)
 # (2026-12-07). Elsewhere XLA assigns dot layouts itself: as stored.
 KERNEL_LAYOUTS = ("as_stored", "contracted_last")
 KERNEL_LAYOUT_DEFAULTS = {("cpu", "float32"): "contracted_last", ("cpu", "bfloat16"): "contracted_last"}
